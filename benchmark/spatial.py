@@ -118,12 +118,16 @@ def warp(
 
     Args:
         image: ``(B, C, *spatial_in)`` moving image or label map. Integer label maps are
-            warped with ``mode="nearest"`` and returned in their dtype.
+            always warped with ``mode="nearest"`` (whatever ``mode`` says, so that label
+            ids are never blended) and returned in their dtype.
         disp: ``(B, ndim, *spatial_out)`` displacement in voxels of the output (fixed) grid.
             Positions ``x + u(x)`` are read as voxel indices of ``image``; normally
             ``spatial_in == spatial_out``. ``B`` may be 1 for either and broadcast.
         mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
-        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``. With ``"zeros"``,
+            bilinear interpolates towards 0 within one voxel outside the grid (scipy
+            ``grid-constant``), while nearest reads 0 anywhere outside ``[0, N-1]`` (scipy
+            order 0 ``constant``, as the Learn2Reg evaluation warps labels).
 
     Returns:
         ``(B, C, *spatial_out)``.
@@ -134,6 +138,8 @@ def warp(
     in_shape = image.shape[2:]
     out_shape = disp.shape[2:]
     dtype = image.dtype
+    if not image.is_floating_point():
+        mode = "nearest"
     img = image if image.is_floating_point() else image.to(disp.dtype)
     if img.shape[0] != disp.shape[0]:
         b = max(img.shape[0], disp.shape[0])
@@ -143,6 +149,12 @@ def warp(
     scale = _norm_scale(in_shape, disp.device, disp.dtype).view(1, nd, *([1] * nd))
     grid = (pos * scale - 1.0).movedim(1, -1).flip(-1)
     out = F.grid_sample(img.to(grid.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    if mode == "nearest" and padding_mode == "zeros":
+        # Learn2Reg / scipy order-0 'constant' semantics: a position outside [0, N-1] on any
+        # axis reads background, also within the half-voxel rim that rounding would pull in.
+        upper = torch.tensor([n - 1 for n in in_shape], device=pos.device, dtype=pos.dtype).view(1, nd, *([1] * nd))
+        inside = ((pos >= 0) & (pos <= upper)).all(dim=1, keepdim=True)
+        out = out * inside.to(out.dtype)
     if not image.is_floating_point():
         out = out.round().to(dtype)
     return out

@@ -1,0 +1,342 @@
+"""Reading and writing volumes, label maps, displacement fields and landmarks.
+
+Every reader checks its input where it enters and raises :class:`DataError`, whose message
+names the file, says what is wrong and, where there is one, the fix.
+
+Arrays keep nibabel's axis order (no transposes). Learn2Reg displacement files are
+``[X, Y, Z, 3]`` float32 in voxels of the fixed grid (channel = array axis) with the
+fixed image's affine; LUMIR-style ``[3, X, Y, Z]`` is read as well.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "Volume",
+    "load_volume",
+    "load_segmentation",
+    "same_grid",
+    "resample_labels_to",
+    "read_displacement",
+    "write_displacement",
+    "read_landmarks_csv",
+    "atomic_write_text",
+    "atomic_write_json",
+    "GRID_ATOL_MM",
+]
+
+#: Two affines describe the same grid when every entry agrees within this many mm.
+GRID_ATOL_MM = 1e-3
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the problem and, when known, the fix."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str, fix: str | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        self.fix = fix
+        msg = f"{self.path}: {problem}" if self.path else problem
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+@dataclass
+class Volume:
+    """A volume on its grid.
+
+    Attributes:
+        data: ``(X, Y, Z)`` array in nibabel's axis order.
+        affine: ``(4, 4)`` float64 voxel→world (RAS, mm).
+        path: where it was read from (for messages).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str = "<memory>"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def _check_exists(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "file not found", "check the path")
+    if p.is_dir():
+        raise DataError(p, "is a folder, expected a NIfTI file")
+    return p
+
+
+def _read_nifti(p: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises several types for corrupt / wrong files
+        raise DataError(p, f"cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
+    return img
+
+
+def load_volume(path: str | os.PathLike, dtype: Any = np.float32, ndim: int = 3) -> Volume:
+    """Read an image volume and check it.
+
+    Args:
+        path: ``.nii`` / ``.nii.gz`` file.
+        dtype: array dtype of the result.
+        ndim: required number of spatial axes (a trailing singleton 4th axis is dropped).
+
+    Raises:
+        DataError: missing or unreadable file, wrong dimensionality, NaN/Inf, bad affine.
+    """
+    p = _check_exists(path)
+    img = _read_nifti(p)
+    data = np.asanyarray(img.dataobj)
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise DataError(p, f"has shape {data.shape}, expected a {ndim}D volume")
+    data = np.asarray(data, dtype=dtype)
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n = int((~np.isfinite(data)).sum())
+        raise DataError(p, f"contains {n} NaN/Inf values", "clean or mask the image before registration")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(p, "has a singular or non-finite affine")
+    return Volume(data, affine, str(p))
+
+
+def same_grid(a: Volume, b: Volume, atol: float = GRID_ATOL_MM) -> bool:
+    """True when both volumes have the same shape and affine (within ``atol`` mm)."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol, rtol=0)
+
+
+def _grid_text(v: Volume) -> str:
+    sp = "×".join(f"{s:.4g}" for s in v.spacing)
+    org = ", ".join(f"{o:.4g}" for o in v.affine[:3, 3])
+    return f"shape {v.shape}, spacing {sp} mm, origin ({org}) mm"
+
+
+def resample_labels_to(labels: Volume, reference: Volume) -> Volume:
+    """Resample a label map onto ``reference``'s grid through the affines, nearest neighbour.
+
+    For each reference voxel ``v``: ``world = A_ref v``, label voxel ``= A_lab⁻¹ world``;
+    outside the label map is background 0.
+    """
+    from scipy.ndimage import map_coordinates
+
+    m = np.linalg.inv(labels.affine) @ reference.affine
+    grid = np.indices(reference.shape, dtype=np.float64).reshape(3, -1)
+    coords = m[:3, :3] @ grid + m[:3, 3:4]
+    out = map_coordinates(labels.data, coords, order=0, mode="constant", cval=0)
+    return Volume(out.reshape(reference.shape).astype(labels.data.dtype), reference.affine.copy(), labels.path)
+
+
+def load_segmentation(
+    path: str | os.PathLike,
+    reference: Volume | None = None,
+    on_grid_mismatch: str = "error",
+) -> Volume:
+    """Read an integer label map and check it against the grid it must lie on.
+
+    Args:
+        path: NIfTI label map.
+        reference: the volume (image) whose grid the labels must share; ``None`` skips the check.
+        on_grid_mismatch: ``"error"`` refuses labels on another grid (shape or affine differ);
+            ``"resample"`` resamples them through the affines (nearest neighbour) with a warning.
+            Arrays on different grids are never paired voxel for voxel.
+
+    Raises:
+        DataError: unreadable file, non-integer values, empty label map, grid mismatch.
+    """
+    p = _check_exists(path)
+    img = _read_nifti(p)
+    raw = np.asanyarray(img.dataobj)
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise DataError(p, f"has shape {raw.shape}, expected a 3D label map")
+    if np.issubdtype(raw.dtype, np.floating):
+        if not np.isfinite(raw).all():
+            raise DataError(p, "label map contains NaN/Inf")
+        if not np.allclose(raw, np.round(raw), atol=1e-3):
+            raise DataError(p, "label map has non-integer values", "is this an image rather than a segmentation?")
+        raw = np.round(raw)
+    seg = Volume(np.asarray(raw, dtype=np.int64), np.asarray(img.affine, dtype=np.float64), str(p))
+    if not seg.data.any():
+        raise DataError(p, "label map is empty (all background)")
+    if reference is not None and not same_grid(seg, reference):
+        detail = f"lies on another grid ({_grid_text(seg)}) than {reference.path} ({_grid_text(reference)})"
+        if on_grid_mismatch == "error":
+            raise DataError(
+                p, detail, "resample it through the affines (nearest neighbour), e.g. `--resample-labels`, or supply labels on the image grid"
+            )
+        if on_grid_mismatch != "resample":
+            raise ValueError(f"on_grid_mismatch must be 'error' or 'resample', got {on_grid_mismatch!r}")
+        warnings.warn(f"{p}: {detail}; resampled through the affines (nearest neighbour)", stacklevel=2)
+        seg = resample_labels_to(seg, reference)
+    return seg
+
+
+def read_displacement(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Read a displacement field in Learn2Reg format.
+
+    Accepts ``.nii.gz`` / ``.nii`` / ``.npz`` / ``.npy`` with array ``[X, Y, Z, 3]`` (Learn2Reg)
+    or ``[3, X, Y, Z]`` (LUMIR); values in voxels of the fixed grid.
+
+    Args:
+        path: the field.
+        shape: expected spatial shape (the fixed grid); resolves the layout and is checked.
+
+    Returns:
+        ``(3, X, Y, Z)`` float32 (our channel-first convention).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "displacement file not found", "check the path")
+    name = p.name.lower()
+    try:
+        if name.endswith(".npz"):
+            with np.load(p) as z:
+                keys = list(z.keys())
+                if not keys:
+                    raise DataError(p, "npz file holds no array")
+                arr = z["disp"] if "disp" in keys else z[keys[0]]
+        elif name.endswith(".npy"):
+            arr = np.load(p)
+        elif name.endswith(".nii") or name.endswith(".nii.gz"):
+            arr = np.asanyarray(nib.load(str(p)).dataobj)
+        else:
+            raise DataError(p, "unknown displacement format", "use .nii.gz, .npz or .npy")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(p, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+    arr = np.asarray(arr, dtype=np.float32)
+    # NIfTI vector fields are sometimes stored as [X, Y, Z, 1, 3].
+    if arr.ndim == 5 and arr.shape[3] == 1:
+        arr = arr[:, :, :, 0, :]
+    if arr.ndim != 4 or (arr.shape[-1] != 3 and arr.shape[0] != 3):
+        raise DataError(p, f"displacement has shape {arr.shape}, expected [X, Y, Z, 3] or [3, X, Y, Z]")
+    last = arr.shape[-1] == 3 and (shape is None or tuple(arr.shape[:3]) == tuple(shape))
+    first = arr.shape[0] == 3 and (shape is None or tuple(arr.shape[1:]) == tuple(shape))
+    if last:
+        arr = np.moveaxis(arr, -1, 0)
+    elif not first:
+        got = arr.shape[:3] if arr.shape[-1] == 3 else arr.shape[1:]
+        raise DataError(p, f"displacement grid {tuple(got)} does not match the fixed grid {tuple(shape)}")
+    if not np.isfinite(arr).all():
+        raise DataError(p, f"displacement contains {int((~np.isfinite(arr)).sum())} NaN/Inf values")
+    return np.ascontiguousarray(arr)
+
+
+def write_displacement(path: str | os.PathLike, disp: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Write ``(3, X, Y, Z)`` voxel displacement as a Learn2Reg file ``[X, Y, Z, 3]`` float32.
+
+    ``.nii.gz`` gets the fixed image's ``affine`` (identity if None); ``.npz`` stores key ``disp``.
+    The write is atomic (temporary file, then rename).
+    """
+    p = Path(path)
+    arr = np.asarray(disp, dtype=np.float32)
+    if arr.ndim != 4 or arr.shape[0] != 3:
+        raise ValueError(f"expected a (3, X, Y, Z) displacement, got {arr.shape}")
+    out = np.ascontiguousarray(np.moveaxis(arr, 0, -1))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".npz" if p.name.endswith(".npz") else ".nii.gz"
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp_", suffix=suffix)
+    os.close(fd)
+    try:
+        if suffix == ".npz":
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, disp=out)
+        else:
+            nib.save(nib.Nifti1Image(out, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), tmp)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return p
+
+
+def read_landmarks_csv(path: str | os.PathLike, ndim: int = 3) -> np.ndarray:
+    """Read landmarks: one point per row, ``x,y,z`` voxel indices of their own image.
+
+    A header row is skipped when it is not numeric. Returns ``(N, ndim)`` float64.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "landmark file not found", "check the path")
+    rows: list[list[float]] = []
+    with open(p, newline="") as fh:
+        for i, row in enumerate(csv.reader(fh)):
+            row = [c.strip() for c in row if c.strip() != ""]
+            if not row:
+                continue
+            try:
+                vals = [float(c) for c in row]
+            except ValueError:
+                if i == 0:
+                    continue  # header
+                raise DataError(p, f"row {i + 1} is not numeric: {row}") from None
+            if len(vals) != ndim:
+                raise DataError(p, f"row {i + 1} has {len(vals)} values, expected {ndim} (x,y,z voxel indices)")
+            rows.append(vals)
+    if not rows:
+        raise DataError(p, "holds no landmarks")
+    pts = np.asarray(rows, dtype=np.float64)
+    if not np.isfinite(pts).all():
+        raise DataError(p, "landmarks contain NaN/Inf")
+    return pts
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return p
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """JSON (indent 2, NaN written as null) written atomically."""
+    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return None if not np.isfinite(f) else f
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    return obj
