@@ -1,1 +1,15 @@
-"""regbench: datamodules."""
+"""LightningDataModules of image pairs (batches follow :mod:`datamodules.batch`)."""
+
+from datamodules.base import PairDataModule, UnpaddedDistributedSampler
+from datamodules.batch import collate_pairs, validate_batch
+from datamodules.synthetic import SyntheticBrainGenerator
+from datamodules.synthetic_brain import SyntheticBrainDataModule
+
+__all__ = [
+    "PairDataModule",
+    "UnpaddedDistributedSampler",
+    "collate_pairs",
+    "validate_batch",
+    "SyntheticBrainGenerator",
+    "SyntheticBrainDataModule",
+]
