@@ -1,1 +1,6 @@
-"""regbench: systems."""
+"""LightningModules: one per registration method (see :mod:`systems.base` for the interface)."""
+
+from systems.base import DivergenceError, NoRegistration, RegistrationSystem
+from systems.voxelmorph import VoxelMorph
+
+__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph"]

@@ -1,0 +1,165 @@
+"""The results store: one folder per experiment, one row per test case, atomic writes.
+
+Layout::
+
+    <root>/<dataset>/<method>/seed<k>/
+        cases.csv          one row per case (columns: CASE_COLUMNS, then extras)
+        run.json           resolved config, hash, git revision, versions, device, times, status
+        partial/           per-rank JSON-lines of finished cases while the test runs
+                           (merged into cases.csv at the end; what a resumed run keeps)
+
+A case row carries every metric under the same name as ``regbench evaluate``'s JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from benchmark.io import atomic_write_text
+
+__all__ = [
+    "ID_COLUMNS",
+    "METRIC_COLUMNS",
+    "CASE_COLUMNS",
+    "experiment_dir",
+    "PartialCaseLog",
+    "read_partial_records",
+    "write_cases_csv",
+    "read_cases_csv",
+    "read_run_json",
+]
+
+ID_COLUMNS = ["dataset", "method", "seed", "case_id", "fixed_id", "moving_id"]
+#: Metric columns, named like `regbench evaluate`'s JSON keys, then runtime and memory.
+METRIC_COLUMNS = ["dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "runtime_s", "peak_mem_mb"]
+CASE_COLUMNS = ID_COLUMNS + METRIC_COLUMNS
+
+
+def experiment_dir(root: str | os.PathLike, dataset: str, method: str, seed: int) -> Path:
+    """``<root>/<dataset>/<method>/seed<k>``."""
+    return Path(root) / dataset / method / f"seed{int(seed)}"
+
+
+class PartialCaseLog:
+    """Append-only JSON-lines log of finished cases for one rank.
+
+    Each record is written and fsynced as soon as its case is done, so a crash or a kill
+    loses at most the case in flight.
+    """
+
+    def __init__(self, exp_dir: str | os.PathLike, rank: int = 0) -> None:
+        self.path = Path(exp_dir) / "partial" / f"cases.rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(_plain(record), allow_nan=True)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_partial_records(exp_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All finished-case records in ``exp_dir/partial`` (every rank, earlier attempts too).
+
+    A torn last line (killed mid-write) is ignored. Duplicates by ``case_id`` keep the first.
+    """
+    folder = Path(exp_dir) / "partial"
+    out: dict[str, dict] = {}
+    if not folder.is_dir():
+        return []
+    for f in sorted(folder.glob("cases.rank*.jsonl")):
+        with open(f) as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                out.setdefault(str(rec.get("case_id")), rec)
+    return list(out.values())
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return v.item()
+        except (ValueError, RuntimeError):
+            return v.tolist()
+    return v
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return str(v)
+
+
+def write_cases_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]], sort_by: str = "case_id") -> Path:
+    """Write case records atomically; columns: :data:`CASE_COLUMNS`, then any extra keys sorted.
+
+    Missing values (None, NaN) are written as empty cells.
+    """
+    recs = sorted((_plain(r) for r in records), key=lambda r: str(r.get(sort_by, "")))
+    extra = sorted({k for r in recs for k in r} - set(CASE_COLUMNS))
+    cols = CASE_COLUMNS + extra
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in recs:
+        w.writerow([_cell(r.get(c)) for c in cols])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_cases_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a ``cases.csv``; numeric cells as float (empty → NaN), ids as str, seed int."""
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                if k in ("dataset", "method", "case_id", "fixed_id", "moving_id"):
+                    row[k] = v
+                elif k == "seed":
+                    row[k] = int(v)
+                elif v == "":
+                    row[k] = math.nan
+                else:
+                    try:
+                        row[k] = float(v)
+                    except ValueError:
+                        row[k] = v
+            rows.append(row)
+    return rows
+
+
+def read_run_json(exp_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``run.json`` of an experiment, or None when absent or unreadable."""
+    p = Path(exp_dir) / "run.json"
+    try:
+        with open(p) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def records_complete(records: Iterable[dict[str, Any]], case_ids: Iterable[str]) -> bool:
+    """True when every expected case id has a record."""
+    have = {str(r.get("case_id")) for r in records}
+    return set(map(str, case_ids)) <= have

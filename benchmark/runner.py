@@ -1,0 +1,636 @@
+"""`regbench run`: a grid of methods × datasets × seeds, resumable, DDP-exact.
+
+Config (YAML)::
+
+    suite: quickstart                 # name of the suite (results/<suite> by default)
+    output: results/quickstart        # optional; --output overrides
+    seeds: [0]
+    include_initial: true             # add the no-registration row ('initial') per dataset
+    trainer: {max_epochs: 1, accelerator: auto, devices: 1}   # lightning.Trainer arguments
+    loggers: [csv]                    # csv (default), tensorboard, wandb
+    wandb: {project: regbench, offline: true}                 # options of WandbLogger
+    datasets:
+      synthetic_brain:
+        class_path: datamodules.SyntheticBrainDataModule
+        init_args: {size: 48}
+    methods:
+      voxelmorph:
+        class_path: systems.VoxelMorph
+        init_args: {lambda_: 1.0}
+        trainer: {max_steps: 200}     # per-method trainer overrides
+
+``class_path`` / ``init_args`` blocks are LightningCLI's, so a block can be copied into a
+``regbench fit --config`` file and back. The whole config is checked (every key, every
+class, every init argument, every dataset path) before any work starts.
+
+Per experiment the runner fits (learned methods; checkpoints kept under ``ckpt/``), tests,
+and writes ``cases.csv`` and ``run.json`` (see :mod:`benchmark.results`). Finished cases
+are logged per rank as they complete, so a killed run resumes where it stopped: a finished
+experiment with the same config hash is skipped, a half-tested one computes only its
+missing cases, an interrupted fit continues from ``ckpt/last.ckpt``.
+
+Under DDP (``trainer: {devices: N, strategy: ddp}``, or launched by torchrun / SLURM) every
+rank runs this same loop; the test cases are split over ranks without padding, so each
+case is computed exactly once, and rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.io import DataError, atomic_write_json
+from benchmark.results import (
+    experiment_dir,
+    read_partial_records,
+    read_run_json,
+    records_complete,
+    write_cases_csv,
+)
+
+__all__ = ["ConfigError", "load_grid_config", "run_grid", "add_cli_commands", "lightning_cli_main", "ResultsWriter"]
+
+TOP_KEYS = {
+    "suite": "name of the suite",
+    "output": "results folder",
+    "seeds": "list of integer seeds",
+    "include_initial": "add the no-registration row per dataset",
+    "trainer": "lightning.Trainer arguments shared by all experiments",
+    "loggers": "list of: csv, tensorboard, wandb",
+    "wandb": "WandbLogger options (offline unless offline: false)",
+    "datasets": "name -> {class_path, init_args}",
+    "methods": "name -> {class_path, init_args, trainer}",
+}
+BLOCK_KEYS = {"class_path", "init_args", "trainer"}
+KNOWN_LOGGERS = {"csv", "tensorboard", "wandb"}
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------
+# config
+
+
+@dataclasses.dataclass
+class Block:
+    name: str
+    where: str
+    cls: type
+    init_args: dict[str, Any]
+    trainer: dict[str, Any]
+    raw: dict[str, Any]
+
+    def build(self) -> Any:
+        return self.cls(**self.init_args)
+
+
+@dataclasses.dataclass
+class GridConfig:
+    path: str
+    suite: str
+    output: Path
+    seeds: list[int]
+    include_initial: bool
+    trainer: dict[str, Any]
+    loggers: list[str]
+    wandb: dict[str, Any]
+    datasets: dict[str, Block]
+    methods: dict[str, Block]
+
+
+def _import_class(class_path: str, where: str) -> type:
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ConfigError(f"{where}.class_path: expected 'package.Class', got {class_path!r}")
+    mod_name, _, cls_name = class_path.rpartition(".")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}.class_path: cannot import module {mod_name!r} ({exc})") from exc
+    cls = getattr(mod, cls_name, None)
+    if cls is None or not inspect.isclass(cls):
+        raise ConfigError(f"{where}.class_path: {mod_name!r} has no class {cls_name!r}")
+    return cls
+
+
+def _check_init_args(cls: type, init_args: dict[str, Any], where: str) -> None:
+    sig = inspect.signature(cls.__init__)
+    params = {k: p for k, p in sig.parameters.items() if k != "self"}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in init_args:
+        if key not in allowed:
+            raise ConfigError(f"{where}.init_args.{key}: unknown argument of {cls.__name__} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _check_trainer_args(trainer: dict[str, Any], where: str) -> None:
+    import lightning as L
+
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for key in trainer:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: not a lightning.Trainer argument")
+
+
+def _parse_block(name: str, raw: Any, where: str) -> Block:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with class_path/init_args, got {type(raw).__name__}")
+    for key in raw:
+        if key not in BLOCK_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(BLOCK_KEYS))})")
+    if "class_path" not in raw:
+        raise ConfigError(f"{where}.class_path: missing")
+    cls = _import_class(raw["class_path"], where)
+    init_args = raw.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ConfigError(f"{where}.init_args: expected a mapping")
+    _check_init_args(cls, init_args, where)
+    trainer = raw.get("trainer") or {}
+    _check_trainer_args(trainer, f"{where}.trainer")
+    return Block(name, where, cls, dict(init_args), dict(trainer), raw)
+
+
+def load_grid_config(path: str | os.PathLike, output: str | None = None) -> GridConfig:
+    """Read and fully check a grid config; raises :class:`ConfigError` naming the key."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{p}: unknown key {key!r} at the top level (allowed: {', '.join(sorted(TOP_KEYS))})")
+    for key in ("datasets", "methods"):
+        if not raw.get(key) or not isinstance(raw[key], dict):
+            raise ConfigError(f"{p}: {key!r} must be a non-empty mapping of name -> block")
+    suite = str(raw.get("suite") or p.stem)
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{p}: 'seeds' must be a list of integers")
+    trainer = raw.get("trainer") or {}
+    _check_trainer_args(trainer, "trainer")
+    loggers = raw.get("loggers") or ["csv"]
+    for lg in loggers:
+        if lg not in KNOWN_LOGGERS:
+            raise ConfigError(f"loggers: unknown logger {lg!r} (allowed: {', '.join(sorted(KNOWN_LOGGERS))})")
+    datasets = {n: _parse_block(n, b, f"datasets.{n}") for n, b in raw["datasets"].items()}
+    methods = {n: _parse_block(n, b, f"methods.{n}") for n, b in raw["methods"].items()}
+    if "initial" in methods:
+        raise ConfigError("methods.initial: the name 'initial' is reserved for the no-registration row")
+    out = Path(output or raw.get("output") or Path("results") / suite)
+    cfg = GridConfig(str(p), suite, out, seeds, bool(raw.get("include_initial", True)), trainer, list(loggers),
+                     dict(raw.get("wandb") or {}), datasets, methods)
+    # Datasets check their inputs (paths, files) now, before any work.
+    for name, blk in datasets.items():
+        try:
+            dm = blk.build()
+        except (DataError, FileNotFoundError, ValueError, TypeError) as exc:
+            raise ConfigError(f"datasets.{name}: {exc}") from exc
+        check = getattr(dm, "check_inputs", None)
+        if callable(check):
+            try:
+                check()
+            except (DataError, FileNotFoundError) as exc:
+                raise ConfigError(f"datasets.{name}: {exc}") from exc
+    for name, blk in methods.items():
+        try:
+            blk.build()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"methods.{name}: {exc}") from exc
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# provenance
+
+
+def _git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("regbench", "torch", "lightning", "numpy", "scipy", "nibabel", "optuna", "wandb"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of an experiment's resolved config (first 16 hex)."""
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------
+# results writer callback
+
+
+def _make_callback_base():
+    import lightning as L
+
+    return L.Callback
+
+
+class ResultsWriter(_make_callback_base()):
+    """Writes every finished test case as it completes, and ``cases.csv`` at the end.
+
+    Each rank appends its records to ``<exp_dir>/partial/cases.rank<r>.jsonl`` (fsynced per
+    case). At the end of the test loop all ranks meet at a barrier and rank 0 merges every
+    partial record, from this attempt and earlier ones, into ``cases.csv`` (atomic).
+
+    Args:
+        exp_dir: the experiment folder.
+        ids: columns added to every record (dataset, method, seed).
+    """
+
+    def __init__(self, exp_dir: str | os.PathLike, ids: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.exp_dir = Path(exp_dir)
+        self.ids = dict(ids or {})
+        self.computed = 0
+        self._log = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        from benchmark.results import PartialCaseLog
+
+        self._log = PartialCaseLog(self.exp_dir, trainer.global_rank)
+        self.computed = 0
+
+        def sink(rec: dict[str, Any]) -> None:
+            self._log.append({**self.ids, **rec})
+            self.computed += 1
+
+        pl_module.record_sink = sink
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        pl_module.record_sink = None
+        trainer.strategy.barrier("regbench-results")
+        if trainer.is_global_zero:
+            write_cases_csv(self.exp_dir / "cases.csv", read_partial_records(self.exp_dir))
+
+
+# --------------------------------------------------------------------------------------
+# experiments
+
+
+def _loggers(cfg: GridConfig, exp_dir: Path, run_name: str, resolved: dict[str, Any]):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    out = []
+    for lg in cfg.loggers:
+        if lg == "csv":
+            out.append(CSVLogger(str(exp_dir), name="logs"))
+        elif lg == "tensorboard":
+            out.append(TensorBoardLogger(str(exp_dir), name="tensorboard"))
+        elif lg == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            opts = dict(cfg.wandb)
+            opts.setdefault("project", "regbench")
+            opts.setdefault("offline", True)  # no network unless the user says so
+            opts.setdefault("save_dir", str(exp_dir))
+            opts.setdefault("name", run_name)
+            opts.setdefault("group", cfg.suite)
+            out.append(WandbLogger(**opts))
+    for lg in out:
+        lg.log_hyperparams(resolved)
+    return out
+
+
+def _finish_loggers(loggers) -> None:
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+            except Exception:  # wandb is optional and must never break a grid
+                pass
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_zero() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _rank() == 0
+
+
+@dataclasses.dataclass
+class Experiment:
+    dataset: Block
+    method: Block | None  # None = initial (no registration)
+    method_name: str
+    seed: int
+
+
+def _resolved(cfg: GridConfig, exp: Experiment, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "suite": cfg.suite,
+        "dataset": {"name": exp.dataset.name, **{k: exp.dataset.raw[k] for k in ("class_path", "init_args") if k in exp.dataset.raw}},
+        "method": {"name": exp.method_name, "class_path": "systems.NoRegistration"}
+        if exp.method is None
+        else {"name": exp.method_name, **{k: exp.method.raw[k] for k in ("class_path", "init_args") if k in exp.method.raw}},
+        "seed": exp.seed,
+        "trainer": trainer_kwargs,
+    }
+
+
+def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
+    """Fit (if the method learns) and test one experiment; returns its final status."""
+    import lightning as L
+    import torch
+
+    from benchmark.timing import device_description
+    from systems.base import DivergenceError, NoRegistration
+
+    exp_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
+    trainer_kwargs = {**cfg.trainer, **(exp.method.trainer if exp.method else {})}
+    resolved = _resolved(cfg, exp, trainer_kwargs)
+    chash = config_hash(resolved)
+    prev = read_run_json(exp_dir)
+    if prev and prev.get("status") == "complete" and (exp_dir / "cases.csv").exists():
+        if prev.get("config_hash") == chash:
+            log(f"[skip] {exp_dir} is complete")
+            return "complete"
+        log(f"[redo] {exp_dir}: config changed (hash {prev.get('config_hash')} -> {chash}); recomputing")
+        if _is_zero():
+            shutil.rmtree(exp_dir / "partial", ignore_errors=True)
+            (exp_dir / "cases.csv").unlink(missing_ok=True)
+        _barrier()
+    elif prev and prev.get("config_hash") not in (None, chash):
+        # A half-done run of another config: its partial records do not belong to this one.
+        if _is_zero():
+            shutil.rmtree(exp_dir / "partial", ignore_errors=True)
+            shutil.rmtree(exp_dir / "ckpt", ignore_errors=True)
+        _barrier()
+
+    L.seed_everything(exp.seed, workers=True, verbose=False)
+    dm = exp.dataset.build()
+    system = NoRegistration() if exp.method is None else exp.method.build()
+    run = {
+        "suite": cfg.suite,
+        "dataset": exp.dataset.name,
+        "method": exp.method_name,
+        "seed": exp.seed,
+        "config": resolved,
+        "config_hash": chash,
+        "config_file": str(Path(cfg.path).resolve()),
+        "git_revision": _git_revision(),
+        "packages": _package_versions(),
+        "host": platform.node(),
+        "started": _now(),
+        "ended": None,
+        "status": "running",
+        "error": None,
+        "fit": (prev or {}).get("fit") if prev and prev.get("config_hash") == chash else None,
+        "attempts": ((prev or {}).get("attempts") or []) if prev and prev.get("config_hash") == chash else [],
+    }
+
+    def save_run() -> None:
+        if _is_zero():
+            atomic_write_json(exp_dir / "run.json", run)
+
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    save_run()
+    run_name = f"{cfg.suite}/{exp.dataset.name}/{exp.method_name}/seed{exp.seed}"
+    loggers = _loggers(cfg, exp_dir, run_name, resolved) if exp.method is not None else []
+    base_kwargs = {"default_root_dir": str(exp_dir), "inference_mode": False, "enable_model_summary": False}
+    kw = {**trainer_kwargs, **base_kwargs}
+    ckpt_dir = exp_dir / "ckpt"
+    t_start = time.perf_counter()
+    try:
+        if system.learns and not (run["fit"] or {}).get("done"):
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            ckpt_cb = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=50)
+            trainer = L.Trainer(**{**kw, "logger": loggers or False, "callbacks": [ckpt_cb]})
+            last = ckpt_dir / "last.ckpt"
+            t0 = time.perf_counter()
+            trainer.fit(system, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            if trainer.interrupted:
+                raise KeyboardInterrupt("training interrupted")
+            trainer.save_checkpoint(str(ckpt_dir / "final.ckpt"))
+            run["fit"] = {"done": True, "steps": int(trainer.global_step), "seconds": time.perf_counter() - t0,
+                          "checkpoint": str(ckpt_dir / "final.ckpt")}
+            save_run()
+        elif system.learns:
+            final = Path((run["fit"] or {}).get("checkpoint") or ckpt_dir / "final.ckpt")
+            state = torch.load(final, map_location="cpu", weights_only=False)["state_dict"]
+            system.load_state_dict(state)
+            log(f"[resume] {exp_dir}: fit already done, weights from {final}")
+
+        # ---- test: only the cases not yet recorded
+        done = read_partial_records(exp_dir)
+        done_ids = {str(r["case_id"]) for r in done}
+        if hasattr(dm, "skip_cases"):
+            dm.skip_cases = set(done_ids)
+        writer = ResultsWriter(exp_dir, {"dataset": exp.dataset.name, "method": exp.method_name, "seed": exp.seed})
+        test_kw = {k: v for k, v in kw.items() if k not in ("max_steps", "max_epochs", "min_steps", "min_epochs", "val_check_interval", "check_val_every_n_epoch")}
+        trainer = L.Trainer(**{**test_kw, "logger": loggers or False, "callbacks": [writer], "enable_checkpointing": False})
+        dev = trainer.strategy.root_device
+        trainer.test(system, datamodule=dm, verbose=False)
+        expected = dm.case_ids("test") if hasattr(dm, "case_ids") else None
+        records = read_partial_records(exp_dir)
+        complete = expected is None or records_complete(records, expected)
+        run.update(device_description(dev))
+        run["world_size"] = trainer.world_size
+        run["warmup_runtime_s"] = list(system.warmup_seconds)
+        run["attempts"].append({"started": run["started"], "cases_resumed": len(done_ids),
+                                "cases_computed": len(records) - len(done_ids), "seconds": time.perf_counter() - t_start})
+        run["cases_total"] = len(expected) if expected is not None else len(records)
+        run["status"] = "complete" if complete else "incomplete"
+        if not complete:
+            missing = sorted(set(expected) - {str(r["case_id"]) for r in records})
+            run["error"] = f"{len(missing)} cases missing after test: {missing[:5]}"
+    except DivergenceError as exc:
+        run["status"] = "failed"
+        run["error"] = f"diverged: {exc}"
+        log(f"[failed] {exp_dir}: {exc}")
+    except KeyboardInterrupt:
+        run["status"] = "interrupted"
+        run["ended"] = _now()
+        save_run()
+        _finish_loggers(loggers)
+        raise
+    except Exception as exc:  # one broken experiment must not stop the grid
+        run["status"] = "failed"
+        run["error"] = f"{type(exc).__name__}: {exc}"
+        run["traceback"] = traceback.format_exc()
+        log(f"[failed] {exp_dir}: {type(exc).__name__}: {exc}")
+    run["ended"] = _now()
+    save_run()
+    _finish_loggers(loggers)
+    if run["status"] == "complete" and _is_zero():
+        shutil.rmtree(exp_dir / "partial", ignore_errors=True)
+    _barrier()
+    return run["status"]
+
+
+def experiments(cfg: GridConfig) -> list[Experiment]:
+    out: list[Experiment] = []
+    for dname, dblk in cfg.datasets.items():
+        if cfg.include_initial:
+            out.append(Experiment(dblk, None, "initial", cfg.seeds[0]))
+        for mname, mblk in cfg.methods.items():
+            for seed in cfg.seeds:
+                out.append(Experiment(dblk, mblk, mname, seed))
+    return out
+
+
+def _quiet_lightning() -> None:
+    """Keep the runner's output to what matters: Lightning's banner lines and tips go."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*weights_only.*")
+
+
+def run_grid(config: str | os.PathLike, output: str | None = None, methods: list[str] | None = None, leaderboard: bool = True, log=print) -> dict[str, str]:
+    """Run every experiment of a grid config; returns ``{experiment_dir: status}``."""
+    _quiet_lightning()
+    user_log = log
+
+    def log(msg: str) -> None:  # every rank runs the grid; one of them talks
+        if _is_zero():
+            user_log(msg)
+
+    cfg = load_grid_config(config, output)
+    if methods:
+        unknown = set(methods) - set(cfg.methods) - {"initial"}
+        if unknown:
+            raise ConfigError(f"--methods: unknown method(s) {sorted(unknown)} (config has {sorted(cfg.methods)})")
+    statuses: dict[str, str] = {}
+    for exp in experiments(cfg):
+        if methods and exp.method_name not in methods:
+            continue
+        d = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
+        log(f"[run] {d}")
+        statuses[str(d)] = run_experiment(cfg, exp, log=log)
+    if leaderboard and _is_zero():
+        from leaderboard.table import write_leaderboard
+
+        md = write_leaderboard(cfg.output)
+        log(f"[leaderboard] {md}")
+    return statuses
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def _cmd_run(args) -> int:
+    try:
+        statuses = run_grid(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None)
+    except ConfigError as exc:
+        print(f"regbench run: config error: {exc}", file=sys.stderr)
+        return 2
+    bad = {k: v for k, v in statuses.items() if v != "complete"}
+    if bad and _is_zero():
+        print(f"regbench run: {len(bad)} experiment(s) did not complete: {bad}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _cmd_leaderboard(args) -> int:
+    from leaderboard.table import write_leaderboard
+
+    path = write_leaderboard(args.results_dir)
+    print(Path(path).read_text())
+    return 0
+
+
+def add_cli_commands(sub) -> None:
+    r = sub.add_parser("run", help="run a grid of methods x datasets x seeds (resumable)")
+    r.add_argument("config", help="grid YAML (see benchmark/configs/quickstart.yaml)")
+    r.add_argument("--output", help="results folder (default: the config's `output`, else results/<suite>)")
+    r.add_argument("--methods", help="comma-separated subset of the config's methods (and/or 'initial')")
+    r.set_defaults(func=_cmd_run)
+    lb = sub.add_parser("leaderboard", help="aggregate a results folder into leaderboard.md / leaderboard.csv")
+    lb.add_argument("results_dir")
+    lb.set_defaults(func=_cmd_leaderboard)
+
+
+def lightning_cli_main(argv: list[str]) -> int:
+    """``regbench fit|test|validate ...``: one experiment through LightningCLI.
+
+    Takes the same ``model`` / ``data`` ``class_path`` blocks as a grid config. Add
+    ``--trainer.callbacks+=benchmark.runner.ResultsWriter`` with ``--trainer.callbacks.exp_dir DIR``
+    to get ``cases.csv`` from ``regbench test``.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    import datamodules  # noqa: F401  (registers the subclasses for class_path lookup)
+    import systems  # noqa: F401
+    from systems.base import RegistrationSystem
+
+    import lightning as L
+
+    LightningCLI(
+        RegistrationSystem,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        trainer_defaults={"inference_mode": False},
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0

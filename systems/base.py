@@ -1,0 +1,205 @@
+"""The interface every deformable registration method implements.
+
+A system is a :class:`lightning.LightningModule` with
+
+* ``register(batch) -> disp``: the registration call, ``(B, 3, *S)`` displacement in voxels
+  of the fixed grid, pull convention (``warped = warp(moving, disp)``);
+* ``training_step`` when it learns (``learns = True``); iterative methods set
+  ``learns = False`` and optimise inside ``register`` (gradients are enabled there even in
+  the test loop);
+* a shared ``validation_step`` (Dice, fold %; logged, synced over ranks) and a shared
+  ``test_step`` that times ``register`` alone under :func:`benchmark.timing.timed_call`,
+  computes every metric with :func:`benchmark.metrics.deformable_metrics` and hands one
+  record per case to ``self.record_sink`` (the results writer callback).
+
+Batches follow :mod:`datamodules.batch`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+
+from benchmark import metrics
+from benchmark.spatial import spacing_from_affine, warp
+from benchmark.timing import timed_call
+
+__all__ = ["RegistrationSystem", "DivergenceError", "NoRegistration"]
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss; the runner records the experiment as failed."""
+
+
+class RegistrationSystem(L.LightningModule):
+    """Base class of deformable registration systems.
+
+    Args:
+        lambda_: weight of the regulariser against the similarity (uniform name in the suite).
+        lr: learning rate for learned methods.
+        warmup_calls: untimed registration calls on the first test batch of each rank
+            (default 1 for learned methods, 0 for iterative ones, whose first call is timed
+            like every other: one-off start-up costs are small against their runtime).
+        compute_hd95: HD95 per case (costly for many labels on big volumes).
+        compute_ndv: NDV % per case.
+
+    Class attributes:
+        learns: whether ``fit`` trains it.
+        search_space: hyperparameter → Optuna distribution spec, for ``regbench sweep``.
+    """
+
+    learns: ClassVar[bool] = True
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(
+        self,
+        lambda_: float = 1.0,
+        lr: float = 1e-4,
+        warmup_calls: int | None = None,
+        compute_hd95: bool = True,
+        compute_ndv: bool = True,
+    ) -> None:
+        super().__init__()
+        self.lambda_ = float(lambda_)
+        self.lr = float(lr)
+        self.warmup_calls = (1 if self.learns else 0) if warmup_calls is None else int(warmup_calls)
+        self.compute_hd95 = compute_hd95
+        self.compute_ndv = compute_ndv
+        #: Called with each finished test-case record (set by the results writer).
+        self.record_sink: Callable[[dict[str, Any]], None] | None = None
+        #: Label ids for Dice/HD95 (set from the datamodule's ``label_ids`` at test time).
+        self.label_ids: list[int] | None = None
+        self.test_records: list[dict[str, Any]] = []
+        self.warmup_seconds: list[float] = []
+        self._warmed = False
+
+    # ---- the method -------------------------------------------------------------------
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Register moving to fixed: ``(B, 3, *S)`` displacement, voxels, pull."""
+        raise NotImplementedError  # abstract: every subclass defines it
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, parts)`` for one training batch (learned methods)."""
+        raise NotImplementedError  # abstract: learned subclasses define it
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+    def configure_optimizers(self):
+        if not any(p.requires_grad for p in self.parameters()):
+            return None
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.training_loss(batch)
+        bad = not bool(torch.isfinite(loss.detach()).item())
+        # Every rank must leave together, or DDP would hang on the next all-reduce.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise DivergenceError(f"non-finite training loss at step {self.global_step} ({ {k: float(v) for k, v in parts.items()} })")
+        bs = batch["fixed"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        return loss
+
+    def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``register`` with autograd usable by iterative methods, even inside eval loops."""
+        if self.learns:
+            with torch.no_grad():
+                return self.register(batch)
+        with torch.inference_mode(False), torch.enable_grad():
+            clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            return self.register(clean).detach()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        disp = self._register_grad_ok(batch)
+        labels = self._labels()
+        warped = warp(batch["moving_seg"], disp, mode="nearest")
+        dices, folds = [], []
+        for b in range(disp.shape[0]):
+            dices.append(metrics.dice(batch["fixed_seg"][b, 0], warped[b, 0], labels))
+            folds.append(metrics.fold_pct(metrics.jacobian_determinant(disp[b])))
+        bs = disp.shape[0]
+        self.log("val/dice", float(np.nanmean(dices)), sync_dist=True, prog_bar=True, batch_size=bs)
+        self.log("val/fold_pct", float(np.mean(folds)), sync_dist=True, batch_size=bs)
+
+    def on_test_start(self) -> None:
+        self.test_records = []
+        self._warmed = False
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.label_ids is None and dm is not None and hasattr(dm, "label_ids"):
+            self.label_ids = list(dm.label_ids)
+
+    def _labels(self) -> list[int]:
+        if self.label_ids is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if dm is None or not hasattr(dm, "label_ids"):
+                raise RuntimeError("label ids unknown: the datamodule must expose `label_ids`")
+            self.label_ids = list(dm.label_ids)
+        return self.label_ids
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self._warmed:
+            for _ in range(self.warmup_calls):
+                _, st = timed_call(lambda: self._register_grad_ok(batch), self.device)
+                self.warmup_seconds.append(st.seconds)
+            self._warmed = True
+        disp, stats = timed_call(lambda: self._register_grad_ok(batch), self.device)
+        bsz = disp.shape[0]
+        for rec in self.case_records(batch, disp, stats.seconds / bsz, stats.peak_mem_mb):
+            self.test_records.append(rec)
+            if self.record_sink is not None:
+                self.record_sink(rec)
+        self.log("test/dice", float(np.nanmean([r["dice"] for r in self.test_records[-bsz:]])), sync_dist=True, batch_size=bsz)
+
+    def case_records(self, batch: dict[str, Any], disp: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
+        """Every metric of the foundation for each case of a batch."""
+        labels = self._labels()
+        warped = warp(batch["moving_seg"], disp, mode="nearest")
+        out = []
+        for b in range(disp.shape[0]):
+            affine = batch["fixed_affine"][b].detach().cpu().numpy()
+            fpts = batch.get("fixed_landmarks")
+            mpts = batch.get("moving_landmarks")
+            res = metrics.deformable_metrics(
+                disp[b].detach().float().cpu(),
+                fixed_seg=batch["fixed_seg"][b, 0].cpu(),
+                warped_seg=warped[b, 0].cpu(),
+                labels=labels,
+                spacing=spacing_from_affine(affine),
+                fixed_points=None if fpts is None else fpts[b].cpu().numpy(),
+                moving_points=None if mpts is None else mpts[b].cpu().numpy(),
+                moving_affine=batch["moving_affine"][b].cpu().numpy(),
+                compute_hd95=self.compute_hd95,
+                compute_ndv=self.compute_ndv,
+            )
+            rec: dict[str, Any] = {
+                "case_id": str(batch["case_id"][b]),
+                "fixed_id": str(batch["fixed_id"][b]),
+                "moving_id": str(batch["moving_id"][b]),
+            }
+            for k in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct"):
+                v = res.get(k)
+                rec[k] = math.nan if v is None else float(v)
+            rec["runtime_s"] = float(runtime_s)
+            rec["peak_mem_mb"] = float(peak_mem_mb)
+            rec["dice_per_label"] = {str(k): v for k, v in res.get("dice_per_label", {}).items()}
+            out.append(rec)
+        return out
+
+
+class NoRegistration(RegistrationSystem):
+    """The ``initial`` row: zero displacement (no registration), same cases and metrics."""
+
+    learns: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__(warmup_calls=0)
+
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        f = batch["fixed"]
+        return torch.zeros(f.shape[0], f.dim() - 2, *f.shape[2:], device=f.device, dtype=f.dtype)

@@ -1,0 +1,174 @@
+"""The grid runner: config checks, kill and resume, divergence, leaderboard, exact DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.results import read_cases_csv, read_partial_records
+from benchmark.runner import ConfigError, load_grid_config, run_grid
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
+    env["WANDB_MODE"] = "offline"
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("REGBENCH_KILL_AFTER", None)
+    return env
+
+
+def _regbench(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "import sys; from benchmark.cli import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+
+
+SMALL_DATA = {
+    "class_path": "datamodules.SyntheticBrainDataModule",
+    "init_args": {"size": 16, "n_train": 2, "n_val": 2, "n_test": 3, "seed": 3},
+}
+TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "num_sanity_val_steps": 0}
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "grid.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def _base_cfg(methods: dict, **extra) -> dict:
+    return {"suite": "t", "seeds": [0], "trainer": dict(TRAINER), "datasets": {"synth": SMALL_DATA}, "methods": methods, **extra}
+
+
+# ------------------------------------------------------------------------- bad configs
+BAD = [
+    ({"m": {"class_path": "systems.NoSuchNet"}}, {}, "methods.m.class_path"),
+    ({"m": {"class_path": "nosuchpkg.Net"}}, {}, "methods.m.class_path"),
+    ({"m": {"class_path": "systems.VoxelMorph", "init_args": {"lamda": 1.0}}}, {}, "methods.m.init_args.lamda"),
+    ({"m": {"class_path": "systems.VoxelMorph", "trainer": {"max_stepz": 3}}}, {}, "methods.m.trainer.max_stepz"),
+    ({"m": {"class_path": "systems.VoxelMorph", "initargs": {}}}, {}, "methods.m.initargs"),
+    ({"m": {"class_path": "systems.VoxelMorph"}}, {"sedes": [0]}, "'sedes'"),
+    ({"m": {"class_path": "systems.VoxelMorph"}}, {"loggers": ["mlflow"]}, "loggers"),
+]
+
+
+@pytest.mark.parametrize("methods,extra,key", BAD)
+def test_bad_config_fails_before_any_work_naming_the_key(tmp_path, methods, extra, key):
+    out = tmp_path / "out"
+    cfg = _write(tmp_path, _base_cfg(methods, **extra))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("'", "'")):
+        run_grid(cfg, output=str(out))
+    assert not out.exists(), "work started before the config was checked"
+
+
+def test_missing_dataset_path_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    cfg = _base_cfg({"m": {"class_path": "systems.VoxelMorph"}})
+    cfg["datasets"] = {"real": {"class_path": "regbench_test_helpers.FolderData", "init_args": {"root": str(tmp_path / "nope")}}}
+    sys.path.insert(0, str(HERE))
+    with pytest.raises(ConfigError, match=r"datasets\.real.*nope.*not found"):
+        run_grid(_write(tmp_path, cfg), output=str(out))
+    assert not out.exists()
+
+
+def test_cli_reports_config_error(tmp_path):
+    cfg = _write(tmp_path, _base_cfg({"m": {"class_path": "systems.VoxelMorph", "init_args": {"lamda": 1}}}))
+    res = _regbench(["run", str(cfg), "--output", str(tmp_path / "o")])
+    assert res.returncode == 2
+    assert "methods.m.init_args.lamda" in res.stderr
+
+
+# ------------------------------------------------------------------------- kill and resume
+def test_resume_after_kill_loses_nothing_and_recomputes_only_missing(tmp_path):
+    out = tmp_path / "out"
+    cfg = _write(tmp_path, _base_cfg({"killer": {"class_path": "regbench_test_helpers.KillAfter", "init_args": {"shift": 0.25}}}))
+    env = _env()
+    env["REGBENCH_KILL_AFTER"] = "3"
+    first = _regbench(["run", str(cfg), "--output", str(out)], env=env)
+    assert first.returncode == -9, first.stderr[-2000:]  # SIGKILL, mid-grid
+    exp = out / "synth" / "killer" / "seed0"
+    done = read_partial_records(exp)
+    assert len(done) == 3
+    assert not (exp / "cases.csv").exists()
+    assert json.loads((exp / "run.json").read_text())["status"] == "running"
+    # The experiment before it is complete and will be skipped.
+    assert json.loads((out / "synth" / "initial" / "seed0" / "run.json").read_text())["status"] == "complete"
+
+    second = _regbench(["run", str(cfg), "--output", str(out)])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[skip]" in second.stdout and "initial" in second.stdout
+    run = json.loads((exp / "run.json").read_text())
+    assert run["status"] == "complete"
+    assert run["attempts"][-1]["cases_resumed"] == 3
+    assert run["attempts"][-1]["cases_computed"] == 3
+    rows = read_cases_csv(exp / "cases.csv")
+    assert len(rows) == 6 and len({r["case_id"] for r in rows}) == 6
+    by_id = {r["case_id"]: r for r in rows}
+    for rec in done:  # what the killed run had finished is kept as it was
+        assert by_id[rec["case_id"]]["dice"] == pytest.approx(rec["dice"])
+        assert by_id[rec["case_id"]]["runtime_s"] == pytest.approx(rec["runtime_s"])
+    assert not (exp / "partial").exists()
+    # A third run does nothing.
+    third = _regbench(["run", str(cfg), "--output", str(out)])
+    assert third.returncode == 0 and third.stdout.count("[skip]") == 2
+
+
+# ------------------------------------------------------------------------- divergence
+def test_diverging_experiment_is_recorded_failed_and_grid_goes_on(tmp_path):
+    out = tmp_path / "out"
+    cfg = _base_cfg(
+        {
+            "nan": {"class_path": "regbench_test_helpers.DivergingNet", "trainer": {"max_steps": 5}},
+            "zero": {"class_path": "regbench_test_helpers.KillAfter"},
+        }
+    )
+    sys.path.insert(0, str(HERE))
+    statuses = run_grid(_write(tmp_path, cfg), output=str(out), log=lambda *_: None)
+    assert statuses[str(out / "synth" / "nan" / "seed0")] == "failed"
+    assert statuses[str(out / "synth" / "zero" / "seed0")] == "complete"
+    run = json.loads((out / "synth" / "nan" / "seed0" / "run.json").read_text())
+    assert run["status"] == "failed" and "non-finite" in run["error"]
+    md = (out / "leaderboard.md").read_text()
+    assert "| zero |" in md and "| initial |" in md and "synth/nan/seed0: failed" in md
+
+
+# ------------------------------------------------------------------------- leaderboard
+def test_leaderboard_columns_and_initial_row(tmp_path):
+    out = tmp_path / "out"
+    cfg = _base_cfg({"shift": {"class_path": "regbench_test_helpers.KillAfter", "init_args": {"shift": 0.5}}}, seeds=[0, 1])
+    sys.path.insert(0, str(HERE))
+    run_grid(_write(tmp_path, cfg), output=str(out), log=lambda *_: None)
+    import csv
+
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert [r["method"] for r in rows][0] == "initial"
+    cols = rows[0].keys()
+    for m in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "ndv_pct", "runtime_s"):
+        for s in ("mean", "std", "median"):
+            assert f"{m}_{s}" in cols
+    shift = next(r for r in rows if r["method"] == "shift")
+    assert int(shift["n_cases"]) == 12 and int(shift["n_seeds"]) == 2
+    # The per-case file holds every metric under evaluate's names.
+    cases = read_cases_csv(out / "synth" / "shift" / "seed0" / "cases.csv")
+    for key in ("dataset", "method", "seed", "case_id", "fixed_id", "moving_id", "dice", "hd95", "tre",
+                "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "runtime_s", "peak_mem_mb"):
+        assert key in cases[0]
+    # A constant shift of 0.5 voxel moves every landmark: TRE differs from the initial row.
+    init = read_cases_csv(out / "synth" / "initial" / "seed0" / "cases.csv")
+    assert {r["case_id"] for r in init} == {r["case_id"] for r in cases}
+    assert any(abs(a["tre"] - b["tre"]) > 1e-3 for a, b in zip(sorted(init, key=lambda r: r["case_id"]), sorted(cases, key=lambda r: r["case_id"])))
+
+
+def test_config_loads_quickstart():
+    cfg = load_grid_config(ROOT / "benchmark" / "configs" / "quickstart.yaml")
+    assert "voxelmorph" in cfg.methods and "syn" in cfg.methods
+    assert cfg.datasets["synthetic_brain"].cls.__name__ == "SyntheticBrainDataModule"
