@@ -80,6 +80,7 @@ __all__ = [
 
 _TEMPLATE_STREAM = 0
 _SUBJECT_STREAM = 1
+_TEXTURE_STREAM = 2
 
 
 def as_size(size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -273,6 +274,10 @@ class SyntheticBrainGenerator:
         bias_strength: std of the log bias field.
         noise_std: std of the additive Gaussian noise before ``[0, 1]`` scaling.
         intensity_jitter: std of the per-subject jitter of each label's mean intensity.
+        texture_strength: relative amplitude of a smooth intensity texture defined in
+            template space and deformed with each subject, so the inside of a structure has
+            features (as real anatomy does) and interior landmarks are recoverable from the
+            images; 0 gives piecewise-constant structures.
         min_structure_voxels: minimum voxels per template structure; ``None`` gives
             ``max(8, ceil(50 · prod(size) / 64³))``.
     """
@@ -290,6 +295,7 @@ class SyntheticBrainGenerator:
         bias_strength: float = 0.2,
         noise_std: float = 0.02,
         intensity_jitter: float = 0.04,
+        texture_strength: float = 0.15,
         min_structure_voxels: int | None = None,
     ) -> None:
         self.shape = as_size(size)
@@ -321,6 +327,8 @@ class SyntheticBrainGenerator:
         self.bias_strength = float(bias_strength)
         self.noise_std = float(noise_std)
         self.intensity_jitter = float(intensity_jitter)
+        self.texture_strength = float(texture_strength)
+        self._texture: torch.Tensor | None = None
         vox = int(np.prod(self.shape))
         self.min_structure_voxels = (
             max(8, int(np.ceil(50 * vox / 64**3))) if min_structure_voxels is None else int(min_structure_voxels)
@@ -479,6 +487,15 @@ class SyntheticBrainGenerator:
         """``phi_i = exp(v_i)``: ``(1, 3, X, Y, Z)`` float32 displacement in voxels (pull)."""
         return integrate_velocity(self.velocity(index), steps=7)
 
+    @property
+    def texture(self) -> torch.Tensor:
+        """Template-space intensity texture ``(1, 1, X, Y, Z)``: unit-variance smooth field
+        (correlation length ``min(size) / 16`` voxels), the same for every subject."""
+        if self._texture is None:
+            rng = self._rng(_TEXTURE_STREAM)
+            self._texture = smooth_random_field(rng, self.shape, max(min(self.shape) / 16.0, 1.0), 1)
+        return self._texture
+
     def subject(self, index: int, keep_phi: bool = False) -> SyntheticSubject:
         """Generate subject ``index`` (deterministic in ``(seed, index)``).
 
@@ -496,6 +513,8 @@ class SyntheticBrainGenerator:
         means = tpl.intensity + self.intensity_jitter * rng.standard_normal(tpl.intensity.shape)
         means[0] = 0.0
         img = torch.from_numpy(means.astype(np.float32))[seg].view(1, 1, *self.shape)
+        if self.texture_strength > 0:
+            img = img * (1.0 + self.texture_strength * warp(self.texture, phi, mode="bilinear", padding_mode="border"))
         img = gaussian_smooth(img, 0.6)
         bias = torch.exp(self.bias_strength * smooth_random_field(rng, self.shape, min(self.shape) / 3.0, 1))
         img = img * bias

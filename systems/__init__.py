@@ -1,6 +1,8 @@
 """LightningModules: one per registration method (see :mod:`systems.base` for the interface)."""
 
 from systems.base import DivergenceError, NoRegistration, RegistrationSystem
+from systems.ants_reference import ANTsPyReference
+from systems.syn import SyN
 from systems.voxelmorph import VoxelMorph
 
-__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph"]
+__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference"]

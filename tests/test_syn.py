@@ -1,0 +1,321 @@
+"""Tests of the ANTs-style greedy SyN (``systems.syn``) on small synthetic volumes.
+
+Truth is independent of the code under test where it can be: label warping and the
+Jacobian determinant are done with scipy / numpy here; the true deformation is the
+analytic flow of a known smooth velocity field (whose inverse is the flow of ``-v``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from benchmark.losses import local_ncc
+from benchmark.spatial import compose, integrate_velocity, warp
+from systems.syn import SYN_PRESETS, GreedySyN, invert_displacement, local_ncc_and_grad
+
+TEST_SYN = dict(scales=(2, 1), iterations=(80, 40), lr=0.25, smooth_grad_sigma=1.0, smooth_warp_sigma=0.5)
+
+
+def _phantom(shape: tuple[int, ...], spacing: tuple[float, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (0..3) and image of nested, offset ellipsoids defined in mm (field of view
+    fixed by ``shape * spacing``), plus a smooth texture so CC has something inside."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    r1 = np.sqrt((x / 15) ** 2 + (y / 13) ** 2 + (z / 14) ** 2)
+    r2 = np.sqrt(((x - 3) / 7) ** 2 + ((y + 2) / 8) ** 2 + ((z - 1) / 6) ** 2)
+    r3 = np.sqrt(((x + 5) / 4) ** 2 + ((y - 5) / 4) ** 2 + ((z + 4) / 5) ** 2)
+    lab = np.zeros(shape, np.int64)
+    lab[r1 < 1] = 1
+    lab[r2 < 1] = 2
+    lab[r3 < 1] = 3
+    tex = 0.15 * np.sin(x / 2.5) * np.cos(y / 3.0) * np.sin(z / 2.0 + 1.0)
+    img = np.array([0.0, 0.5, 1.0, 0.25])[lab] + tex * (lab > 0)
+    sig = [1.0 / s for s in spacing]
+    return lab, ndi.gaussian_filter(img, sig).astype(np.float32)
+
+
+def _velocity_mm(shape: tuple[int, ...], spacing: tuple[float, ...], amp: float = 2.5) -> np.ndarray:
+    """A smooth analytic velocity field in mm, ``(3, *shape)``, vanishing at the borders."""
+    axes = [np.linspace(0, np.pi, n) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    env = np.sin(x) * np.sin(y) * np.sin(z)
+    v = np.stack([np.sin(2 * y + 0.3) * env, np.cos(2 * z) * env, np.sin(2 * x + 1.0) * env])
+    return (amp * v).astype(np.float32)
+
+
+def _to_vox(v_mm: np.ndarray, spacing: tuple[float, ...]) -> torch.Tensor:
+    return torch.from_numpy(v_mm / np.asarray(spacing, np.float32).reshape(3, 1, 1, 1)).unsqueeze(0)
+
+
+def _scipy_warp_labels(lab: np.ndarray, disp: torch.Tensor) -> np.ndarray:
+    """Nearest-neighbour pull warp with scipy: ``out(x) = lab(x + u(x))``."""
+    u = disp[0].detach().cpu().double().numpy()
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij")).astype(np.float64)
+    return ndi.map_coordinates(lab, grid + u, order=0, mode="nearest")
+
+
+def _dice(a: np.ndarray, b: np.ndarray, labels=(1, 2, 3)) -> float:
+    return float(np.mean([2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k)) for k in labels]))
+
+
+def _jacdet(disp: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    u = disp[0].detach().cpu().double().numpy()
+    jac = np.empty((3, 3) + u.shape[1:])
+    for i in range(3):
+        g = np.gradient(u[i])
+        for j in range(3):
+            jac[i, j] = g[j] + (i == j)
+    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These volumes are tiny: one thread avoids OpenMP spin-waits on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def iso_case(_one_thread):
+    """Fixed phantom at 1 mm, moving = fixed warped by exp(-v), truth disp = exp(v)."""
+    torch.manual_seed(0)
+    shape, spacing = (40, 40, 40), (1.0, 1.0, 1.0)
+    lab, img = _phantom(shape, spacing)
+    v = _to_vox(_velocity_mm(shape, spacing), spacing)
+    true = integrate_velocity(v)
+    back = integrate_velocity(-v)
+    fixed = torch.from_numpy(img)[None, None]
+    moving = warp(fixed, back)
+    moving_lab = _scipy_warp_labels(lab, back)
+    out = GreedySyN(**TEST_SYN).register(moving, fixed, spacing=spacing, progress=False)
+    return dict(lab=lab, moving_lab=moving_lab, fixed=fixed, moving=moving, true=true, out=out)
+
+
+def test_exact_cc_gradient_matches_autograd() -> None:
+    torch.manual_seed(1)
+    f = torch.rand(2, 1, 11, 9, 8, dtype=torch.float64)
+    m = (0.7 * f + 0.3 * torch.rand_like(f)).requires_grad_()
+    fr = f.clone().requires_grad_()
+    cc = local_ncc(fr, m, [5, 3, 7])
+    cc.backward()
+    cc2, gf, gm = local_ncc_and_grad(f, m.detach(), [5, 3, 7])
+    assert torch.allclose(cc2, cc.detach())
+    assert torch.allclose(gf, fr.grad, atol=1e-12, rtol=1e-7)
+    assert torch.allclose(gm, m.grad, atol=1e-12, rtol=1e-7)
+    # ANTs' local approximation points the same way overall.
+    _, _, gl = local_ncc_and_grad(f, m.detach(), [5, 3, 7], exact=False)
+    assert torch.nn.functional.cosine_similarity(gl.flatten(), m.grad.flatten(), dim=0) > 0.8
+
+
+def test_cc_gradient_float32_keeps_float64_accuracy() -> None:
+    """Flat regions with faint noise along a long axis: box sums by running sums lose the
+    small variances in float32; the gradient must still match float64."""
+    g = np.random.default_rng(0)
+    x = np.zeros((16, 16, 192))
+    x[:, :, 40:150] = 0.8
+    x[4:12, 4:12, 60:120] = 0.3
+    x = ndi.gaussian_filter(x, 1.0) + 0.002 * g.standard_normal(x.shape)
+    f = torch.from_numpy(x).float()[None, None]
+    m = torch.roll(f, 2, dims=4)
+    for exact in (True, False):
+        _, gf, gm = local_ncc_and_grad(f, m, 7, exact=exact)
+        _, gf64, gm64 = local_ncc_and_grad(f.double(), m.double(), 7, exact=exact)
+        assert gm.dtype == torch.float32
+        for a, b in ((gf, gf64), (gm, gm64)):
+            assert (a.double() - b).norm() / b.norm() < 2e-3
+
+
+def test_invert_displacement_matches_analytic_inverse() -> None:
+    shape, spacing = (32, 32, 32), (1.0, 1.0, 1.0)
+    v = _to_vox(_velocity_mm(shape, spacing, amp=4.0), spacing)
+    u, u_inv_true = integrate_velocity(v), integrate_velocity(-v)
+    inv = invert_displacement(u, iterations=5)
+    inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
+    assert (inv - u_inv_true)[inner].norm(dim=1).max() < 0.1  # exp(-v) itself is only O(h²)-exact
+    assert compose(u, inv)[inner].norm(dim=1).max() < 0.01
+
+
+def test_recovers_known_deformation(iso_case) -> None:
+    out, true = iso_case["out"], iso_case["true"]
+    disp = out["disp"]
+    assert disp.shape == (1, 3, 40, 40, 40) and disp.dtype == torch.float32
+    d0 = _dice(iso_case["moving_lab"], iso_case["lab"])
+    d1 = _dice(_scipy_warp_labels(iso_case["moving_lab"], disp), iso_case["lab"])
+    assert d1 > d0 + 0.05 and d1 > 0.9, (d0, d1)
+    inner = (slice(None), slice(None)) + (slice(8, -8),) * 3
+    err = (disp - true)[inner].norm(dim=1).mean()
+    mag = true[inner].norm(dim=1).mean()
+    assert mag > 1.0 and err < 0.35 * mag, (float(err), float(mag))
+    # warping the image with the result brings it close to the fixed image
+    cc0 = local_ncc(iso_case["fixed"], iso_case["moving"], 7)
+    cc1 = local_ncc(iso_case["fixed"], warp(iso_case["moving"], disp), 7)
+    assert cc1 > cc0
+
+
+def test_no_folds_and_halves_meet(iso_case) -> None:
+    out = iso_case["out"]
+    for key in ("disp", "inverse", "mid_moving", "mid_fixed"):
+        det = _jacdet(out[key])
+        assert (det <= 0).mean() == 0.0, key
+    # The two halves share the work: each is far smaller than the whole.
+    inner = (slice(None), slice(None)) + (slice(8, -8),) * 3
+    total = out["disp"][inner].norm(dim=1).mean()
+    assert out["mid_moving"][inner].norm(dim=1).mean() < 0.8 * total
+    assert out["mid_fixed"][inner].norm(dim=1).mean() < 0.8 * total
+
+
+def test_forward_and_inverse_compose_to_identity(iso_case) -> None:
+    out = iso_case["out"]
+    inner = (slice(None), slice(None)) + (slice(6, -6),) * 3
+    # fixed -> moving -> fixed and moving -> fixed -> moving; what is left is the
+    # interpolation error of composing sampled fields (largest at sharp edges).
+    for resid in (compose(out["inverse"], out["disp"]), compose(out["disp"], out["inverse"])):
+        r = resid[inner].norm(dim=1).flatten()
+        assert r.mean() < 0.03 and torch.quantile(r, 0.99) < 0.15, (float(r.mean()), float(r.max()))
+    # and the inverse warps the fixed labels onto the moving ones
+    back = _scipy_warp_labels(iso_case["lab"], out["inverse"])
+    assert _dice(back, iso_case["moving_lab"]) > 0.9
+
+
+def test_anisotropic_spacing_gives_the_same_physical_answer() -> None:
+    """One physical problem sampled at 1 mm and at (1, 1, 2) mm: the recovered physical
+    displacements agree, and ignoring the spacing makes them agree less."""
+    fov_shape, sp_iso, sp_ani = (40, 40, 40), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)
+    ani_shape = (40, 40, 20)
+    results = {}
+    for name, shape, sp in (("iso", fov_shape, sp_iso), ("ani", ani_shape, sp_ani)):
+        lab, img = _phantom(shape, sp)
+        v = _to_vox(_velocity_mm(shape, sp), sp)
+        fixed = torch.from_numpy(img)[None, None]
+        moving = warp(fixed, integrate_velocity(-v))
+        results[name] = (moving, fixed, integrate_velocity(v))
+    # Wider smoothing than the default makes the answer depend on the regularisation, so
+    # the mm-vs-voxel handling of the sigmas shows.
+    syn = GreedySyN(**{**TEST_SYN, "iterations": (50, 25), "smooth_grad_sigma": 2.0, "smooth_warp_sigma": 1.0})
+    d_iso = syn.register(*results["iso"][:2], spacing=sp_iso)["disp"]
+    d_ani = syn.register(*results["ani"][:2], spacing=sp_ani)["disp"]
+    d_wrong = syn.register(*results["ani"][:2], spacing=(1.0, 1.0, 1.0))["disp"]
+
+    # Sample the isotropic answer at the anisotropic grid's points (same FOV, corners
+    # shared: iso voxel index = ani index * (40 - 1) / (20 - 1) along the last axis).
+    def on_ani_grid(d: torch.Tensor) -> np.ndarray:
+        mm = d[0].double().numpy() * np.reshape(sp_iso, (3, 1, 1, 1))
+        zi = np.arange(ani_shape[2]) * (fov_shape[2] - 1) / (ani_shape[2] - 1)
+        gx, gy, gz = np.meshgrid(np.arange(40), np.arange(40), zi, indexing="ij")
+        return np.stack([ndi.map_coordinates(c, [gx, gy, gz], order=1) for c in mm])
+
+    ref = on_ani_grid(d_iso)
+    truth = results["ani"][2][0].double().numpy() * np.reshape(sp_ani, (3, 1, 1, 1))
+    inner = (slice(None), slice(8, -8), slice(8, -8), slice(4, -4))
+
+    def err(d: torch.Tensor, target: np.ndarray) -> float:
+        mm = d[0].double().numpy() * np.reshape(sp_ani, (3, 1, 1, 1))
+        return float(np.linalg.norm((mm - target)[inner], axis=0).mean())
+
+    mag = float(np.linalg.norm(truth[inner], axis=0).mean())
+    assert err(d_ani, ref) < 0.2 * mag, (err(d_ani, ref), mag)
+    assert err(d_ani, truth) < 0.3 * mag, (err(d_ani, truth), mag)
+    # Treating the 2-mm axis as 1 mm (smoothing and steps in voxels) drifts further away.
+    assert err(d_ani, ref) < 0.8 * err(d_wrong, ref), (err(d_ani, ref), err(d_wrong, ref))
+
+
+def test_presets_options_and_inference_mode() -> None:
+    assert set(SYN_PRESETS) >= {"accurate", "fast"}
+    assert GreedySyN.preset("fast").hparams()["scales"] == tuple(SYN_PRESETS["fast"]["scales"])
+    with pytest.raises(ValueError):
+        GreedySyN.preset("nope")
+    with pytest.raises(ValueError):
+        GreedySyN(scales=(2, 1), iterations=(10,))
+    with pytest.raises(ValueError):
+        GreedySyN(cc_window=4)
+    syn = GreedySyN(scales=(2,), iterations=(5,), optimizer="gd", cc_gradient="local")
+    with pytest.raises(ValueError):
+        syn.register(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 12))
+    with pytest.raises(ValueError):
+        syn.register(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16), spacing=(1.0, 1.0))
+    # Lightning runs test steps under inference_mode; the optimiser must still run there,
+    # in 2D too, and with the last level above full resolution (upsampled at the end).
+    with torch.inference_mode():
+        out = syn.register(torch.rand(2, 1, 24, 20), torch.rand(2, 1, 24, 20), spacing=(1.0, 1.5))
+    assert out["disp"].shape == (2, 2, 24, 20) and torch.isfinite(out["disp"]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(iso_case) -> None:
+    syn = GreedySyN(**TEST_SYN)
+    out = syn.register(iso_case["moving"].cuda(), iso_case["fixed"].cuda())
+    assert out["disp"].is_cuda
+    assert (out["disp"].cpu() - iso_case["out"]["disp"]).abs().mean() < 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# The performance harness (benchmark.perf_systems) on a tiny synthetic pair
+# ---------------------------------------------------------------------------------------
+def _write_pair(folder, shift_seg_grid: bool = True) -> np.ndarray:
+    """image_A (moving) / image_B (fixed) at 1 mm; image_A_seg stored on a grid shifted by
+    (2, 3, 0) voxels (origin moved accordingly), as the real pair's quirk."""
+    import nibabel as nib
+
+    shape, spacing = (40, 40, 40), (1.0, 1.0, 1.0)
+    lab, img = _phantom(shape, spacing)
+    v = _to_vox(_velocity_mm(shape, spacing), spacing)
+    back = integrate_velocity(-v)
+    mov = warp(torch.from_numpy(img)[None, None], back)[0, 0].numpy()
+    mov_lab = _scipy_warp_labels(lab, back)
+    eye = np.eye(4)
+    nib.save(nib.Nifti1Image(mov, eye), str(folder / "image_A.nii.gz"))
+    nib.save(nib.Nifti1Image(img, eye), str(folder / "image_B.nii.gz"))
+    nib.save(nib.Nifti1Image(lab.astype(np.int16), eye), str(folder / "image_B_seg.nii.gz"))
+    seg_aff = eye.copy()
+    on_image = mov_lab.copy()
+    if shift_seg_grid:
+        seg_aff[:3, 3] = (2.0, 3.0, 0.0)  # seg voxel (i, j, k) sits at image voxel (i+2, j+3, k)
+        shifted = np.zeros_like(mov_lab)
+        shifted[:-2, :-3, :] = mov_lab[2:, 3:, :]
+        mov_lab = shifted
+    nib.save(nib.Nifti1Image(mov_lab.astype(np.int16), seg_aff), str(folder / "image_A_seg.nii.gz"))
+    return on_image
+
+
+def test_perf_syn_on_a_tiny_pair(tmp_path) -> None:
+    from benchmark.perf_systems import format_perf_systems, load_brain_pair, perf_syn
+
+    truth = _write_pair(tmp_path)
+    pair = load_brain_pair(tmp_path)
+    assert pair.notes and "resampled" in pair.notes[0]
+    # Resampled through the affines, the labels sit on the moving image's voxels again
+    # (the last 2 / 3 rows were outside the stored grid).
+    assert np.array_equal(pair.moving_seg[2:-2, 3:-3], truth[2:-2, 3:-3])
+    res = perf_syn(tmp_path, threads=1, presets=("fast",), with_peers=False, labels=(1, 2, 3), out=tmp_path / "r.json")
+    (rec,) = res["results"]
+    assert rec["tool"] == "regbench-syn" and rec["preset"] == "fast" and rec["status"] == "measured"
+    assert rec["dice_mean"] > res["initial"]["dice_mean"] + 0.05
+    assert rec["fold_pct"] == 0.0 and rec["wall_s"] > 0 and rec["cpu_s"] > 0
+    assert set(rec["dice"]) == {"1", "2", "3"}
+    assert all(c["status"] == "cached" for c in res["cached"])
+    assert (tmp_path / "r.json").exists()
+    assert "regbench-syn" in format_perf_systems(res)
+
+
+def test_fireants_conversion_matches_its_own_warp(tmp_path) -> None:
+    """FireANTs (peer venv) on the tiny pair: the displacement converted to our convention
+    and warped with our warp gives the Dice FireANTs' own coordinates give."""
+    from benchmark.perf_systems import _run_fireants, find_peer_python, load_brain_pair
+
+    py = find_peer_python()
+    if py is None:
+        pytest.skip("no peer python with fireants (set REGBENCH_PEER_PYTHON or create ../peers_venv)")
+    _write_pair(tmp_path, shift_seg_grid=False)
+    pair = load_brain_pair(tmp_path)
+    rec = _run_fireants(pair, py, 1, "cpu", (1, 2, 3), 300, settings=dict(iterations=(10, 5, 2)))
+    if rec["status"] != "measured" and "No module named" in rec.get("error", ""):
+        pytest.skip(f"fireants not importable with {py}")
+    assert rec["status"] == "measured", rec.get("error")
+    assert rec["conversion_ok"], (rec["dice_mean"], rec["native_dice_mean"])
+    init = _dice(pair.moving_seg, pair.fixed_seg)
+    assert rec["dice_mean"] > init  # the converted field registers, it is not e.g. transposed

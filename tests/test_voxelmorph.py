@@ -1,0 +1,214 @@
+"""Tests of the VoxelMorph baseline (``systems.voxelmorph``).
+
+The fast network (channels-last activations, zero-padded input channels, "upsample +
+concatenate + convolve" as a transposed convolution) is pinned against a straightforward
+reference written here from the published description — plain ``conv``, LeakyReLU 0.2,
+max-pooling, nearest 2× upsampling, zero padding to the skip's size, concatenation, flow
+conv, trilinear resize of the field (magnitudes rescaled), scaling and squaring — evaluated
+with the very same weights, forward and gradients, on even and odd sizes, 3D and 2D.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.spatial import integrate_velocity, warp
+from systems.voxelmorph import VoxelMorph, VoxelMorphNet, VxmUNet, _up_conv_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _ref_conv(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    f = F.conv3d if x.dim() == 5 else F.conv2d
+    return F.leaky_relu(f(x, conv.weight, conv.bias, padding=1), 0.2)
+
+
+def _ref_unet(unet: VxmUNet, x: torch.Tensor) -> torch.Tensor:
+    """VoxelMorph's U-Net, written plainly, reading ``unet``'s weights."""
+    pool = F.max_pool3d if x.dim() == 5 else F.max_pool2d
+    skips = []
+    for block in unet.enc:
+        x = _ref_conv(x, block[0])
+        skips.append(x)
+        x = pool(x, 2)
+    for block in unet.up:
+        x = _ref_conv(x, block[0])
+        skip = skips.pop()
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        pad = []
+        for have, want in zip(reversed(x.shape[2:]), reversed(skip.shape[2:])):
+            pad += [0, want - have]  # pooling floors, so the upsampled tensor is never larger
+        x = torch.cat([F.pad(x, pad), skip], dim=1)
+    for block in unet.extra:
+        x = _ref_conv(x, block[0])
+    return x
+
+
+def _ref_resize(field: torch.Tensor, size: list[int]) -> torch.Tensor:
+    mode = "trilinear" if field.dim() == 5 else "bilinear"
+    out = F.interpolate(field, size=size, mode=mode, align_corners=True)
+    for d, (new, old) in enumerate(zip(size, field.shape[2:])):
+        out[:, d] = out[:, d] * ((new - 1) / (old - 1))
+    return out
+
+
+def _ref_net(net: VoxelMorphNet, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
+    f = F.conv3d if moving.dim() == 5 else F.conv2d
+    feats = _ref_unet(net.unet, torch.cat([moving, fixed], dim=1))
+    flow = f(feats, net.flow.weight, net.flow.bias, padding=1)
+    full = list(fixed.shape[2:])
+    vel = _ref_resize(flow, [n // 2 for n in full])
+    disp = _ref_resize(integrate_velocity(vel, 7), full)
+    return {"disp": disp, "velocity": vel}
+
+
+def _pair(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 1, *shape, generator=g), torch.rand(1, 1, *shape, generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).detach())
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (19, 22, 17)])
+def test_forward_and_gradients_match_reference(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    net = VoxelMorphNet()
+    with torch.no_grad():  # a flow head large enough that the field is far from zero
+        net.flow.weight.normal_(0.0, 2.0)
+    moving, fixed = _pair(shape)
+    got = net(moving, fixed)
+    ref = _ref_net(net, moving, fixed)
+    assert got["disp"].shape == (1, 3, *shape)
+    assert got["velocity"].shape == (1, 3, *[n // 2 for n in shape])
+    assert float(ref["disp"].detach().abs().max()) > 0.5  # a real deformation, in voxels
+    assert _rel(got["velocity"], ref["velocity"]) < 1e-4
+    assert _rel(got["disp"], ref["disp"]) < 1e-4
+    # gradients of a loss through warp, for every parameter
+    params = list(net.parameters())
+    loss_got = (warp(moving, got["disp"]) - fixed).square().mean() + got["velocity"].square().mean()
+    loss_ref = (warp(moving, ref["disp"]) - fixed).square().mean() + ref["velocity"].square().mean()
+    g_got = torch.autograd.grad(loss_got, params)
+    g_ref = torch.autograd.grad(loss_ref, params)
+    for (name, _), a, b in zip(net.named_parameters(), g_got, g_ref):
+        assert _rel(a, b) < 1e-3, name
+
+
+@pytest.mark.parametrize("channels_last,fused_levels", [(True, 4), (False, 2), (False, 0), (True, 0)])
+def test_speed_options_compute_the_same_function(channels_last: bool, fused_levels: int) -> None:
+    torch.manual_seed(1)
+    ref_unet = VxmUNet()
+    unet = VxmUNet(channels_last=channels_last, fused_levels=fused_levels)
+    unet.load_state_dict(ref_unet.state_dict())  # same parameter names and shapes
+    x = torch.rand(2, 2, 21, 18, 23)
+    assert _rel(unet(x), _ref_unet(ref_unet, x)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (35, 19)])
+def test_2d_network_matches_reference(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(2)
+    net = VoxelMorphNet(ndim=2)
+    with torch.no_grad():
+        net.flow.weight.normal_(0.0, 2.0)
+    moving, fixed = _pair(shape, seed=3)
+    got, ref = net(moving, fixed), _ref_net(net, moving, fixed)
+    assert got["disp"].shape == (1, 2, *shape)
+    assert _rel(got["disp"], ref["disp"]) < 1e-4
+
+
+@pytest.mark.parametrize("low,full", [((5, 6, 4), (10, 13, 9)), ((7, 5), (15, 10))])
+def test_transposed_conv_equals_upsample_then_conv(low: tuple[int, ...], full: tuple[int, ...]) -> None:
+    """The identity behind the fused decoder level, against interpolate + pad + conv."""
+    nd = len(low)
+    x = torch.randn(2, 4, *low, dtype=torch.float64)
+    w = torch.randn(3, 4, *([3] * nd), dtype=torch.float64)
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    pad = []
+    for have, want in zip(reversed(up.shape[2:]), reversed(full)):
+        pad += [0, want - have]
+    conv = F.conv3d if nd == 3 else F.conv2d
+    want = conv(F.pad(up, pad), w, padding=1)
+    convt = F.conv_transpose3d if nd == 3 else F.conv_transpose2d
+    extra = [n - 2 * m for n, m in zip(full, low)]
+    got = convt(x, _up_conv_weight(w), stride=2, padding=1, output_padding=extra)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _blob_pair(shape: tuple[int, ...], shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in shape]
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+
+    def blob(cx: float) -> torch.Tensor:
+        return torch.exp(-((x - cx) ** 2 + y**2 + z**2) / (2 * 3.0**2))
+
+    return blob(-shift)[None, None], blob(shift)[None, None]
+
+
+@pytest.mark.parametrize("similarity", ["ncc", "mse"])
+def test_training_steps_decrease_the_loss(similarity: str) -> None:
+    torch.manual_seed(0)
+    model = VoxelMorph(lambda_=0.01, lr=1e-3, similarity=similarity)
+    opt = model.configure_optimizers()
+    moving, fixed = _blob_pair((20, 16, 18), shift=2.0)
+    batch = {"moving": moving, "fixed": fixed}
+    losses = []
+    for _ in range(12):
+        opt.zero_grad(set_to_none=True)
+        loss, parts = model.training_loss(batch)
+        assert set(parts) == {"sim", "reg"}
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.05 * abs(losses[0])
+    with torch.no_grad():
+        disp = model.register(batch)
+    assert disp.shape == (1, 3, 20, 16, 18)
+    # the learned field moves the moving blob towards the fixed one (+x at the centre)
+    assert float(disp[0, 0, 10, 8, 9]) < 0.0
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 13), (15, 7, 10)])
+def test_odd_sizes_train(shape: tuple[int, ...]) -> None:
+    model = VoxelMorph(enc=(8, 8), dec=(8, 8, 8))
+    moving, fixed = _pair(shape, seed=5)
+    loss, _ = model.training_loss({"moving": moving, "fixed": fixed})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.register({"moving": moving, "fixed": fixed}).shape == (1, 3, *shape)
+
+
+def test_bad_similarity_is_refused() -> None:
+    with pytest.raises(ValueError, match="similarity"):
+        VoxelMorph(similarity="mi")
+
+
+def test_perf_training_child_reports_a_step() -> None:
+    """The harness's child process measures our step and reports time and peak RSS."""
+    from benchmark.perf_training import perf_vxm_training
+
+    res = perf_vxm_training(sizes=((16, 16, 16),), repeats=1, threads=1, tools=("ours",), verbose=False)
+    r = res["results"]["16x16x16"]["ours"]
+    assert r["status"] == "measured", r.get("message")
+    assert r["step_s"] > 0 and r["peak_mb"] >= r["base_mb"] > 0
+
+
+def test_perf_training_cli_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "benchmark.perf_training", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--sizes" in out.stdout
