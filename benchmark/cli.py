@@ -49,6 +49,12 @@ def _cmd_perf(args: argparse.Namespace) -> int:
 
         main_perf_metrics(out=args.out, repeats=args.repeats, threads=args.threads)
         return 0
+    if args.what == "training":
+        from benchmark.perf_training import main_perf_training
+
+        main_perf_training(out=args.out, repeats=args.repeats, threads=args.threads or 2,
+                           peer_python=args.peer_python, loss=args.loss)
+        return 0
     from benchmark.perf_systems import main_perf_systems
 
     main_perf_systems(args)
@@ -79,13 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pf = sub.add_parser("perf", help="performance harness (JSON out)")
-    pf.add_argument("what", choices=["metrics", "systems"])
+    pf.add_argument("what", choices=["metrics", "systems", "training"],
+                    help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair; "
+                    "training: VoxelMorph training step vs the voxelmorph and MONAI packages")
     pf.add_argument("--out", help="JSON output path")
     pf.add_argument("--repeats", type=int, default=5)
     pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     pf.add_argument("--pair-dir", default=None, help="real brain pair folder (systems; default ../shared/data/oasis_pair)")
     pf.add_argument("--peer-python", default=None, help="python of a venv with the peers (fireants, voxelmorph, monai)")
     pf.add_argument("--only", default=None, help="comma-separated subset of benchmarks (systems)")
+    pf.add_argument("--loss", default="mse", choices=["mse", "ncc"], help="training: similarity used side by side with the peers")
     pf.set_defaults(func=_cmd_perf)
 
     _add_runner_commands(sub)

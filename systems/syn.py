@@ -295,13 +295,14 @@ class GreedySyN:
     ``regbench perf systems --only syn --threads 2`` (or
     :func:`benchmark.perf_systems.perf_syn`), which runs FireANTs 1.5
     ``GreedyRegistration`` (scales 4,2,1, iterations 200,100,50, CC 7, Adam lr 0.25,
-    smooth_grad_sigma 1, smooth_warp_sigma 0.25) side by side; figures of one such run
-    are in the project's performance notes. Single-thread tuning runs gave:
+    smooth_grad_sigma 1, smooth_warp_sigma 0.25) side by side. One such run (2 threads,
+    shared 2-core CPU, so wall-clock is noisy; CPU seconds in brackets):
 
     * ``"accurate"`` — levels 4, 2, 1 with 100, 50, 15 iterations, warp sigma 0.7 mm:
-      Dice 0.842, 0 % folds, SDlogJ 0.41 (FireANTs: 0.821, 0 %, 0.45), ~2 min.
-    * ``"fast"`` — levels 4, 2 with 60, 20 iterations, warp sigma 0.6 mm: Dice 0.808,
-      0 % folds, SDlogJ 0.37, ~15 s (ANTs' SyNQuick: 0.756 in 46 s).
+      Dice 0.842, 0 % folds, SDlogJ 0.41, 151 s (197); FireANTs in the same run: Dice
+      0.821, 0 % folds, SDlogJ 0.45, 509 s (519).
+    * ``"fast"`` — levels 4, 2 with 60, 10 iterations, warp sigma 0.6 mm: Dice 0.801,
+      0 % folds, SDlogJ 0.36, 7.4 s (14); ANTs' SyNQuick (cached): 0.756 in 46 s.
 
     Args:
         scales: shrink factor per level, coarse to fine.

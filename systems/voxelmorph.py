@@ -8,8 +8,7 @@ loss ``-local NCC (9³) + lambda_ · diffusion(velocity)``.
 Speed (CPU training step; the function computed is the same, to float rounding):
 
 * activations are kept ``channels_last`` (oneDNN's fast layout for 3D convolutions, about
-  1.5–2× faster per convolution on CPU than the default layout), and convolutions go to
-  oneDNN directly, also the small ones PyTorch would hand to its slower native kernel;
+  1.5–2× faster per convolution on CPU than the default layout);
 * the first convolution (2 input channels, ``cat(moving, fixed)``) gets a zero channel
   appended to input and weight: oneDNN's weight gradient with 2 input channels is an order
   of magnitude slower than with 3 (zero products add exactly nothing);
@@ -60,21 +59,16 @@ class _ConvAct(nn.Sequential):
 
 
 def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
-    """``conv(x, w, b)``, stride 1, padding 1, 2D or 3D.
+    """``conv(x, w, b)``, stride 1, padding 1, 2D or 3D; the input made channels-last if asked.
 
-    With ``channels_last`` on a CPU float32 tensor the oneDNN kernel is called directly:
-    PyTorch would send small problems (``N·C·D·H <= 20480``) to its slower native kernel,
-    which also returns the default layout (and every later layer would pay a conversion).
+    (PyTorch hands small problems, ``N·C·D·H <= 20480``, to a native kernel that returns the
+    default layout; the next convolution gets channels-last input again. Calling oneDNN
+    directly for those was measured: no gain.)
     """
     nd = w.dim() - 2
-    if channels_last and x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_ok():
+    if channels_last:
         x = x.contiguous(memory_format=_memory_format(nd))
-        return torch.ops.aten.mkldnn_convolution(x, w, b, [1] * nd, [1] * nd, [1] * nd, 1)
     return (F.conv3d if nd == 3 else F.conv2d)(x, w, b, padding=1)
-
-
-def _onednn_ok() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled())
 
 
 def _up_conv_weight(w: torch.Tensor) -> torch.Tensor:
