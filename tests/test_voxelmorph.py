@@ -124,7 +124,28 @@ def test_speed_options_compute_the_same_function(channels_last: bool, fused_leve
     unet = VxmUNet(channels_last=channels_last, fused_levels=fused_levels)
     unet.load_state_dict(ref_unet.state_dict())  # same parameter names and shapes
     x = torch.rand(2, 2, 21, 18, 23)
-    assert _rel(unet(x), _ref_unet(ref_unet, x)) < 1e-5
+    got, want = unet(x), _ref_unet(ref_unet, x)
+    assert _rel(got, want) < 1e-5
+    weight = torch.rand_like(want)  # gradients through every path (skips, pooling, in-place backward)
+    g_got = torch.autograd.grad((got * weight).sum(), list(unet.parameters()))
+    g_ref = torch.autograd.grad((want * weight).sum(), list(ref_unet.parameters()))
+    for (name, _), a, b in zip(unet.named_parameters(), g_got, g_ref):
+        assert _rel(a, b) < 1e-4, name
+
+
+def test_caller_gradients_are_left_alone() -> None:
+    """Inner activations reuse their incoming gradient's memory; the output's must not (a
+    caller's hook may keep the very tensor that autograd hands on to the network)."""
+    unet = VxmUNet()
+    out = unet(torch.rand(1, 2, 16, 16, 16)).view_as(torch.empty(1, 16, 16, 16, 16))
+    kept: dict[str, torch.Tensor] = {}
+
+    def hook(g: torch.Tensor) -> None:
+        kept["grad"], kept["copy"] = g, g.clone()
+
+    out.register_hook(hook)
+    (out * torch.rand_like(out)).sum().backward()
+    assert torch.equal(kept["grad"], kept["copy"])
 
 
 @pytest.mark.parametrize("shape", [(32, 16), (35, 19)])
