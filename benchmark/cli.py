@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# OpenMP threads that spin while waiting make 2-thread runs many times slower on a shared
+# machine (measured: up to 40x on small tensors); they sleep instead unless the user chose.
+# Set before torch (imported lazily below) starts its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmark.io import DataError
 

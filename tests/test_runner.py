@@ -200,3 +200,13 @@ def test_ddp_two_processes_give_the_same_rows_as_one(tmp_path):
     for r in rows[2]:
         for key in ("dice", "tre", "fold_pct", "sdlogj", "ndv_pct"):
             assert r[key] == pytest.approx(by1[r["case_id"]][key], rel=1e-4, abs=1e-5), (r["case_id"], key)
+
+
+def test_lightning_cli_fit_takes_the_same_blocks(tmp_path):
+    """`regbench fit` runs one experiment through LightningCLI with the grid's class paths."""
+    res = _regbench(["fit", "--model", "systems.VoxelMorph", "--data", "datamodules.SyntheticBrainDataModule",
+                     "--data.init_args.size", "16", "--data.init_args.n_train", "2", "--data.init_args.n_val", "2",
+                     "--data.init_args.n_test", "2", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written by the fit"
