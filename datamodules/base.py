@@ -58,11 +58,11 @@ class PairDataModule(L.LightningDataModule):
 
     # -- to implement
     def pair_dataset(self, stage: str) -> Dataset:
-        raise NotImplementedError  # abstract
+        raise NotImplementedError(f"{type(self).__name__} must define pair_dataset(stage) returning a dataset with case_ids")
 
     @property
     def label_ids(self) -> list[int]:
-        raise NotImplementedError  # abstract
+        raise NotImplementedError(f"{type(self).__name__} must define label_ids (the labels scored by Dice)")
 
     # -- shared
     def check_inputs(self) -> None:

@@ -80,11 +80,11 @@ class RegistrationSystem(L.LightningModule):
     # ---- the method -------------------------------------------------------------------
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         """Register moving to fixed: ``(B, 3, *S)`` displacement, voxels, pull."""
-        raise NotImplementedError  # abstract: every subclass defines it
+        raise NotImplementedError(f"{type(self).__name__} must define register(batch) -> (B, ndim, *S) displacement")
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, parts)`` for one training batch (learned methods)."""
-        raise NotImplementedError  # abstract: learned subclasses define it
+        raise NotImplementedError(f"{type(self).__name__} learns, so it must define training_loss(batch)")
 
     # ---- Lightning hooks ----------------------------------------------------------------
     def configure_optimizers(self):

@@ -49,3 +49,13 @@ def smooth_field() -> Callable[..., torch.Tensor]:
     """Factory ``smooth_field(shape, channels, amplitude, sigma, seed=0, batch=1)``; see
     :func:`make_smooth_field`."""
     return make_smooth_field
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread for the module (on a shared machine OpenMP threads
+    spinning at barriers made small-volume tests up to 40x slower); the count is restored."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

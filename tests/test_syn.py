@@ -71,17 +71,11 @@ def _jacdet(disp: torch.Tensor, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These volumes are tiny: one thread avoids OpenMP spin-waits on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def iso_case(_one_thread):
+def iso_case(one_thread):
     """Fixed phantom at 1 mm, moving = fixed warped by exp(-v), truth disp = exp(v)."""
     torch.manual_seed(0)
     shape, spacing = (40, 40, 40), (1.0, 1.0, 1.0)

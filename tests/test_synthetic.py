@@ -25,13 +25,7 @@ from datamodules.synthetic_brain import EpochPairSampler, SyntheticBrainDataModu
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small tensors: intra-op threading only adds synchronisation cost (and the CI box is shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from systems.voxelmorph import VoxelMorph, VoxelMorphNet, VxmUNet, _up_conv_weig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread (on a shared machine, OpenMP threads spinning at
-    barriers made a 12-step test 40× slower); the previous count is restored."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- reference
