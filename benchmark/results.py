@@ -27,6 +27,8 @@ __all__ = [
     "ID_COLUMNS",
     "METRIC_COLUMNS",
     "CASE_COLUMNS",
+    "POSE_METRIC_COLUMNS",
+    "POSE_CASE_COLUMNS",
     "experiment_dir",
     "PartialCaseLog",
     "read_partial_records",
@@ -39,6 +41,11 @@ ID_COLUMNS = ["dataset", "method", "seed", "case_id", "fixed_id", "moving_id"]
 #: Metric columns, named like `regbench evaluate`'s JSON keys, then runtime and memory.
 METRIC_COLUMNS = ["dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "runtime_s", "peak_mem_mb"]
 CASE_COLUMNS = ID_COLUMNS + METRIC_COLUMNS
+#: 2D/3D (pose) cases: mean target registration error (mm, 3D landmarks, true vs estimated
+#: pose), projected error on the detector (mm), rotation (degrees) and translation (mm)
+#: errors, success flags (mTRE < 10 mm, < 2 mm), runtime and memory.
+POSE_METRIC_COLUMNS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s", "peak_mem_mb"]
+POSE_CASE_COLUMNS = ID_COLUMNS + POSE_METRIC_COLUMNS
 
 
 def experiment_dir(root: str | os.PathLike, dataset: str, method: str, seed: int) -> Path:
@@ -112,13 +119,15 @@ def _cell(v: Any) -> str:
 
 
 def write_cases_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]], sort_by: str = "case_id") -> Path:
-    """Write case records atomically; columns: :data:`CASE_COLUMNS`, then any extra keys sorted.
+    """Write case records atomically; columns: :data:`CASE_COLUMNS` (deformable) or
+    :data:`POSE_CASE_COLUMNS` (records carrying ``mtre_mm``), then any extra keys sorted.
 
     Missing values (None, NaN) are written as empty cells.
     """
     recs = sorted((_plain(r) for r in records), key=lambda r: str(r.get(sort_by, "")))
-    extra = sorted({k for r in recs for k in r} - set(CASE_COLUMNS))
-    cols = CASE_COLUMNS + extra
+    base = POSE_CASE_COLUMNS if any("mtre_mm" in r for r in recs) else CASE_COLUMNS
+    extra = sorted({k for r in recs for k in r} - set(base))
+    cols = base + extra
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)

@@ -19,6 +19,11 @@ Config (YAML)::
         init_args: {lambda_: 1.0}
         trainer: {max_steps: 200}     # per-method trainer overrides
 
+Strings may name environment variables, ``${LUMIR_ROOT}`` or ``${LUMIR_ROOT:-/data/LUMIR}``
+(an unset variable without a default is an error naming the key), and any value can be
+overridden on the command line: ``regbench run CONFIG --set datasets.lumir.init_args.root=/data/LUMIR``
+(the value is read as YAML, so ``--set methods.voxelmorph.trainer.max_steps=50`` is an int).
+
 ``class_path`` / ``init_args`` blocks are LightningCLI's, so a block can be copied into a
 ``regbench fit --config`` file and back. The whole config is checked (every key, every
 class, every init argument, every dataset path) before any work starts.
@@ -44,6 +49,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +69,7 @@ from benchmark.results import (
     write_cases_csv,
 )
 
-__all__ = ["ConfigError", "load_grid_config", "run_grid", "add_cli_commands", "lightning_cli_main", "ResultsWriter"]
+__all__ = ["ConfigError", "load_grid_config", "apply_overrides", "expand_env", "run_grid", "add_cli_commands", "lightning_cli_main", "ResultsWriter"]
 
 TOP_KEYS = {
     "suite": "name of the suite",
@@ -167,8 +173,66 @@ def _parse_block(name: str, raw: Any, where: str) -> Block:
     return Block(name, where, cls, dict(init_args), dict(trainer), raw)
 
 
-def load_grid_config(path: str | os.PathLike, output: str | None = None) -> GridConfig:
-    """Read and fully check a grid config; raises :class:`ConfigError` naming the key."""
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (value parsed as YAML) to a raw config mapping.
+
+    Intermediate mappings are created when missing; a key that runs into a non-mapping is
+    an error naming it.
+    """
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, _, text = item.partition("=")
+        parts = [k for k in key.strip().split(".") if k]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({exc})") from exc
+        node = raw
+        for i, k in enumerate(parts[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a config, recursively."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        got = os.environ.get(name)
+        if got is None or got == "":
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set "
+                              f"(export {name}=..., or pass --set {where}=VALUE)")
+        return got
+
+    return _ENV_REF.sub(sub, value)
+
+
+def load_grid_config(path: str | os.PathLike, output: str | None = None, overrides: list[str] | None = None) -> GridConfig:
+    """Read and fully check a grid config; raises :class:`ConfigError` naming the key.
+
+    ``overrides`` are ``dotted.key=value`` strings applied before environment variables
+    are expanded.
+    """
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
@@ -178,6 +242,7 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None) -> Grid
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
+    raw = expand_env(apply_overrides(raw, overrides))
     for key in raw:
         if key not in TOP_KEYS:
             raise ConfigError(f"{p}: unknown key {key!r} at the top level (allowed: {', '.join(sorted(TOP_KEYS))})")
@@ -275,6 +340,12 @@ class ResultsWriter(_make_callback_base()):
     case). At the end of the test loop all ranks meet at a barrier and rank 0 merges every
     partial record, from this attempt and earlier ones, into ``cases.csv`` (atomic).
 
+    It also keeps what the report needs: ``panel.npz``, the qualitative panel of the first
+    test case (the same case for every method of a dataset; written by the rank that holds
+    it), and, when the data module sets ``export_fields = True`` (data without labels, e.g.
+    LUMIR's hidden test labels), every displacement field in Learn2Reg format under
+    ``fields/disp_{fixed_id}_{moving_id}.nii.gz`` for the official evaluation.
+
     Args:
         exp_dir: the experiment folder.
         ids: columns added to every record (dataset, method, seed).
@@ -298,9 +369,43 @@ class ResultsWriter(_make_callback_base()):
             self.computed += 1
 
         pl_module.record_sink = sink
+        dm = getattr(trainer, "datamodule", None)
+        if hasattr(pl_module, "panel_sink"):
+            ids = dm.case_ids("test") if dm is not None and hasattr(dm, "case_ids") else []
+            if ids and not (self.exp_dir / "panel.npz").exists():
+                pl_module.panel_case = str(ids[0])
+                pl_module.panel_sink = self._save_panel
+        if hasattr(pl_module, "field_sink") and dm is not None and getattr(dm, "export_fields", False):
+            pl_module.field_sink = self._save_fields
+
+    def _save_panel(self, case_id: str, arrays: dict[str, Any]) -> None:
+        import tempfile
+
+        import numpy as np
+
+        fd, tmp = tempfile.mkstemp(dir=self.exp_dir, prefix=".tmp_panel_", suffix=".npz")
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, case_id=np.array(case_id), **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, self.exp_dir / "panel.npz")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def _save_fields(self, batch: dict[str, Any], disp) -> None:
+        from benchmark.io import write_displacement
+
+        for b in range(disp.shape[0]):
+            name = f"disp_{batch['fixed_id'][b]}_{batch['moving_id'][b]}.nii.gz"
+            affine = batch["fixed_affine"][b].detach().cpu().numpy() if "fixed_affine" in batch else None
+            write_displacement(self.exp_dir / "fields" / name, disp[b].detach().float().cpu().numpy(), affine)
 
     def on_test_end(self, trainer, pl_module) -> None:
         pl_module.record_sink = None
+        for attr in ("panel_sink", "field_sink", "panel_case"):
+            if hasattr(pl_module, attr):
+                setattr(pl_module, attr, None)
         trainer.strategy.barrier("regbench-results")
         if trainer.is_global_zero:
             write_cases_csv(self.exp_dir / "cases.csv", read_partial_records(self.exp_dir))
@@ -422,7 +527,12 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
 
     L.seed_everything(exp.seed, workers=True, verbose=False)
     dm = exp.dataset.build()
-    system = NoRegistration() if exp.method is None else exp.method.build()
+    if exp.method is not None:
+        system = exp.method.build()
+    elif callable(getattr(dm, "initial_system", None)):
+        system = dm.initial_system()  # e.g. 2D/3D: the starting pose
+    else:
+        system = NoRegistration()
     run = {
         "suite": cfg.suite,
         "dataset": exp.dataset.name,
@@ -545,7 +655,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
-def run_grid(config: str | os.PathLike, output: str | None = None, methods: list[str] | None = None, leaderboard: bool = True, log=print) -> dict[str, str]:
+def run_grid(config: str | os.PathLike, output: str | None = None, methods: list[str] | None = None, leaderboard: bool = True,
+             log=print, overrides: list[str] | None = None) -> dict[str, str]:
     """Run every experiment of a grid config; returns ``{experiment_dir: status}``."""
     _quiet_lightning()
     user_log = log
@@ -554,7 +665,7 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
         if _is_zero():
             user_log(msg)
 
-    cfg = load_grid_config(config, output)
+    cfg = load_grid_config(config, output, overrides)
     if methods:
         unknown = set(methods) - set(cfg.methods) - {"initial"}
         if unknown:
@@ -580,7 +691,8 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
 
 def _cmd_run(args) -> int:
     try:
-        statuses = run_grid(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None)
+        statuses = run_grid(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None,
+                            overrides=args.set)
     except ConfigError as exc:
         print(f"regbench run: config error: {exc}", file=sys.stderr)
         return 2
@@ -603,6 +715,8 @@ def add_cli_commands(sub) -> None:
     r.add_argument("config", help="grid YAML (see benchmark/configs/quickstart.yaml)")
     r.add_argument("--output", help="results folder (default: the config's `output`, else results/<suite>)")
     r.add_argument("--methods", help="comma-separated subset of the config's methods (and/or 'initial')")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. datasets.lumir.init_args.root=/data/LUMIR (repeatable; value read as YAML)")
     r.set_defaults(func=_cmd_run)
     lb = sub.add_parser("leaderboard", help="aggregate a results folder into leaderboard.md / leaderboard.csv")
     lb.add_argument("results_dir")

@@ -72,3 +72,32 @@ class FolderData(SyntheticBrainDataModule):
 
         if not Path(self.root).is_dir():
             raise DataError(self.root, "dataset folder not found", "set datasets.<name>.init_args.root")
+
+
+class _NoLabels(torch.utils.data.Dataset):
+    """A pair dataset with the label maps removed (as for data whose labels are hidden)."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.case_ids = list(base.case_ids)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = dict(self.base[i])
+        s.pop("fixed_seg", None)
+        s.pop("moving_seg", None)
+        return s
+
+
+class UnlabelledData(SyntheticBrainDataModule):
+    """Synthetic pairs without label maps, exporting Learn2Reg fields (like LUMIR's test set)."""
+
+    export_fields = True
+
+    def __init__(self, size: int = 16) -> None:
+        super().__init__(size=size, n_train=2, n_val=2, n_test=2, seed=5)
+
+    def pair_dataset(self, stage: str):
+        return _NoLabels(super().pair_dataset(stage))

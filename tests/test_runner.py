@@ -210,3 +210,74 @@ def test_lightning_cli_fit_takes_the_same_blocks(tmp_path):
                      "--trainer.default_root_dir", str(tmp_path)])
     assert res.returncode == 0, res.stderr[-2000:]
     assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written by the fit"
+
+
+# ------------------------------------------------------------------------- config conveniences
+def test_env_variables_and_set_overrides_name_the_key(tmp_path, monkeypatch):
+    sys.path.insert(0, str(HERE))
+    cfg = _base_cfg({"m": {"class_path": "systems.VoxelMorph"}})
+    cfg["datasets"] = {"real": {"class_path": "regbench_test_helpers.FolderData", "init_args": {"root": "${REGBENCH_TEST_ROOT}"}}}
+    path = _write(tmp_path, cfg)
+    monkeypatch.delenv("REGBENCH_TEST_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=r"datasets\.real\.init_args\.root.*REGBENCH_TEST_ROOT is not set"):
+        load_grid_config(path)
+    monkeypatch.setenv("REGBENCH_TEST_ROOT", str(tmp_path))
+    got = load_grid_config(path)
+    assert got.datasets["real"].init_args["root"] == str(tmp_path)
+    # --set wins over the file (and over the variable it named), values are YAML-typed.
+    monkeypatch.delenv("REGBENCH_TEST_ROOT")
+    got = load_grid_config(path, overrides=[f"datasets.real.init_args.root={tmp_path}", "methods.m.trainer.max_steps=7",
+                                            "methods.m.init_args.lambda_=0.5"])
+    assert got.datasets["real"].init_args["root"] == str(tmp_path)
+    assert got.methods["m"].trainer["max_steps"] == 7 and got.methods["m"].init_args["lambda_"] == 0.5
+    # a default inside the reference applies when the variable is unset
+    cfg["datasets"]["real"]["init_args"]["root"] = "${REGBENCH_TEST_ROOT:-" + str(tmp_path) + "}"
+    assert load_grid_config(_write(tmp_path, cfg, "g2.yaml")).datasets["real"].init_args["root"] == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"--set methods\.m\.class_path\.x: methods\.m\.class_path is not a mapping"):
+        load_grid_config(path, overrides=["methods.m.class_path.x=1", f"datasets.real.init_args.root={tmp_path}"])
+
+
+# ------------------------------------------------------------------------- report inputs
+def test_panel_of_the_first_case_and_learn2reg_fields_for_unlabelled_data(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    out = tmp_path / "out"
+    cfg = _base_cfg({"shift": {"class_path": "regbench_test_helpers.KillAfter", "init_args": {"shift": 0.5}}})
+    cfg["datasets"] = {"nolab": {"class_path": "regbench_test_helpers.UnlabelledData"}}
+    statuses = run_grid(_write(tmp_path, cfg), output=str(out), log=lambda *_: None, leaderboard=False)
+    assert set(statuses.values()) == {"complete"}
+    exp = out / "nolab" / "shift" / "seed0"
+    rows = read_cases_csv(exp / "cases.csv")
+    assert all(np.isnan(r["dice"]) for r in rows)  # no labels: no Dice, and no crash
+    assert all(r["fold_pct"] == 0.0 for r in rows)
+    # Learn2Reg fields: [X, Y, Z, 3] voxels, one per case, the constant shift we predicted.
+    for r in rows:
+        f = exp / "fields" / f"disp_{r['fixed_id']}_{r['moving_id']}.nii.gz"
+        arr = np.asarray(nib.load(f).dataobj)
+        assert arr.shape == (16, 16, 16, 3) and np.allclose(arr, 0.5)
+    # The panel is the first test case, same case for every method of the dataset.
+    first = sorted(r["case_id"] for r in rows)[0]
+    for method in ("shift", "initial"):
+        with np.load(out / "nolab" / method / "seed0" / "panel.npz") as z:
+            assert str(z["case_id"]) == first and str(z["kind"]) == "deformable"
+            for a in range(3):
+                assert z[f"fixed_ax{a}"].shape == (16, 16) and z[f"disp_ax{a}"].shape == (2, 16, 16)
+                assert np.allclose(z[f"jacdet_ax{a}"], 1.0)
+            expected = 0.5 if method == "shift" else 0.0
+            assert np.allclose(z["disp_ax0"], expected)
+            # zero field: warped is the moving slice; a half-voxel shift changes it
+            assert np.allclose(z["warped_ax2"], z["moving_ax2"]) == (method == "initial")
+
+
+def test_pose_records_get_the_2d3d_columns(tmp_path):
+    from benchmark.results import POSE_CASE_COLUMNS, write_cases_csv
+
+    recs = [{"case_id": "c1", "mtre_mm": 1.5, "ptre_mm": 1.0, "rot_err_deg": 0.5, "trans_err_mm": 2.0,
+             "success_10mm": 1.0, "success_2mm": 1.0, "runtime_s": 0.1, "peak_mem_mb": 3.0, "mtre_initial_mm": 30.0}]
+    path = write_cases_csv(tmp_path / "cases.csv", recs)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == POSE_CASE_COLUMNS + ["mtre_initial_mm"]
+    assert "dice" not in header
+    assert read_cases_csv(path)[0]["mtre_mm"] == 1.5
