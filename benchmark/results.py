@@ -146,7 +146,7 @@ def read_cases_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
                 if k in ("dataset", "method", "case_id", "fixed_id", "moving_id"):
                     row[k] = v
                 elif k == "seed":
-                    row[k] = int(v)
+                    row[k] = int(v) if v != "" else None
                 elif v == "":
                     row[k] = math.nan
                 else:
