@@ -11,6 +11,8 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -55,6 +57,16 @@ def _cmd_perf(args: argparse.Namespace) -> int:
 
         main_perf_metrics(out=args.out, repeats=args.repeats, threads=args.threads)
         return 0
+    if args.what == "data":
+        from benchmark.perf_data import main_perf_data
+
+        main_perf_data(args)
+        return 0
+    if args.what == "drr":
+        from benchmark.perf_drr import main_perf_drr
+
+        main_perf_drr(args)
+        return 0
     if args.what == "training":
         from benchmark.perf_training import main_perf_training
 
@@ -91,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pf = sub.add_parser("perf", help="performance harness (JSON out)")
-    pf.add_argument("what", choices=["metrics", "systems", "training"],
-                    help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair; "
-                    "training: VoxelMorph training step vs the voxelmorph and MONAI packages")
+    pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr"],
+                    help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair, "
+                    "MSFF vs VoxelMorph training step; training: VoxelMorph training step vs the voxelmorph and MONAI "
+                    "packages; data: loading a 160x224x192 pair cold and with a warm cache; drr: DRR rendering vs DiffDRR")
     pf.add_argument("--out", help="JSON output path")
     pf.add_argument("--repeats", type=int, default=5)
     pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -103,16 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--loss", default="mse", choices=["mse", "ncc"], help="training: similarity used side by side with the peers")
     pf.set_defaults(func=_cmd_perf)
 
-    _add_runner_commands(sub)
+    from benchmark.runner import add_cli_commands as add_runner_commands
+
+    add_runner_commands(sub)
+    for module in ("benchmark.datacheck", "sweeps.cli"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_cli_commands(sub)
     return p
-
-
-def _add_runner_commands(sub) -> None:
-    try:
-        from benchmark.runner import add_cli_commands
-    except ImportError:  # runner not built yet in this checkout
-        return
-    add_cli_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
