@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmark.runner import add_cli_commands as add_runner_commands
 
     add_runner_commands(sub)
-    for module in ("benchmark.datacheck", "sweeps.cli"):
+    for module in ("leaderboard.cli", "benchmark.datacheck", "sweeps.cli"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_cli_commands(sub)
     return p

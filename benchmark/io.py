@@ -267,6 +267,7 @@ def write_displacement(path: str | os.PathLike, disp: np.ndarray, affine: np.nda
                 np.savez_compressed(fh, disp=out)
         else:
             nib.save(nib.Nifti1Image(out, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), tmp)
+        set_default_mode(tmp)
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
@@ -305,6 +306,14 @@ def read_landmarks_csv(path: str | os.PathLike, ndim: int = 3) -> np.ndarray:
     return pts
 
 
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file the mode a plain ``open()`` would (0666 minus the umask):
+    ``mkstemp`` creates files 0600, which would leave results unreadable to a lab's group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
     p = Path(path)
@@ -315,6 +324,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        set_default_mode(tmp)
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

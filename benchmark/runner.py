@@ -60,7 +60,7 @@ from typing import Any
 
 import yaml
 
-from benchmark.io import DataError, atomic_write_json
+from benchmark.io import DataError, atomic_write_json, set_default_mode
 from benchmark.results import (
     experiment_dir,
     read_partial_records,
@@ -388,6 +388,7 @@ class ResultsWriter(_make_callback_base()):
         try:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, case_id=np.array(case_id), **{k: np.asarray(v) for k, v in arrays.items()})
+            set_default_mode(tmp)
             os.replace(tmp, self.exp_dir / "panel.npz")
         finally:
             if os.path.exists(tmp):
@@ -625,6 +626,10 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
         log(f"[failed] {exp_dir}: {type(exc).__name__}: {exc}")
     run["ended"] = _now()
     save_run()
+    if _is_zero() and run["status"] == "complete" and loggers:
+        from leaderboard.wandb_tables import log_tables
+
+        log_tables(loggers, exp_dir)  # the per-case table, when a wandb logger is on
     _finish_loggers(loggers)
     if run["status"] == "complete" and _is_zero():
         shutil.rmtree(exp_dir / "partial", ignore_errors=True)
@@ -681,7 +686,11 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
         from leaderboard.table import write_leaderboard
 
         md = write_leaderboard(cfg.output)
-        log(f"[leaderboard] {md}")
+        log(f"[leaderboard] {md} (and .csv, .html)")
+        if "wandb" in cfg.loggers:
+            from leaderboard.wandb_tables import log_leaderboard_wandb
+
+            log_leaderboard_wandb(cfg.output, {**cfg.wandb, "group": cfg.suite})
     return statuses
 
 
@@ -702,14 +711,6 @@ def _cmd_run(args) -> int:
     return 1 if bad else 0
 
 
-def _cmd_leaderboard(args) -> int:
-    from leaderboard.table import write_leaderboard
-
-    path = write_leaderboard(args.results_dir)
-    print(Path(path).read_text())
-    return 0
-
-
 def add_cli_commands(sub) -> None:
     r = sub.add_parser("run", help="run a grid of methods x datasets x seeds (resumable)")
     r.add_argument("config", help="grid YAML (see benchmark/configs/quickstart.yaml)")
@@ -718,9 +719,6 @@ def add_cli_commands(sub) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. datasets.lumir.init_args.root=/data/LUMIR (repeatable; value read as YAML)")
     r.set_defaults(func=_cmd_run)
-    lb = sub.add_parser("leaderboard", help="aggregate a results folder into leaderboard.md / leaderboard.csv")
-    lb.add_argument("results_dir")
-    lb.set_defaults(func=_cmd_leaderboard)
 
 
 def lightning_cli_main(argv: list[str]) -> int:

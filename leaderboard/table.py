@@ -1,40 +1,72 @@
-"""Leaderboard v1: per-dataset tables of mean / std / median per metric.
+"""The leaderboard: per-dataset tables, Learn2Reg rank scores, significance against the best.
 
-Reads every ``<root>/<dataset>/<method>/seed<k>/cases.csv`` (never imports ``systems``) and
-writes ``<root>/leaderboard.md`` and ``<root>/leaderboard.csv``. Seeds are pooled: each
-method's statistics are over all its cases of all seeds. The ``initial`` row (no
-registration) sits first in each dataset. Only experiments whose ``run.json`` says
-``complete`` enter; others are listed under the table with their status.
+Reads every ``<root>/<dataset>/<method>/seed<k>/cases.csv`` (never imports ``systems``);
+only experiments whose ``run.json`` says ``complete`` enter, the others are listed apart.
+:func:`build_report` computes everything once; :func:`write_leaderboard` writes the
+formats asked for (``md``, ``csv``, ``tex``, ``html``) as ``<root>/leaderboard.<ext>``.
+
+Per dataset and method, for every metric (seeds pooled: statistics over all cases of all
+seeds): mean, std, median, the robustness value (mean of the 30 % worst cases), and, with
+more than one seed, the std of the per-seed means. The ``initial`` row (no registration,
+or the starting pose for 2D/3D) sits first; the other methods follow by rank score.
+
+Significance: for every metric, each method is compared with the best one (best mean among
+the ranked methods, ``initial`` excluded) by a paired two-sided Wilcoxon signed-rank test
+on the cases both have (paired by ``case_id``; a case's value is its mean over seeds);
+the p-values of one metric are Holm-corrected together. In the tables the best value is
+bold and ``*`` marks a method significantly different from the best (adjusted p < 0.05).
+
+A dataset whose cases carry ``mtre_mm`` is a 2D/3D ("pose") dataset: its table has mTRE
+percentiles (50/75/95), success rates (< 10 mm, < 2 mm), projected TRE, rotation and
+translation errors and runtime.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from benchmark.io import atomic_write_text
-from benchmark.results import read_cases_csv
+from benchmark.results import experiment_dir, read_cases_csv
+from leaderboard import ranking, stats
 
-__all__ = ["LEADERBOARD_METRICS", "collect", "aggregate_rows", "write_leaderboard"]
+__all__ = [
+    "LEADERBOARD_METRICS",
+    "DEFORMABLE_METRICS",
+    "POSE_METRICS",
+    "INITIAL",
+    "MethodSummary",
+    "DatasetReport",
+    "Report",
+    "collect",
+    "aggregate_rows",
+    "build_report",
+    "markdown",
+    "csv_text",
+    "write_leaderboard",
+    "DEFAULT_FORMATS",
+]
 
-#: metric column -> (title, higher is better)
+INITIAL = "initial"
+#: metric column -> (title, higher is better): the deformable table (v1 columns, kept).
 LEADERBOARD_METRICS: dict[str, tuple[str, bool]] = {
-    "dice": ("Dice", True),
-    "hd95": ("HD95 mm", False),
-    "tre": ("TRE mm", False),
-    "fold_pct": ("fold %", False),
-    "sdlogj": ("SDlogJ", False),
-    "ndv_pct": ("NDV %", False),
-    "runtime_s": ("runtime s", False),
+    k: (ranking.METRIC_DEFS[k].title, ranking.METRIC_DEFS[k].higher_is_better)
+    for k in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "ndv_pct", "runtime_s")
 }
+DEFORMABLE_METRICS = list(LEADERBOARD_METRICS)
+POSE_METRICS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s"]
+DEFAULT_FORMATS = ("md", "csv", "html")
+ALL_FORMATS = ("md", "csv", "tex", "html")
 
 
+# ----------------------------------------------------------------------------- reading
 def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """All case rows of complete experiments, and the list of experiments left out."""
     root = Path(root)
@@ -42,7 +74,6 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     skipped: list[dict[str, Any]] = []
     for cases in sorted(root.glob("*/*/seed*/cases.csv")):
         exp = cases.parent
-        status = None
         try:
             status = json.loads((exp / "run.json").read_text()).get("status")
         except (OSError, json.JSONDecodeError):
@@ -50,7 +81,13 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         if status != "complete":
             skipped.append({"experiment": str(exp.relative_to(root)), "status": status})
             continue
-        rows.extend(read_cases_csv(cases))
+        # Ids from the folder layout where the file lacks them (e.g. written by `regbench test`).
+        ids = {"dataset": exp.parent.parent.name, "method": exp.parent.name, "seed": _seed_from_dir(exp.name)}
+        for r in read_cases_csv(cases):
+            for k, v in ids.items():
+                if r.get(k) is None or r.get(k) == "" or (isinstance(r.get(k), float) and math.isnan(r[k])):
+                    r[k] = v
+            rows.append(r)
     for run in sorted(root.glob("*/*/seed*/run.json")):
         if not (run.parent / "cases.csv").exists():
             try:
@@ -61,68 +98,459 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return rows, skipped
 
 
-def _stats(values: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return math.nan, math.nan, math.nan
-    return float(a.mean()), float(a.std(ddof=0)), float(np.median(a))
+def _seed_from_dir(name: str) -> int:
+    try:
+        return int(name[len("seed"):])
+    except ValueError:
+        return 0
 
 
-def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, method): ``<metric>_mean``, ``_std``, ``_median``, ``n_cases``, ``n_seeds``."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def _num(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x
+
+
+def _per_label(v: Any) -> dict[str, float]:
+    """The ``dice_per_label`` cell (JSON object label -> Dice) as a dict; {} when absent."""
+    if isinstance(v, dict):
+        d = v
+    elif isinstance(v, str) and v.strip().startswith("{"):
+        try:
+            d = json.loads(v)
+        except json.JSONDecodeError:
+            return {}
+    else:
+        return {}
+    return {str(k): _num(x) for k, x in d.items()}
+
+
+# ----------------------------------------------------------------------------- model
+@dataclasses.dataclass
+class MethodSummary:
+    """One row of a dataset's table.
+
+    ``stats[metric]`` holds ``mean``, ``std``, ``median``, ``robust30``, ``seed_std``,
+    ``p50``, ``p75``, ``p95``, ``p_holm`` (vs the best; NaN for the best and ``initial``)
+    and ``significant`` (1.0 / 0.0). ``ranks`` holds the per-metric rank scores and
+    ``rank_score`` / ``rank_score_rt`` (empty for ``initial``).
+    """
+
+    method: str
+    n_cases: int
+    n_seeds: int
+    seeds: list[int]
+    stats: dict[str, dict[str, float]]
+    ranks: dict[str, float]
+    per_seed: dict[int, dict[str, float]]
+    exp_dirs: list[Path]
+
+
+@dataclasses.dataclass
+class DatasetReport:
+    """Everything the reports show for one dataset."""
+
+    name: str
+    kind: str  # "deformable" | "pose"
+    metrics: list[str]  # table metrics the dataset has (any finite value)
+    rank_metrics: list[str]  # resolved ranking metrics (runtime excluded)
+    methods: list[MethodSummary]
+    best: dict[str, str]  # metric -> best method
+    rows: list[dict[str, Any]]
+    case_values: dict[str, dict[str, dict[str, float]]]  # metric -> method -> case -> value
+    per_label: dict[str, dict[str, float]]  # method -> label -> mean Dice
+
+    def method(self, name: str) -> MethodSummary | None:
+        return next((m for m in self.methods if m.method == name), None)
+
+
+@dataclasses.dataclass
+class Report:
+    root: Path
+    datasets: list[DatasetReport]
+    skipped: list[dict[str, Any]]
+
+
+def _case_means(rows: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["method"]), []).append(r)
-    out = []
-    for (ds, method), rs in groups.items():
-        row: dict[str, Any] = {"dataset": ds, "method": method, "n_cases": len(rs), "n_seeds": len({r["seed"] for r in rs})}
-        for m in LEADERBOARD_METRICS:
-            mean, std, med = _stats([r.get(m, math.nan) for r in rs])
-            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_median"] = mean, std, med
-        out.append(row)
-    out.sort(key=lambda r: (r["dataset"], r["method"] != "initial", -(r["dice_mean"] if np.isfinite(r["dice_mean"]) else -1)))
+        acc.setdefault(str(r["case_id"]), []).append(_num(r.get(key)))
+    out = {}
+    for c, vals in acc.items():
+        v = np.asarray(vals, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[c] = float(v.mean()) if v.size else math.nan
     return out
 
 
-def _fmt(x: float, digits: int = 3) -> str:
+def _label_means(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(case -> label -> Dice averaged over seeds, label -> Dice averaged over all rows)."""
+    per_case: dict[str, dict[str, list[float]]] = {}
+    per_lab: dict[str, list[float]] = {}
+    for r in rows:
+        for lab, v in _per_label(r.get("dice_per_label")).items():
+            per_case.setdefault(str(r["case_id"]), {}).setdefault(lab, []).append(v)
+            per_lab.setdefault(lab, []).append(v)
+
+    def m(vals: list[float]) -> float:
+        a = np.asarray(vals, dtype=np.float64)
+        a = a[np.isfinite(a)]
+        return float(a.mean()) if a.size else math.nan
+
+    return ({c: {lab: m(v) for lab, v in d.items()} for c, d in per_case.items()}, {lab: m(v) for lab, v in per_lab.items()})
+
+
+def _has(rows: Iterable[dict[str, Any]], key: str) -> bool:
+    return any(np.isfinite(_num(r.get(key))) for r in rows)
+
+
+def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metrics: Sequence[str] | None = None) -> DatasetReport:
+    """Aggregate, rank and test one dataset's case rows (see the module docstring)."""
+    kind = "pose" if any("mtre_mm" in r for r in rows) else "deformable"
+    candidates = POSE_METRICS if kind == "pose" else DEFORMABLE_METRICS
+    metrics = [m for m in candidates if _has(rows, m)]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_method.setdefault(str(r["method"]), []).append(r)
+    ranked = sorted(m for m in by_method if m != INITIAL)
+
+    case_values: dict[str, dict[str, dict[str, float]]] = {}
+    for key in set(metrics) | {"dice"} | set(POSE_METRICS if kind == "pose" else []):
+        case_values[key] = {m: _case_means(rs, key) for m, rs in by_method.items()}
+    per_label_cases: dict[str, dict[str, dict[str, float]]] = {}
+    per_label: dict[str, dict[str, float]] = {}
+    for m, rs in by_method.items():
+        per_label_cases[m], per_label[m] = _label_means(rs)
+
+    spec = list(rank_metrics) if rank_metrics else ranking.RANK_METRICS[kind]
+    available = set(metrics) | ({"dice_robust30"} if "dice" in metrics else set())
+    resolved = ranking.resolve_metrics(spec, available)
+    resolved = [k for k in resolved if k != ranking.RUNTIME_METRIC]
+    ranks = ranking.rank_dataset(case_values, resolved, ranked, per_label=per_label_cases, initial=INITIAL) if ranked else {}
+
+    summaries: dict[str, MethodSummary] = {}
+    for m, rs in by_method.items():
+        seeds = sorted({int(r["seed"]) for r in rs})
+        st: dict[str, dict[str, float]] = {}
+        per_seed: dict[int, dict[str, float]] = {s: {"n_cases": float(sum(1 for r in rs if int(r["seed"]) == s))} for s in seeds}
+        for key in metrics:
+            vals = [_num(r.get(key)) for r in rs]
+            hib = ranking.METRIC_DEFS[key].higher_is_better
+            s = stats.pooled_stats(vals)
+            by_seed = {sd: [_num(r.get(key)) for r in rs if int(r["seed"]) == sd] for sd in seeds}
+            p50, p75, p95 = stats.percentiles(vals)
+            st[key] = {**s, "robust30": stats.worst_fraction_mean(vals, hib), "seed_std": stats.seed_std(by_seed),
+                       "p50": p50, "p75": p75, "p95": p95, "p_holm": math.nan, "p_raw": math.nan, "significant": 0.0}
+            for sd in seeds:
+                per_seed[sd][key] = stats.pooled_stats(by_seed[sd])["mean"]
+        exp_dirs = [experiment_dir(root, name, m, sd) for sd in seeds]
+        summaries[m] = MethodSummary(m, len(rs), len(seeds), seeds, st, dict(ranks.get(m, {})), per_seed, exp_dirs)
+
+    # Significance against the best, per metric, Holm over the ranked methods.
+    best: dict[str, str] = {}
+    for key in metrics:
+        hib = ranking.METRIC_DEFS[key].higher_is_better
+        cands = [(summaries[m].stats[key]["mean"], m) for m in ranked if np.isfinite(summaries[m].stats[key]["mean"])]
+        if not cands:
+            continue
+        b = sorted(cands, key=lambda t: (-t[0] if hib else t[0], t[1]))[0][1]
+        best[key] = b
+        others = [m for m in ranked if m != b]
+        cv = case_values[key]
+        raw = []
+        for m in others:
+            common = sorted(set(cv[b]) & set(cv[m]))
+            p, _ = stats.paired_wilcoxon([cv[m][c] for c in common], [cv[b][c] for c in common])
+            raw.append(p)
+        adj = stats.holm(raw)
+        for m, p, pa in zip(others, raw, adj):
+            summaries[m].stats[key]["p_raw"] = p
+            summaries[m].stats[key]["p_holm"] = float(pa)
+            summaries[m].stats[key]["significant"] = float(np.isfinite(pa) and pa < ranking.ALPHA)
+
+    def order(m: str) -> tuple:
+        rs = summaries[m].ranks.get("rank_score", math.nan)
+        return (m != INITIAL, -(rs if np.isfinite(rs) else -1.0), m)
+
+    methods = [summaries[m] for m in sorted(summaries, key=order)]
+    return DatasetReport(name, kind, metrics, resolved, methods, best, rows, case_values, per_label)
+
+
+def build_report(root: str | Path, rank_metrics: Mapping[str, Sequence[str]] | None = None) -> Report:
+    """Read ``root`` and build every dataset's report.
+
+    Args:
+        rank_metrics: optional dataset name (or kind, ``deformable`` / ``pose``) → metric
+            list overriding :data:`leaderboard.ranking.RANK_METRICS`.
+    """
+    root = Path(root)
+    rows, skipped = collect(root)
+    by_ds: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_ds.setdefault(str(r["dataset"]), []).append(r)
+    out = []
+    for ds in sorted(by_ds):
+        kind = "pose" if any("mtre_mm" in r for r in by_ds[ds]) else "deformable"
+        spec = None
+        if rank_metrics:
+            spec = rank_metrics.get(ds) or rank_metrics.get(kind)
+        out.append(build_dataset(root, ds, by_ds[ds], spec))
+    return Report(root, out, skipped)
+
+
+def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per (dataset, method) (the CSV's rows) from raw case rows."""
+    by_ds: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_ds.setdefault(str(r["dataset"]), []).append(r)
+    out = []
+    for ds in sorted(by_ds):
+        out.extend(_flat_rows(build_dataset(Path("."), ds, by_ds[ds])))
+    return out
+
+
+# ----------------------------------------------------------------------------- formatting
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; an em dash for a missing value."""
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _markdown(table: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> str:
+def digits(key: str) -> int:
+    return ranking.METRIC_DEFS[key].digits if key in ranking.METRIC_DEFS else 3
+
+
+def column_best(ds: DatasetReport, values: Mapping[str, float], higher_is_better: bool) -> str | None:
+    """The ranked method (not ``initial``) with the best finite value of a column."""
+    cands = [(v, m) for m, v in values.items() if m != INITIAL and v is not None and np.isfinite(v)]
+    if not cands:
+        return None
+    return sorted(cands, key=lambda t: (-t[0] if higher_is_better else t[0], t[1]))[0][1]
+
+
+def pose_columns() -> list[tuple[str, str, str, bool, int]]:
+    """The 2D/3D table: (column id, title, (metric, statistic) source, higher is better, digits)."""
+    return [
+        ("mtre_p50", "mTRE p50 mm", "mtre_mm:p50", False, 2),
+        ("mtre_p75", "mTRE p75 mm", "mtre_mm:p75", False, 2),
+        ("mtre_p95", "mTRE p95 mm", "mtre_mm:p95", False, 2),
+        ("success_10mm", "success <10 mm", "success_10mm:mean", True, 3),
+        ("success_2mm", "success <2 mm", "success_2mm:mean", True, 3),
+        ("ptre_mm", "pTRE mm", "ptre_mm:mean", False, 2),
+        ("rot_err_deg", "rot. err deg", "rot_err_deg:mean", False, 2),
+        ("trans_err_mm", "trans. err mm", "trans_err_mm:mean", False, 2),
+        ("runtime_s", "runtime s", "runtime_s:mean", False, 3),
+    ]
+
+
+def _src(ms: MethodSummary, src: str) -> float:
+    key, stat = src.split(":")
+    return ms.stats.get(key, {}).get(stat, math.nan)
+
+
+def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list[list[str]]]:
+    """Header and cells of a dataset's main table, with bold best and ``*`` markers.
+
+    ``style`` is ``md`` (``**x**``), ``tex`` (``\\textbf{x}``, ``$^{*}$``) or ``html``.
+    """
+    def bold(s: str) -> str:
+        return {"md": f"**{s}**", "tex": f"\\textbf{{{s}}}", "html": f"<b>{s}</b>"}[style]
+
+    star = {"md": "*", "tex": "$^{*}$", "html": "<sup>*</sup>"}[style]
+    pm = {"md": " ± ", "tex": " $\\pm$ ", "html": " ± "}[style]
+    head = ["method", "cases", "seeds"]
+    rows: list[list[str]] = []
+    if ds.kind == "pose":
+        cols = [c for c in pose_columns() if c[2].split(":")[0] in ds.metrics]
+        head += [c[1] for c in cols]
+        bests = {c[0]: column_best(ds, {m.method: _src(m, c[2]) for m in ds.methods}, c[3]) for c in cols}
+        best_vals = {cid: (_src(ds.method(b), src) if b else math.nan) for (cid, _, src, _, _), b in zip(cols, bests.values())}
+        for ms in ds.methods:
+            cells = [ms.method, str(ms.n_cases), str(ms.n_seeds)]
+            for cid, _, src, _, d in cols:
+                s = fmt(_src(ms, src), d)
+                key = src.split(":")[0]
+                if ms.method != INITIAL and _src(ms, src) == best_vals[cid]:  # ties all bold
+                    s = bold(s)
+                if ms.stats.get(key, {}).get("significant"):
+                    s += star
+                cells.append(s)
+            rows.append(cells)
+    else:
+        head += [f"{ranking.METRIC_DEFS[k].title} ({'↑' if ranking.METRIC_DEFS[k].higher_is_better else '↓'})" for k in ds.metrics]
+        for ms in ds.methods:
+            cells = [ms.method, str(ms.n_cases), str(ms.n_seeds)]
+            for k in ds.metrics:
+                st = ms.stats[k]
+                d = digits(k)
+                s = f"{fmt(st['mean'], d)}{pm}{fmt(st['std'], d)}"
+                b = ds.method(ds.best[k]) if k in ds.best else None
+                if b is not None and ms.method != INITIAL and st["mean"] == b.stats[k]["mean"]:  # ties all bold
+                    s = bold(s)
+                if st.get("significant"):
+                    s += star
+                cells.append(s)
+            rows.append(cells)
+    head += ["rank score", "rank score (with runtime)"]
+    for ms, cells in zip(ds.methods, rows):
+        cells += [fmt(ms.ranks.get("rank_score"), 3), fmt(ms.ranks.get("rank_score_rt"), 3)]
+    for col, key in ((len(head) - 2, "rank_score"), (len(head) - 1, "rank_score_rt")):
+        b = column_best(ds, {m.method: m.ranks.get(key, math.nan) for m in ds.methods}, True)
+        bv = ds.method(b).ranks.get(key) if b else None
+        for ms, cells in zip(ds.methods, rows):
+            if b and ms.method != INITIAL and ms.ranks.get(key) == bv:
+                cells[col] = bold(cells[col])
+    return head, rows
+
+
+def robust_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
+    """Median and robustness value (mean of the 30 % worst cases) per metric."""
+    head = ["method"] + [f"{ranking.METRIC_DEFS[k].title}: median / worst 30 %" for k in ds.metrics]
+    rows = []
+    for ms in ds.methods:
+        rows.append([ms.method] + [f"{fmt(ms.stats[k]['median'], digits(k))} / {fmt(ms.stats[k]['robust30'], digits(k))}" for k in ds.metrics])
+    return head, rows
+
+
+def ranking_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
+    """Per-metric rank scores and their geometric means."""
+    keys = ds.rank_metrics + [ranking.RUNTIME_METRIC]
+    head = ["method"] + [ranking.METRIC_DEFS[k].title for k in keys] + ["rank score", "with runtime"]
+    rows = []
+    for ms in ds.methods:
+        if ms.method == INITIAL:
+            continue
+        rows.append([ms.method] + [fmt(ms.ranks.get(k), 3) for k in keys] + [fmt(ms.ranks.get("rank_score"), 3), fmt(ms.ranks.get("rank_score_rt"), 3)])
+    return head, rows
+
+
+def seed_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
+    """Per-seed means (one row per method and seed) and the std of the seed means."""
+    head = ["method", "seed", "cases"] + [ranking.METRIC_DEFS[k].title for k in ds.metrics]
+    rows = []
+    for ms in ds.methods:
+        if ms.n_seeds < 2:
+            continue
+        for sd in ms.seeds:
+            ps = ms.per_seed[sd]
+            rows.append([ms.method, str(sd), str(int(ps["n_cases"]))] + [fmt(ps.get(k), digits(k)) for k in ds.metrics])
+        rows.append([ms.method, "std of seed means", ""] + [fmt(ms.stats[k]["seed_std"], digits(k)) for k in ds.metrics])
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+FOOTNOTE = ("Mean ± std over all cases of all seeds. **Bold**: best (ranked methods; `initial` = no registration / "
+            "starting pose, not ranked). `*`: differs from the best (paired Wilcoxon signed-rank on cases paired by "
+            "case_id, Holm-corrected p < 0.05). Rank score: Learn2Reg scheme (pairwise Wilcoxon rank-sum, p < 0.05, "
+            "scores in [0.1, 1], geometric mean over metrics). TRE, HD95 in mm; runtime is the registration call alone.")
+
+
+POSE_FOOTNOTE = ("2D/3D tables: mTRE percentiles over all cases; success = share of cases with mTRE < 10 mm "
+                 "(< 2 mm); pTRE (projected error on the detector), rotation and translation errors and runtime are "
+                 "means over cases; `initial` is the starting pose. `*` on the mTRE columns: the paired test on mTRE.")
+
+
+def markdown(report: Report) -> str:
+    """The whole leaderboard as Markdown."""
     lines = ["# Leaderboard", ""]
-    for ds in sorted({r["dataset"] for r in table}):
-        rows = [r for r in table if r["dataset"] == ds]
-        lines += [f"## {ds}", ""]
-        head = ["method", "cases"] + [f"{t} ({'↑' if hib else '↓'})" for t, hib in LEADERBOARD_METRICS.values()]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("| " + " | ".join(["---"] * len(head)) + " |")
-        for r in rows:
-            cells = [r["method"], str(r["n_cases"])]
-            for m in LEADERBOARD_METRICS:
-                d = 2 if m == "runtime_s" else (4 if m in ("fold_pct", "ndv_pct") else 3)
-                cells.append(f"{_fmt(r[f'{m}_mean'], d)} ± {_fmt(r[f'{m}_std'], d)} (med {_fmt(r[f'{m}_median'], d)})")
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append("Mean ± std (median) over all cases of all seeds. TRE and HD95 in mm; runtime is the registration call alone.")
-    if skipped:
+    if not report.datasets:
+        lines += ["No complete experiment in this results folder.", ""]
+    for ds in report.datasets:
+        lines += [f"## {ds.name}" + (" (2D/3D)" if ds.kind == "pose" else ""), ""]
+        lines += _md_table(*summary_cells(ds, "md")) + [""]
+        if ds.kind == "deformable":
+            lines += ["Median / worst 30 % (mean of the 30 % worst cases):", ""] + _md_table(*robust_cells(ds)) + [""]
+        h, r = ranking_cells(ds)
+        if r:
+            lines += [f"Rank scores per metric ({', '.join(ds.rank_metrics + [ranking.RUNTIME_METRIC])}):", ""] + _md_table(h, r) + [""]
+        h, r = seed_cells(ds)
+        if r:
+            lines += ["Per seed:", ""] + _md_table(h, r) + [""]
+    lines.append(FOOTNOTE)
+    if any(ds.kind == "pose" for ds in report.datasets):
+        lines += ["", POSE_FOOTNOTE]
+    if report.skipped:
         lines += ["", "Left out (not complete):", ""]
-        lines += [f"- {s['experiment']}: {s['status']}" for s in skipped]
+        lines += [f"- {s['experiment']}: {s['status']}" for s in report.skipped]
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(root: str | Path) -> Path:
-    """Write ``leaderboard.md`` and ``leaderboard.csv`` under ``root``; returns the Markdown path."""
-    root = Path(root)
-    rows, skipped = collect(root)
-    table = aggregate_rows(rows)
+STAT_NAMES = ("mean", "std", "median", "robust30", "seed_std", "p_holm")
+
+
+def _flat_rows(ds: DatasetReport) -> list[dict[str, Any]]:
+    out = []
+    for ms in ds.methods:
+        row: dict[str, Any] = {"dataset": ds.name, "kind": ds.kind, "method": ms.method, "n_cases": ms.n_cases, "n_seeds": ms.n_seeds}
+        for k, st in ms.stats.items():
+            for s in STAT_NAMES:
+                row[f"{k}_{s}"] = st.get(s, math.nan)
+            if ds.kind == "pose" and k == "mtre_mm":
+                for s in ("p50", "p75", "p95"):
+                    row[f"{k}_{s}"] = st[s]
+        row["rank_score"] = ms.ranks.get("rank_score", math.nan)
+        row["rank_score_rt"] = ms.ranks.get("rank_score_rt", math.nan)
+        for k in ds.rank_metrics + [ranking.RUNTIME_METRIC]:
+            row[f"rank_{k}"] = ms.ranks.get(k, math.nan)
+        out.append(row)
+    return out
+
+
+def csv_text(report: Report) -> str:
+    """One row per (dataset, method); v1 columns first (``<metric>_mean/_std/_median``)."""
+    rows = [r for ds in report.datasets for r in _flat_rows(ds)]
     cols = ["dataset", "method", "n_cases", "n_seeds"] + [f"{m}_{s}" for m in LEADERBOARD_METRICS for s in ("mean", "std", "median")]
+    extra = []
+    for r in rows:
+        for k in r:
+            if k not in cols and k not in extra:
+                extra.append(k)
+    cols += extra
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
-    for r in table:
-        w.writerow(["" if isinstance(r[c], float) and not np.isfinite(r[c]) else r[c] for c in cols])
-    atomic_write_text(root / "leaderboard.csv", buf.getvalue())
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append("" if isinstance(v, float) and not np.isfinite(v) else v)
+        w.writerow(cells)
+    return buf.getvalue()
+
+
+def write_leaderboard(root: str | Path, formats: Sequence[str] | str = DEFAULT_FORMATS,
+                      rank_metrics: Mapping[str, Sequence[str]] | None = None, view: int = 2) -> Path:
+    """Write ``leaderboard.<fmt>`` under ``root`` for each format; returns the Markdown path.
+
+    Args:
+        formats: any of ``md``, ``csv``, ``tex``, ``html`` (list or comma-separated);
+            Markdown is always written (its path is the return value).
+        rank_metrics: see :func:`build_report`.
+        view: the HTML panels show the mid-slice orthogonal to this array axis.
+    """
+    root = Path(root)
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = set(formats) - set(ALL_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown leaderboard format(s) {sorted(unknown)} (allowed: {', '.join(ALL_FORMATS)})")
+    report = build_report(root, rank_metrics)
     md = root / "leaderboard.md"
-    atomic_write_text(md, _markdown(table, skipped))
+    atomic_write_text(md, markdown(report))
+    if "csv" in formats:
+        atomic_write_text(root / "leaderboard.csv", csv_text(report))
+    if "tex" in formats:
+        from leaderboard.latex import latex
+
+        atomic_write_text(root / "leaderboard.tex", latex(report))
+    if "html" in formats:
+        from leaderboard.html import html_page
+
+        atomic_write_text(root / "leaderboard.html", html_page(report, view=view))
     return md

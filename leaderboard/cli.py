@@ -1,0 +1,60 @@
+"""``regbench leaderboard DIR --format md,csv,tex,html``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_cli_commands", "parse_rank_metrics"]
+
+
+def parse_rank_metrics(items: list[str] | None) -> dict[str, list[str]] | None:
+    """``["dice,hd95", "pose=mtre_mm,success_10mm"]`` → ``{"deformable": [...], "pose": [...]}``.
+
+    An item ``NAME=m1,m2`` sets the metrics of dataset (or kind) NAME; an item without
+    ``NAME=`` sets both kinds. ``a|b`` inside a list means "a, else b".
+    """
+    if not items:
+        return None
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        metrics = [m.strip() for m in (rest if sep else name).split(",") if m.strip()]
+        for key in ([name.strip()] if sep else ["deformable", "pose"]):
+            out[key] = metrics
+    return out
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from leaderboard.table import ALL_FORMATS, write_leaderboard
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = sorted(set(formats) - set(ALL_FORMATS))
+    if bad:
+        print(f"regbench leaderboard: unknown format(s) {bad} (allowed: {', '.join(ALL_FORMATS)})", file=sys.stderr)
+        return 2
+    root = Path(args.results_dir)
+    if not root.is_dir():
+        print(f"regbench leaderboard: {root}: not a folder (give the results folder of `regbench run`)", file=sys.stderr)
+        return 2
+    md = write_leaderboard(root, formats, rank_metrics=parse_rank_metrics(args.rank_metrics), view=args.view)
+    if not args.quiet:
+        print(md.read_text())
+    written = [str(root / f"leaderboard.{f}") for f in dict.fromkeys(["md", *formats])]
+    print("wrote " + ", ".join(written), file=sys.stderr)
+    return 0
+
+
+def add_cli_commands(sub) -> None:
+    """Register ``leaderboard`` on the ``regbench`` sub-parser set."""
+    lb = sub.add_parser("leaderboard", help="tables, rank scores, significance and the HTML report of a results folder")
+    lb.add_argument("results_dir", help="folder written by `regbench run` (<dataset>/<method>/seed<k>/cases.csv)")
+    lb.add_argument("--format", default="md,csv,tex,html", help="comma-separated: md, csv, tex, html (default: all)")
+    lb.add_argument("--rank-metrics", action="append", metavar="[NAME=]M1,M2",
+                    help="metrics of the rank score (default deformable: dice,dice_robust30,hd95,sdlogj|ndv_pct,tre; "
+                         "pose: mtre_mm,success_10mm; runtime is always added for the second score); NAME is a "
+                         "dataset or kind (deformable, pose); repeatable")
+    lb.add_argument("--view", type=int, default=2, choices=[0, 1, 2], help="qualitative panels: slice orthogonal to this array axis")
+    lb.add_argument("--quiet", action="store_true", help="do not print the Markdown table")
+    lb.set_defaults(func=_cmd_leaderboard)
