@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import tempfile
+import zlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,16 @@ def _read_nifti(p: Path) -> nib.Nifti1Image:
     return img
 
 
+def _read_data(p: Path, img: Any) -> np.ndarray:
+    """The voxel array; a file whose header reads but whose data does not (a truncated or
+    corrupt ``.nii.gz`` fails only here) becomes a :class:`DataError` naming it."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise DataError(p, f"cannot be read: its voxel data is truncated or corrupt ({type(exc).__name__}: {exc})",
+                        "copy the file again from its source") from exc
+
+
 def load_volume(path: str | os.PathLike, dtype: Any = np.float32, ndim: int = 3) -> Volume:
     """Read an image volume and check it.
 
@@ -107,7 +118,7 @@ def load_volume(path: str | os.PathLike, dtype: Any = np.float32, ndim: int = 3)
     """
     p = _check_exists(path)
     img = _read_nifti(p)
-    data = np.asanyarray(img.dataobj)
+    data = _read_data(p, img)
     while data.ndim > ndim and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != ndim:
@@ -167,7 +178,7 @@ def load_segmentation(
     """
     p = _check_exists(path)
     img = _read_nifti(p)
-    raw = np.asanyarray(img.dataobj)
+    raw = _read_data(p, img)
     while raw.ndim > 3 and raw.shape[-1] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:

@@ -4,6 +4,9 @@ from datamodules.base import PairDataModule, UnpaddedDistributedSampler
 from datamodules.batch import collate_pairs, validate_batch
 from datamodules.synthetic import SyntheticBrainGenerator
 from datamodules.synthetic_brain import SyntheticBrainDataModule
+from datamodules.nifti_pairs import NiftiPairsDataModule
+from datamodules.mindboggle import MindBoggle101DataModule
+from datamodules.lumir import LUMIRDataModule
 
 __all__ = [
     "PairDataModule",
@@ -12,4 +15,7 @@ __all__ = [
     "validate_batch",
     "SyntheticBrainGenerator",
     "SyntheticBrainDataModule",
+    "NiftiPairsDataModule",
+    "MindBoggle101DataModule",
+    "LUMIRDataModule",
 ]

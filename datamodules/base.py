@@ -5,19 +5,25 @@
   twice): rank ``r`` of ``N`` takes cases ``r, r+N, r+2N, …``.
 * ``skip_cases`` (set by the runner from the records already written) removes finished
   cases from the test loader, so a resumed run computes only what is missing.
+* Training pairs are drawn by :class:`RandomPairSampler`: ``num_samples`` indices per epoch
+  from ``(seed, epoch)``; under DDP every rank takes its own disjoint share of that draw.
+* Loader options shared by all modules: ``num_workers``, ``pin_memory`` (used only when CUDA
+  is available), ``persistent_workers`` (only with workers); see :meth:`PairDataModule.loader_kwargs`.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import lightning as L
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from datamodules.batch import collate_pairs
 
-__all__ = ["UnpaddedDistributedSampler", "PairDataModule"]
+__all__ = ["UnpaddedDistributedSampler", "RandomPairSampler", "PairDataModule", "dist_rank_world"]
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -39,6 +45,69 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return len(self.indices)
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RandomPairSampler(DistributedSampler):
+    """Random training indices, ``num_samples`` per epoch over all ranks, seeded by ``(seed, epoch)``.
+
+    Every rank draws the same ``ceil(num_samples / world) * world`` indices (uniform, with
+    replacement) and keeps ``indices[rank::world]``, so ranks see disjoint shares of one draw
+    and all have the same length. Lightning calls :meth:`set_epoch`; without it, each new
+    iteration advances the epoch by one. A ``DistributedSampler`` subclass, so Lightning keeps
+    it under DDP instead of wrapping it.
+
+    Args:
+        num_items: size of the indexed dataset (e.g. the number of ordered pairs).
+        num_samples: indices per epoch over all ranks.
+        seed: base seed.
+        num_replicas, rank: DDP world size and rank (default: from the process group, else 1, 0).
+    """
+
+    def __init__(self, num_items: int, num_samples: int, seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
+        if int(num_items) < 1 or int(num_samples) < 1:
+            raise ValueError(f"need num_items >= 1 and num_samples >= 1; got {num_items}, {num_samples}")
+        r, w = dist_rank_world()
+        world = int(num_replicas) if num_replicas is not None else w
+        rk = int(rank) if rank is not None else r
+        self.dataset = None  # DistributedSampler attribute; indices come from num_items
+        self.num_items = int(num_items)
+        self.total = int(num_samples)
+        self.num_replicas, self.rank = world, rk
+        self.seed = int(seed)
+        self.epoch = 0
+        self._explicit = False
+        self.num_samples = -(-self.total // world)
+        self.total_size = self.num_samples * world
+        self.shuffle = True
+        self.drop_last = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch whose indices the next iteration yields."""
+        self.epoch = int(epoch)
+        self._explicit = True
+
+    def indices(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch`` (deterministic)."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x9A1, int(epoch)]))
+        full = rng.integers(0, self.num_items, size=self.total_size)
+        return full[self.rank :: self.num_replicas].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        if not self._explicit:
+            self.epoch += 1
+        return iter(self.indices(epoch))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class PairDataModule(L.LightningDataModule):
     """Base for data modules of image pairs.
 
@@ -50,6 +119,10 @@ class PairDataModule(L.LightningDataModule):
     name: str = "pairs"
     batch_size: int = 1
     num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    #: collate function of every loader (the real-data modules use a copy-free one).
+    collate_fn: Any = staticmethod(collate_pairs)
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,6 +147,21 @@ class PairDataModule(L.LightningDataModule):
             self.setup(stage)
         return list(self.pair_dataset(stage).case_ids)
 
+    def loader_kwargs(self) -> dict[str, Any]:
+        """DataLoader options shared by every loader of the module: workers, pinned memory
+        (only when CUDA is available), persistent workers (only with workers), collate."""
+        workers = int(self.num_workers)
+        kw: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": workers,
+            "collate_fn": self.collate_fn,
+            "pin_memory": bool(self.pin_memory) and torch.cuda.is_available(),
+            "persistent_workers": workers > 0 and bool(self.persistent_workers),
+        }
+        if workers > 0:
+            kw["prefetch_factor"] = 2
+        return kw
+
     def _eval_loader(self, stage: str, skip: set[str]) -> DataLoader:
         ds = self.pair_dataset(stage)
         keep = [i for i, c in enumerate(ds.case_ids) if c not in skip]
@@ -81,15 +169,7 @@ class PairDataModule(L.LightningDataModule):
         sampler = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             sampler = UnpaddedDistributedSampler(sub)
-        return DataLoader(
-            sub,
-            batch_size=self.batch_size,
-            shuffle=False,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_pairs,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(sub, shuffle=False, sampler=sampler, **self.loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", set())

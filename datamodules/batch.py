@@ -72,12 +72,24 @@ def _as_tensor(key: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"sample key {key!r}: cannot convert {type(value).__name__} to a tensor ({exc})") from exc
 
 
-def collate_pairs(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _stack(tensors: list[torch.Tensor], copy: bool) -> torch.Tensor:
+    """``torch.stack``; with ``copy=False`` a single tensor becomes a view with a new batch
+    axis instead (no copy of a whole volume for the common batch size 1)."""
+    if len(tensors) == 1 and not copy:
+        return tensors[0].unsqueeze(0)
+    return torch.stack(tensors)
+
+
+def collate_pairs(samples: Sequence[Mapping[str, Any]], copy: bool = True) -> dict[str, Any]:
     """Stack pair samples into a batch following the contract (see the module docstring).
 
     Args:
         samples: non-empty list of sample dicts: images/segs ``(1, *S)``, affines ``(4, 4)``,
             landmarks ``(N_i, 3)``, ids ``str``. All samples carry the same keys.
+        copy: ``False`` lets a batch of one sample share memory with the sample's tensors
+            (a view, no copy) when they already have the batch dtype. Only for datasets
+            that hand out fresh tensors on every ``__getitem__`` (the real-data modules):
+            a system writing into its batch would otherwise change the dataset.
 
     Returns:
         The batch dict: images ``(B, 1, *S)`` float32, segs int64, affines ``(B, 4, 4)``
@@ -96,11 +108,11 @@ def collate_pairs(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for key in keys:
         values = [s[key] for s in samples]
         if key in IMAGE_KEYS:
-            out[key] = torch.stack([_as_tensor(key, v, torch.float32) for v in values])
+            out[key] = _stack([_as_tensor(key, v, torch.float32) for v in values], copy)
         elif key in SEG_KEYS:
-            out[key] = torch.stack([_as_tensor(key, v, torch.int64) for v in values])
+            out[key] = _stack([_as_tensor(key, v, torch.int64) for v in values], copy)
         elif key in AFFINE_KEYS:
-            out[key] = torch.stack([_as_tensor(key, v, torch.float64) for v in values])
+            out[key] = _stack([_as_tensor(key, v, torch.float64) for v in values], copy)
         elif key in LANDMARK_KEYS:
             pts = [_as_tensor(key, v, torch.float32).reshape(-1, 3) for v in values]
             n = max(p.shape[0] for p in pts)

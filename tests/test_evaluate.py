@@ -166,3 +166,19 @@ def test_real_pair_initial_dice(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["dice"] == pytest.approx(0.640, abs=0.01)
     assert res["fold_pct"] == 0.0 and res["ndv_pct"] == 0.0
+
+
+def test_truncated_nifti_is_a_data_error_naming_the_file(tmp_path):
+    """The header of a truncated .nii.gz reads; its voxels do not: still a DataError."""
+    import nibabel as nib
+    import numpy as np
+
+    from benchmark.io import DataError, load_segmentation, load_volume
+
+    good = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((24, 24, 24)).astype(np.float32), np.eye(4)), good)
+    bad = tmp_path / "cut.nii.gz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for loader in (load_volume, load_segmentation):
+        with pytest.raises(DataError, match=r"cut\.nii\.gz.*truncated or corrupt"):
+            loader(bad)
