@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--pair-dir", default=None, help="real brain pair folder (systems; default ../shared/data/oasis_pair)")
     pf.add_argument("--peer-python", default=None, help="python of a venv with the peers (fireants, voxelmorph, monai)")
     pf.add_argument("--only", default=None, help="comma-separated subset of benchmarks (systems)")
+    pf.add_argument("--size", default=None, help="volume size X,Y,Z (systems --only msff; default 160,224,192)")
+    pf.add_argument("--device", default=None, help="torch device (systems --only msff; default cpu)")
     pf.add_argument("--loss", default="mse", choices=["mse", "ncc"], help="training: similarity used side by side with the peers")
     pf.set_defaults(func=_cmd_perf)
 

@@ -13,6 +13,16 @@ its docstring); the conversion is checked here: the Dice of the converted field 
 :func:`benchmark.spatial.warp` must match the Dice FireANTs' own coordinates give in its own
 frame (``conversion_ok``).
 
+``msff``: the MSFF pyramid (:class:`systems.msff.MSFF`) beside VoxelMorph
+(:class:`systems.voxelmorph.VoxelMorph`), both with their defaults, in the same run, at
+LUMIR's size 160×224×192 (batch 1, float32): the training step (forward + loss + backward +
+Adam step) and the inference call (``register`` under ``no_grad``, as the test loop times it).
+Each system runs in a fresh process (``python -m benchmark.perf_systems --learned-child``) so
+that the peak RSS sampled during its steps is its own; there one untimed warm-up step, then
+``repeats`` timed steps, then one untimed and ``repeats`` timed inference calls, each under
+:func:`benchmark.timing.timed_call`; medians are reported (wall-clock s, process CPU s, peak
+RSS MB with the RSS before the step as ``base_mb``; on CUDA, max allocated MB).
+
 Pair: ``moving = image_A``, ``fixed = image_B`` of ``<pair_dir>`` (default
 ``../shared/data/oasis_pair`` next to the project root). ``image_A_seg`` lies on another grid
 than ``image_A``; it is resampled onto ``image_A``'s grid through the affines (nearest
@@ -24,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +61,9 @@ __all__ = [
     "registration_metrics",
     "perf_syn",
     "format_perf_systems",
+    "LEARNED_SYSTEMS",
+    "perf_learned",
+    "format_perf_learned",
     "main_perf_systems",
 ]
 
@@ -413,29 +427,237 @@ def format_perf_systems(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-BENCHMARKS = ("syn",)
+#: Learned systems of the ``msff`` benchmark: name → (class path, init arguments).
+LEARNED_SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "msff": ("systems.msff.MSFF", {}),
+    "voxelmorph": ("systems.voxelmorph.VoxelMorph", {}),
+}
+LUMIR_SIZE: tuple[int, int, int] = (160, 224, 192)
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    xs = [float(x) for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else None
+
+
+def _learned_child(system: str, size: Sequence[int], threads: int, repeats: int, device: str, out: str, seed: int = 0) -> None:
+    """One measurement process: warm-up, ``repeats`` timed training steps, then inference."""
+    import importlib
+
+    from benchmark.timing import current_rss_mb
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    path, kwargs = LEARNED_SYSTEMS[system]
+    mod, cls = path.rsplit(".", 1)
+    model = getattr(importlib.import_module(mod), cls)(**kwargs).to(device)
+    opt = model.configure_optimizers()
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "moving": torch.rand(1, 1, *size, generator=g).to(device),
+        "fixed": torch.rand(1, 1, *size, generator=g).to(device),
+    }
+
+    def step() -> float:
+        loss, _ = model.training_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    def infer() -> torch.Tensor:
+        with torch.no_grad():
+            return model.register(batch)
+
+    rec: dict[str, Any] = {"system": system, "class_path": path, "size": list(size), "threads": torch.get_num_threads(),
+                           "parameters": int(sum(p.numel() for p in model.parameters())), "train": [], "infer": []}
+    model.train()
+    _, warm = timed_call(step, device)
+    rec["train_warmup_s"] = warm.seconds
+    for _ in range(int(repeats)):
+        base = current_rss_mb() if device == "cpu" else None
+        c0 = time.process_time()
+        _, st = timed_call(step, device)
+        rec["train"].append({"wall_s": st.seconds, "cpu_s": time.process_time() - c0, "peak_mem_mb": st.peak_mem_mb, "base_mb": base})
+    model.eval()
+    _, warm = timed_call(infer, device)
+    rec["infer_warmup_s"] = warm.seconds
+    for _ in range(int(repeats)):
+        base = current_rss_mb() if device == "cpu" else None
+        c0 = time.process_time()
+        disp, st = timed_call(infer, device)
+        rec["infer"].append({"wall_s": st.seconds, "cpu_s": time.process_time() - c0, "peak_mem_mb": st.peak_mem_mb, "base_mb": base})
+    rec["disp_shape"] = list(disp.shape)
+    atomic_write_json(out, rec)
+
+
+def perf_learned(
+    size: Sequence[int] = LUMIR_SIZE,
+    repeats: int = 3,
+    threads: int = 2,
+    systems: Sequence[str] = ("msff", "voxelmorph"),
+    device: str = "cpu",
+    out: str | os.PathLike | None = None,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Training step and inference of MSFF beside VoxelMorph, one fresh process per system.
+
+    Args:
+        size: spatial size of the random pair (LUMIR's 160×224×192 by default).
+        repeats: timed training steps and timed inference calls per system (after one
+            untimed of each); medians are reported.
+        threads: torch threads (and ``OMP_NUM_THREADS``) of each process.
+        systems: names in :data:`LEARNED_SYSTEMS`.
+        device: ``"cpu"`` or ``"cuda"``.
+        out: write the result JSON here (atomically).
+
+    Returns:
+        dict with ``results``: per system ``train_s``, ``train_cpu_s``, ``train_peak_mb``,
+        ``train_base_mb``, ``infer_s``, ``infer_cpu_s``, ``infer_peak_mb`` (medians),
+        ``parameters`` and the raw per-repeat records; or ``status: "failed"`` with the error.
+    """
+    unknown = [s for s in systems if s not in LEARNED_SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown learned system(s) {unknown}; available: {', '.join(LEARNED_SYSTEMS)}")
+    res: dict[str, Any] = {
+        "benchmark": "msff",
+        "size": [int(s) for s in size],
+        "repeats": int(repeats),
+        "threads": int(threads),
+        "device": device_description(device),
+        "results": [],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    for name in systems:
+        with tempfile.TemporaryDirectory(prefix="regbench_learned_") as tmp:
+            rec_path = Path(tmp) / "rec.json"
+            cmd = [sys.executable, "-m", "benchmark.perf_systems", "--learned-child", "--system", name,
+                   "--size", ",".join(str(int(s)) for s in size), "--threads", str(threads),
+                   "--repeats", str(repeats), "--device", device, "--out", str(rec_path)]  # fmt: skip
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=str(PROJECT_ROOT))
+            except subprocess.TimeoutExpired:
+                res["results"].append({"system": name, "status": "failed", "error": f"timed out after {timeout_s:.0f} s"})
+                continue
+            if proc.returncode != 0 or not rec_path.exists():
+                tail = (proc.stderr or proc.stdout or "")[-2000:]
+                res["results"].append({"system": name, "status": "failed", "error": f"exit code {proc.returncode}: {tail}"})
+                continue
+            raw = json.loads(rec_path.read_text())
+        tr, inf = raw["train"], raw["infer"]
+        res["results"].append({
+            "system": name,
+            "status": "measured",
+            "class_path": raw["class_path"],
+            "parameters": raw["parameters"],
+            "train_s": _median([r["wall_s"] for r in tr]),
+            "train_cpu_s": _median([r["cpu_s"] for r in tr]),
+            "train_peak_mb": _median([r["peak_mem_mb"] for r in tr]),
+            "train_base_mb": _median([r["base_mb"] for r in tr]),
+            "infer_s": _median([r["wall_s"] for r in inf]),
+            "infer_cpu_s": _median([r["cpu_s"] for r in inf]),
+            "infer_peak_mb": _median([r["peak_mem_mb"] for r in inf]),
+            "train_warmup_s": raw["train_warmup_s"],
+            "infer_warmup_s": raw["infer_warmup_s"],
+            "raw": {"train": tr, "infer": inf},
+        })  # fmt: skip
+    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if out is not None:
+        atomic_write_json(out, res)
+    return res
+
+
+def format_perf_learned(res: dict[str, Any]) -> str:
+    """A plain-text table of :func:`perf_learned`'s result."""
+    size = "x".join(str(s) for s in res["size"])
+    lines = [
+        f"learned systems at {size}, batch 1, float32; threads {res['threads']}, device {res['device'].get('device')}; "
+        f"medians of {res['repeats']} (after 1 warm-up)",
+        f"{'system':11s} {'params':>9s} {'train s':>8s} {'cpu s':>8s} {'peak MB':>8s} {'base MB':>8s}"
+        f" {'infer s':>8s} {'peak MB':>8s}",
+    ]
+    for r in res["results"]:
+        if r.get("status") != "measured":
+            lines.append(f"{r['system']:11s} FAILED: {r.get('error', '')[:300]}")
+            continue
+        lines.append(
+            f"{r['system']:11s} {r['parameters']:9d} {_fmt(r['train_s'], '8.2f'):>8s} {_fmt(r['train_cpu_s'], '8.1f'):>8s}"
+            f" {_fmt(r['train_peak_mb'], '8.0f'):>8s} {_fmt(r['train_base_mb'], '8.0f'):>8s}"
+            f" {_fmt(r['infer_s'], '8.2f'):>8s} {_fmt(r['infer_peak_mb'], '8.0f'):>8s}"
+        )
+    return "\n".join(lines)
+
+
+BENCHMARKS = ("syn", "msff")
+#: Run when ``--only`` is not given (``msff`` takes minutes at LUMIR's size: ask for it).
+DEFAULT_BENCHMARKS = ("syn",)
 
 
 def main_perf_systems(args: Any) -> dict[str, Any]:
     """CLI entry (``regbench perf systems``): reads ``args.pair_dir``, ``args.peer_python``,
     ``args.threads`` (default 2, as the reference figures), ``args.only`` (comma-separated
-    subset of :data:`BENCHMARKS`) and ``args.out``; prints the table."""
+    subset of :data:`BENCHMARKS`; default :data:`DEFAULT_BENCHMARKS`), ``args.repeats``
+    (``msff``: timed steps per system, default 3), ``args.size`` (``msff``: e.g.
+    ``"160,224,192"``, the default), ``args.device`` (``msff``: default ``"cpu"``) and
+    ``args.out``; prints the tables. With one benchmark the JSON at ``out`` is its result;
+    with several, ``{name: result}``."""
     only = getattr(args, "only", None)
-    wanted = [s.strip() for s in only.split(",")] if only else list(BENCHMARKS)
+    wanted = [s.strip() for s in only.split(",")] if only else list(DEFAULT_BENCHMARKS)
     unknown = [w for w in wanted if w not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown systems benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
     threads = getattr(args, "threads", None)
-    res: dict[str, Any] = {}
+    out = getattr(args, "out", None)
+    single_out = out if len(wanted) == 1 else None
+    results: dict[str, Any] = {}
     if "syn" in wanted:
-        res = perf_syn(
+        results["syn"] = perf_syn(
             pair_dir=getattr(args, "pair_dir", None),
             threads=2 if threads is None else threads,
             peer_python=getattr(args, "peer_python", None),
-            out=getattr(args, "out", None),
+            out=single_out,
         )
-        print(format_perf_systems(res))
-        if getattr(args, "out", None):
-            print(f"wrote {args.out}")
+        print(format_perf_systems(results["syn"]))
+    if "msff" in wanted:
+        size_arg = getattr(args, "size", None)
+        size = tuple(int(v) for v in str(size_arg).replace("x", ",").split(",")) if size_arg else LUMIR_SIZE
+        repeats = getattr(args, "repeats", None)
+        results["msff"] = perf_learned(
+            size=size,
+            repeats=3 if repeats is None else int(repeats),
+            threads=2 if threads is None else int(threads),
+            device=getattr(args, "device", None) or "cpu",
+            out=single_out,
+        )
+        print(format_perf_learned(results["msff"]))
+    if out and len(wanted) > 1:
+        atomic_write_json(out, results)
+    if out:
+        print(f"wrote {out}")
     sys.stdout.flush()
-    return res
+    return results[wanted[0]] if len(wanted) == 1 else results
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m benchmark.perf_systems --learned-child ...``: one measurement process of
+    :func:`perf_learned` (not meant to be called by hand)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmark.perf_systems")
+    p.add_argument("--learned-child", action="store_true", required=True)
+    p.add_argument("--system", required=True, choices=sorted(LEARNED_SYSTEMS))
+    p.add_argument("--size", required=True, help="X,Y,Z")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    _learned_child(a.system, tuple(int(v) for v in a.size.split(",")), a.threads, a.repeats, a.device, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

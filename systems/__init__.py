@@ -4,5 +4,6 @@ from systems.base import DivergenceError, NoRegistration, RegistrationSystem
 from systems.ants_reference import ANTsPyReference
 from systems.syn import SyN
 from systems.voxelmorph import VoxelMorph
+from systems.msff import MSFF
 
-__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference"]
+__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF"]
