@@ -5,5 +5,6 @@ from systems.ants_reference import ANTsPyReference
 from systems.syn import SyN
 from systems.voxelmorph import VoxelMorph
 from systems.msff import MSFF
+from systems.diffop import DiffOpNet
 
-__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF"]
+__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet"]
