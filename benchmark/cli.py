@@ -62,6 +62,11 @@ def _cmd_perf(args: argparse.Namespace) -> int:
 
         main_perf_data(args)
         return 0
+    if args.what == "patchmorph":
+        from benchmark.perf_patchmorph import main_perf_patchmorph
+
+        main_perf_patchmorph(args)
+        return 0
     if args.what == "drr":
         from benchmark.perf_drr import main_perf_drr
 
@@ -103,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pf = sub.add_parser("perf", help="performance harness (JSON out)")
-    pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr"],
+    pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr", "patchmorph"],
                     help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair, "
                     "MSFF vs VoxelMorph training step; training: VoxelMorph training step vs the voxelmorph and MONAI "
-                    "packages; data: loading a 160x224x192 pair cold and with a warm cache; drr: DRR rendering vs DiffDRR")
+                    "packages; data: loading a 160x224x192 pair cold and with a warm cache; drr: DRR rendering vs DiffDRR; "
+                    "patchmorph: training memory at 64/128/192 cubed beside VoxelMorph, inference time vs patches")
     pf.add_argument("--out", help="JSON output path")
     pf.add_argument("--repeats", type=int, default=5)
     pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -6,5 +6,6 @@ from systems.syn import SyN
 from systems.voxelmorph import VoxelMorph
 from systems.msff import MSFF
 from systems.diffop import DiffOpNet
+from systems.patchmorph import PatchMorph
 
-__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet"]
+__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet", "PatchMorph"]
