@@ -7,6 +7,7 @@ from datamodules.synthetic_brain import SyntheticBrainDataModule
 from datamodules.nifti_pairs import NiftiPairsDataModule
 from datamodules.mindboggle import MindBoggle101DataModule
 from datamodules.lumir import LUMIRDataModule
+from datamodules.spine import SpineDRRDataModule
 
 __all__ = [
     "PairDataModule",
@@ -18,4 +19,5 @@ __all__ = [
     "NiftiPairsDataModule",
     "MindBoggle101DataModule",
     "LUMIRDataModule",
+    "SpineDRRDataModule",
 ]

@@ -7,5 +7,9 @@ from systems.voxelmorph import VoxelMorph
 from systems.msff import MSFF
 from systems.diffop import DiffOpNet
 from systems.patchmorph import PatchMorph
+from systems.pose_base import InitialPose, PoseSystem
+from systems.pose_baseline import CMAESPose, GradientPose
+from systems.cdreg import CDReg
 
-__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet", "PatchMorph"]
+__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet", "PatchMorph",
+           "PoseSystem", "InitialPose", "CMAESPose", "GradientPose", "CDReg"]

@@ -1,0 +1,229 @@
+"""``regbench perf drr``: DRR rendering speed, ours and DiffDRR's, side by side in one run.
+
+Case: a 256×256 DRR of a 256³ CT (a synthetic spine CT drawn at 64³ / 4 mm and resampled
+to 256³ at 1 mm), the cdreg paper's C-arm (source–detector 1020 mm, source–isocentre 510 mm,
+0.798 mm pixels), AP view with the CT centre at the isocentre. Timed: forward (no autograd)
+and forward + backward (gradient of the image sum w.r.t. the 6 pose parameters), the median
+of ``repeats`` calls after one warm-up call, on ``threads`` CPU threads (default 2), with the
+process's peak RSS.
+
+Peer: when ``peer_python`` (or ``$REGBENCH_DRR_PEER_PYTHON``, or ``../peers_drr_venv``) is a
+python with ``diffdrr``, the same CT (written as NIfTI) and geometry are rendered there in a
+subprocess with DiffDRR's ``trilinear`` renderer at the same sample count (``n_points``) and
+with its ``siddon`` renderer (exact ray–voxel intersections, no sample count), also under the
+same thread count. The two images are compared (NCC over the flips DiffDRR's detector
+convention may introduce) to show the geometry agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmark.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
+from benchmark.timing import current_rss_mb, timed_call
+
+__all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "find_drr_peer_python"]
+
+DEFAULT_PEER_VENV = Path(__file__).resolve().parents[2] / "peers_drr_venv"
+SIZE = 256
+N_SAMPLES = 256
+
+_PEER_SCRIPT = r'''
+import json, resource, statistics, sys, time
+import numpy as np, torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+import diffdrr
+from diffdrr.data import read
+from diffdrr.drr import DRR
+from diffdrr.pose import convert
+subject = read(args["ct"], orientation="AP")
+out = {"diffdrr_version": diffdrr.__version__, "torch_version": torch.__version__, "threads": torch.get_num_threads(), "renderers": {}}
+for renderer in ("trilinear", "siddon"):
+    drr = DRR(subject, sdd=args["sdd"], height=args["size"], delx=args["pixel"], renderer=renderer)
+    rot = torch.zeros(1, 3)
+    tr = torch.tensor([[0.0, args["sid"], 0.0]])
+    kw = {"n_points": args["n_samples"]} if renderer == "trilinear" else {}
+    def fwd():
+        with torch.no_grad():
+            return drr(convert(rot, tr, parameterization="euler_angles", convention="ZXY"), **kw)
+    def fwd_bwd():
+        r = rot.clone().requires_grad_(True); t = tr.clone().requires_grad_(True)
+        img = drr(convert(r, t, parameterization="euler_angles", convention="ZXY"), **kw)
+        img.sum().backward()
+        return img
+    res = {}
+    for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd)):
+        t0 = time.perf_counter(); img = fn(); warm = time.perf_counter() - t0
+        times = []
+        for _ in range(args["repeats"]):
+            t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+        res[name] = {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm}
+    if renderer == "trilinear":
+        np.save(args["img"], img.detach()[0, 0].numpy())
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    out["renderers"][renderer] = res
+json.dump(out, open(args["out"], "w"))
+'''
+
+
+def make_perf_ct(size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``(hu (size³) float32, affine)``: a synthetic spine CT resampled to ``size³`` at 1 mm."""
+    from datamodules.synthetic_spine import make_spine_ct
+
+    ct = make_spine_ct(64, size / 64.0, seed=11)
+    vol = torch.from_numpy(ct.hu)[None, None]
+    hu = F.interpolate(vol, size=(size, size, size), mode="trilinear", align_corners=True)[0, 0].numpy()
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = -(size - 1) / 2.0
+    return np.ascontiguousarray(hu, dtype=np.float32), affine
+
+
+def find_drr_peer_python(peer_python: str | None = None) -> str | None:
+    """Python of a venv with diffdrr: the argument, ``$REGBENCH_DRR_PEER_PYTHON``, or
+    ``<project>/../peers_drr_venv/bin/python``; ``None`` when none exists."""
+    for cand in (peer_python, os.environ.get("REGBENCH_DRR_PEER_PYTHON"), str(DEFAULT_PEER_VENV / "bin" / "python")):
+        if cand and Path(cand).exists():
+            return str(cand)
+    return None
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t0
+    times, peaks = [], []
+    for _ in range(repeats):
+        _, st = timed_call(fn)
+        times.append(st.seconds)
+        peaks.append(st.peak_mem_mb)
+    return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm, "peak_rss_mb": max(peaks)}
+
+
+def _best_ncc(a: np.ndarray, b: np.ndarray) -> float:
+    best = -1.0
+    for fa in (False, True):
+        for fb in (False, True):
+            x = b[::-1] if fa else b
+            x = x[:, ::-1] if fb else x
+            for y in (x, x.T):
+                u, v = a - a.mean(), y - y.mean()
+                best = max(best, float((u * v).sum() / np.sqrt((u * u).sum() * (v * v).sum() + 1e-12)))
+    return best
+
+
+def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None, n_samples: int = N_SAMPLES,
+             size: int = SIZE, device: str = "cpu", out: str | None = None) -> dict[str, Any]:
+    """Run the DRR benchmark; returns (and writes to ``out``) the JSON record."""
+    torch.set_num_threads(int(threads))
+    hu, affine = make_perf_ct(size)
+    geom = CArmGeometry(sdd=1020.0, sid=510.0, height=size, width=size, dely=0.798, delx=0.798)
+    dev = torch.device(device)
+    mu = hu_to_mu(torch.from_numpy(hu)).to(dev)[None, None]
+    aff = torch.from_numpy(affine).to(dev)
+    base = reference_transform(torch.zeros(3)).to(dev)[None]
+    pose0 = torch.zeros(1, 6, device=dev)
+
+    def fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return render_pose(mu, aff, pose0, base, geom, n_samples)
+
+    def fwd_bwd() -> torch.Tensor:
+        p = pose0.clone().requires_grad_(True)
+        img = render_pose(mu, aff, p, base, geom, n_samples)
+        img.sum().backward()
+        return img
+
+    rss0 = current_rss_mb()
+    ours = {"forward": _time(fwd, repeats), "forward_backward": _time(fwd_bwd, repeats), "baseline_rss_mb": rss0}
+    result: dict[str, Any] = {
+        "case": {"ct": f"{size}^3 synthetic spine, 1 mm", "detector": f"{size}x{size} at 0.798 mm", "sdd_mm": 1020.0,
+                 "sid_mm": 510.0, "n_samples": n_samples, "device": str(dev), "threads": torch.get_num_threads(),
+                 "repeats": repeats, "torch": torch.__version__},
+        "regbench": ours,
+    }
+    py = find_drr_peer_python(peer_python)
+    if py is None:
+        result["diffdrr"] = {"status": "skipped", "reason": "no python with diffdrr (pass --peer-python, or create ../peers_drr_venv)"}
+    elif dev.type != "cpu":
+        result["diffdrr"] = {"status": "skipped", "reason": "the peer is run on CPU only"}
+    else:
+        import nibabel as nib
+
+        with tempfile.TemporaryDirectory(prefix="regbench_drr_") as tmp:
+            ct_path = str(Path(tmp) / "ct.nii.gz")
+            nib.save(nib.Nifti1Image(hu, affine), ct_path)
+            args = {"ct": ct_path, "sdd": 1020.0, "sid": 510.0, "size": size, "pixel": 0.798, "n_samples": n_samples,
+                    "threads": int(threads), "repeats": int(repeats), "out": str(Path(tmp) / "peer.json"), "img": str(Path(tmp) / "img.npy")}
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            try:
+                proc = subprocess.run([py, "-c", _PEER_SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=3600, env=env)
+            except subprocess.TimeoutExpired:
+                proc = None
+            if proc is None or proc.returncode != 0 or not Path(args["out"]).exists():
+                tail = "timed out" if proc is None else (proc.stderr or proc.stdout or "")[-2000:]
+                result["diffdrr"] = {"status": "failed", "error": tail}
+            else:
+                peer = json.loads(Path(args["out"]).read_text())
+                peer["status"] = "measured"
+                ours_img = fwd()[0, 0].cpu().numpy()
+                peer["image_ncc_vs_regbench"] = _best_ncc(ours_img, np.load(args["img"]))
+                result["diffdrr"] = peer
+                tri = peer["renderers"]["trilinear"]
+                fastest = min(peer["renderers"].values(), key=lambda r: r["forward"]["median_s"])
+                result["speedup_vs_diffdrr_trilinear"] = {
+                    k: tri[k]["median_s"] / ours[k]["median_s"] for k in ("forward", "forward_backward")}
+                result["speedup_vs_diffdrr_fastest"] = {
+                    k: fastest[k]["median_s"] / ours[k]["median_s"] for k in ("forward", "forward_backward")}
+    if out:
+        from benchmark.io import atomic_write_json
+
+        atomic_write_json(out, result)
+    return result
+
+
+def format_perf_drr(res: dict[str, Any]) -> str:
+    """A small text table of :func:`perf_drr`'s result."""
+    c = res["case"]
+    lines = [f"DRR {c['detector']} of a {c['ct']}, {c['n_samples']} samples/ray, {c['threads']} threads, {c['device']}",
+             f"{'renderer':28s} {'forward s':>10s} {'fwd+bwd s':>10s} {'peak RSS MB':>12s}"]
+    o = res["regbench"]
+    lines.append(f"{'regbench':28s} {o['forward']['median_s']:10.3f} {o['forward_backward']['median_s']:10.3f} "
+                 f"{max(o['forward']['peak_rss_mb'], o['forward_backward']['peak_rss_mb']):12.0f}")
+    peer = res.get("diffdrr", {})
+    if peer.get("status") == "measured":
+        for name, r in peer["renderers"].items():
+            label = f"diffdrr {peer['diffdrr_version']} {name}"
+            lines.append(f"{label:28s} {r['forward']['median_s']:10.3f} {r['forward_backward']['median_s']:10.3f} {r['peak_rss_mb']:12.0f}")
+        lines.append(f"image NCC regbench vs diffdrr trilinear: {peer['image_ncc_vs_regbench']:.3f}")
+    else:
+        lines.append(f"diffdrr: {peer.get('status')} ({peer.get('reason') or peer.get('error', '')[:200]})")
+    return "\n".join(lines)
+
+
+def main_perf_drr(args: Any) -> dict[str, Any]:
+    """CLI entry (``regbench perf drr``): ``args.out`` (JSON path or None), ``args.repeats``
+    (default 5), ``args.threads`` (default 2), ``args.peer_python``; optional ``args.device``,
+    ``args.n_samples``. Prints the table."""
+    repeats = getattr(args, "repeats", None)
+    threads = getattr(args, "threads", None)
+    res = perf_drr(repeats=5 if repeats is None else int(repeats), threads=2 if threads is None else int(threads),
+                   peer_python=getattr(args, "peer_python", None), n_samples=int(getattr(args, "n_samples", None) or N_SAMPLES),
+                   device=getattr(args, "device", None) or "cpu", out=getattr(args, "out", None))
+    print(format_perf_drr(res))
+    if getattr(args, "out", None):
+        print(f"wrote {args.out}")
+    sys.stdout.flush()
+    return res

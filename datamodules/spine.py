@@ -1,0 +1,496 @@
+"""Spine CT → X-ray (DRR) data for 2D/3D registration (DESIGN.md §5.4).
+
+Sources: the built-in synthetic spine CTs (:mod:`datamodules.synthetic_spine`, default) or a
+folder of CT NIfTI files (HU) with optional vertebra label maps (landmarks = label centres
+of mass, computed through the *label map's own affine*, so a label map on another grid is
+still read correctly) or VerSe-style centroid JSON files.
+
+Folder layout: ``<root>/<id>.nii.gz`` (or ``.nii``) CTs; labels ``<id>_vertebrae.nii.gz``,
+``<id>_seg.nii.gz`` or ``<id>_msk.nii.gz``; centroids ``<id>_ctd.json`` /
+``<id>_centroids.json``: a list of ``{"label": k, "X": …, "Y": …, "Z": …}`` (an optional
+leading ``{"direction": …}`` entry is skipped) with X, Y, Z in mm along the array axes
+(voxel index × spacing, the VerSe convention), converted to world through the affine.
+
+Batch (a dict; ``B`` cases, ``H × W`` detector, ``N`` landmarks, CT ``(X, Y, Z)``):
+
+==================  ==================  =========  ===========================================
+key                 shape               dtype      meaning
+==================  ==================  =========  ===========================================
+``xray``            ``(B, 1, H, W)``    float32    target X-ray (DRR at the true pose, scaled to [0, 1])
+``volume``          ``(B, 1, X, Y, Z)`` float32    CT attenuation per mm (``hu_to_mu``)
+``affine``          ``(B, 4, 4)``       float64    CT voxel → world
+``base``            ``(B, 4, 4)``       float64    reference placement (pose 0), see :mod:`benchmark.drr`
+``pose_true``       ``(B, 6)``          float32    true pose (rad, mm)
+``pose_init``       ``(B, 6)``          float32    starting pose of the registration
+``landmarks``       ``(B, N, 3)``       float32    CT world mm (NaN rows pad)
+``case_id``         ``list[str]``                  ``{ct}_p{k:03d}``
+``fixed_id``        ``list[str]``                  the X-ray (same as ``case_id``)
+``moving_id``       ``list[str]``                  the CT id
+``geometry``        ``CArmGeometry``               the C-arm (one per batch)
+==================  ==================  =========  ===========================================
+
+Test set: per test CT a fixed, seeded list of ``poses_per_ct`` true poses, rotations
+``N(0, rot_std_deg)`` per axis, translations ``N(0, trans_std_mm)`` in-plane (C-arm x, y)
+and ``N(0, depth_std_mm)`` in depth (z); the starting pose is the reference (``θ = 0``;
+``init_std_scale > 0`` instead starts at ``θ_true`` plus a perturbation of that scale).
+Training draws fresh poses from the same distribution (scaled by ``train_pose_scale``)
+and renders on the fly, with optional domain randomisation (noise, blur, gamma, contrast,
+inversion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from benchmark.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
+from benchmark.io import DataError
+from datamodules.base import UnpaddedDistributedSampler
+from datamodules.synthetic_spine import label_centroids, make_spine_ct
+
+__all__ = ["SpineCT", "SpineDRRDataModule", "collate_pose", "normalise_xray", "domain_randomise", "sample_poses"]
+
+_LABEL_SUFFIXES = ("_vertebrae", "_seg", "_msk")
+_CTD_SUFFIXES = ("_ctd", "_centroids")
+
+
+@dataclass
+class SpineCT:
+    """A prepared CT: attenuation volume ``(1, X, Y, Z)``, affine, landmarks ``(N, 3)`` world
+    mm, reference placement ``base (4, 4)`` (isocentre = landmark centroid)."""
+
+    ct_id: str
+    mu: torch.Tensor
+    affine: torch.Tensor
+    landmarks: torch.Tensor
+    base: torch.Tensor
+
+
+def normalise_xray(img: torch.Tensor) -> torch.Tensor:
+    """Min–max scale each image of ``(B, C, H, W)`` to ``[0, 1]`` (constant images → 0)."""
+    flat = img.flatten(1)
+    lo = flat.min(1).values.view(-1, 1, 1, 1)
+    hi = flat.max(1).values.view(-1, 1, 1, 1)
+    return (img - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def domain_randomise(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random inversion, blur, gamma, contrast and noise on ``(1, H, W)`` in ``[0, 1]``."""
+    x = img
+    u = torch.rand(6, generator=g)
+    if u[0] < 0.5:  # gamma
+        x = x.clamp_min(0) ** float(torch.empty(1).uniform_(0.7, 1.5, generator=g))
+    if u[1] < 0.5:  # contrast
+        c = float(torch.empty(1).uniform_(0.7, 1.3, generator=g))
+        x = (x - x.mean()) * c + x.mean()
+    if u[2] < 0.3:  # blur
+        k = torch.tensor([0.25, 0.5, 0.25])
+        x = F.conv2d(F.pad(x[None], (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :])[None, None])[0]
+    if u[3] < 0.5:  # noise
+        x = x + float(torch.empty(1).uniform_(0.0, 0.05, generator=g)) * torch.randn(x.shape, generator=g)
+    if u[4] < 0.2:  # inversion
+        x = 1.0 - x
+    return normalise_xray(x[None])[0]
+
+
+def sample_poses(n: int, g: np.random.Generator, rot_std_deg: float, trans_std_mm: float, depth_std_mm: float) -> np.ndarray:
+    """``(n, 6)`` poses: rotations ``N(0, rot_std)`` per axis (returned in rad), translations
+    ``N(0, trans_std)`` in x, y and ``N(0, depth_std)`` in z (mm)."""
+    rot = np.deg2rad(g.normal(0.0, rot_std_deg, (n, 3)))
+    tr = np.stack([g.normal(0.0, trans_std_mm, n), g.normal(0.0, trans_std_mm, n), g.normal(0.0, depth_std_mm, n)], 1)
+    return np.concatenate([rot, tr], 1)
+
+
+def collate_pose(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into a batch (landmarks padded with NaN rows; one geometry)."""
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if k == "geometry":
+            out[k] = vals[0]
+        elif k == "landmarks":
+            n = max(v.shape[0] for v in vals)
+            pad = torch.full((len(vals), n, 3), float("nan"), dtype=torch.float32)
+            for i, v in enumerate(vals):
+                pad[i, : v.shape[0]] = v
+            out[k] = pad
+        elif isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        else:
+            out[k] = list(vals)
+    return out
+
+
+def _seed_of(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+class _PoseDataset(Dataset):
+    """Fixed cases: ``(ct index, true pose, start pose)`` rendered on access."""
+
+    def __init__(self, dm: "SpineDRRDataModule", cts: list[SpineCT], cases: list[tuple[int, np.ndarray, np.ndarray, str]]) -> None:
+        self.dm, self.cts, self.cases = dm, cts, cases
+        self.case_ids = [c[3] for c in cases]
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ci, pose, init, cid = self.cases[i]
+        g = torch.Generator().manual_seed(_seed_of(self.dm.seed, "noise", cid) % 2**63)
+        return self.dm.make_sample(self.cts[ci], torch.from_numpy(pose).float(), torch.from_numpy(init).float(), cid, g, randomise=False)
+
+
+class _TrainDataset(Dataset):
+    """``length`` random draws per epoch (fresh poses every access, from torch's RNG)."""
+
+    def __init__(self, dm: "SpineDRRDataModule", cts: list[SpineCT], length: int) -> None:
+        self.dm, self.cts, self.length = dm, cts, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        seed = int(torch.randint(0, 2**62, (1,)))
+        g = np.random.default_rng(seed)
+        dm = self.dm
+        s = dm.train_pose_scale
+        pose = sample_poses(1, g, dm.rot_std_deg * s, dm.trans_std_mm * s, dm.depth_std_mm * s)[0]
+        if dm.init_std_scale > 0:
+            init = pose + sample_poses(1, g, dm.rot_std_deg * dm.init_std_scale, dm.trans_std_mm * dm.init_std_scale, dm.depth_std_mm * dm.init_std_scale)[0]
+        else:
+            init = np.zeros(6)
+        ct = self.cts[int(g.integers(len(self.cts)))]
+        tg = torch.Generator().manual_seed(seed)
+        return dm.make_sample(ct, torch.from_numpy(pose).float(), torch.from_numpy(init).float(), f"{ct.ct_id}_train{i}", tg,
+                              randomise=dm.domain_randomization)
+
+
+class SpineDRRDataModule(L.LightningDataModule):
+    """Spine CT / DRR pose data for 2D/3D registration.
+
+    Args:
+        root: folder of CTs (see module doc); ``None`` → synthetic CTs.
+        test_ids: CT ids for testing (folder); default the last ``n_test_cts`` sorted ids
+            (a folder with a single CT uses it for training and testing).
+        n_train_cts, n_test_cts: synthetic CT counts (seeds differ between the splits).
+        synthetic_size, synthetic_spacing: synthetic grid (voxels, mm).
+        target_spacing: resample folder CTs to this isotropic spacing (mm), ``None`` keeps it.
+        crop_mm: crop (or pad with air) a cube of this size around the isocentre, ``None`` keeps all.
+        poses_per_ct: test poses per test CT (the paper: 500).
+        val_cases: validation cases (poses on training CTs).
+        rot_std_deg, trans_std_mm, depth_std_mm: test pose distribution.
+        init_std_scale: 0 → start at the reference pose; else start at the true pose plus a
+            perturbation of this scale (times the stds).
+        train_pose_scale: scale of the training pose distribution.
+        train_samples: draws per training epoch.
+        domain_randomization: randomise training X-rays.
+        sdd, sid, height, width, pixel_mm: the C-arm (mm; ``sid`` None → sdd/2).
+        n_samples: samples per ray when rendering X-rays.
+        mu_water, bone_hu, bone_scale: HU → attenuation (see :func:`benchmark.drr.hu_to_mu`).
+        batch_size, test_batch_size, num_workers, seed.
+    """
+
+    name = "spine"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_ids: list[str] | None = None,
+        n_train_cts: int = 4,
+        n_test_cts: int = 2,
+        synthetic_size: int = 64,
+        synthetic_spacing: float = 2.5,
+        target_spacing: float | None = None,
+        crop_mm: float | None = None,
+        poses_per_ct: int = 500,
+        val_cases: int = 4,
+        rot_std_deg: float = 20.0,
+        trans_std_mm: float = 30.0,
+        depth_std_mm: float = 60.0,
+        init_std_scale: float = 0.0,
+        train_pose_scale: float = 1.0,
+        train_samples: int = 256,
+        domain_randomization: bool = True,
+        sdd: float = 1020.0,
+        sid: float | None = None,
+        height: int = 256,
+        width: int = 256,
+        pixel_mm: float = 0.798,
+        n_samples: int = 128,
+        mu_water: float = 0.0193,
+        bone_hu: float | None = None,
+        bone_scale: float = 1.0,
+        batch_size: int = 4,
+        test_batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = None if root in (None, "") else Path(root)
+        self.test_ids = list(test_ids) if test_ids else None
+        self.n_train_cts, self.n_test_cts = int(n_train_cts), int(n_test_cts)
+        self.synthetic_size, self.synthetic_spacing = int(synthetic_size), float(synthetic_spacing)
+        self.target_spacing = target_spacing
+        self.crop_mm = crop_mm
+        self.poses_per_ct, self.val_cases = int(poses_per_ct), int(val_cases)
+        self.rot_std_deg, self.trans_std_mm, self.depth_std_mm = float(rot_std_deg), float(trans_std_mm), float(depth_std_mm)
+        self.init_std_scale, self.train_pose_scale = float(init_std_scale), float(train_pose_scale)
+        self.train_samples, self.domain_randomization = int(train_samples), bool(domain_randomization)
+        self.geometry = CArmGeometry(sdd=sdd, sid=sid, height=height, width=width, dely=pixel_mm, delx=pixel_mm)
+        self.n_samples = int(n_samples)
+        self.mu_water, self.bone_hu, self.bone_scale = float(mu_water), bone_hu, float(bone_scale)
+        self.batch_size, self.test_batch_size, self.num_workers = int(batch_size), int(test_batch_size), int(num_workers)
+        self.seed = int(seed)
+        if min(self.poses_per_ct, self.n_test_cts if self.root is None else 1) < 1:
+            raise ValueError("poses_per_ct and n_test_cts must be >= 1")
+        #: case ids already finished (set by the runner on resume); left out of the test loader.
+        self.skip_cases: set[str] = set()
+        self._cts: dict[str, list[SpineCT]] | None = None
+        self._datasets: dict[str, Dataset] = {}
+
+    # ---------------------------------------------------------------- inputs
+    def _folder_items(self) -> list[tuple[str, Path, Path | None, Path | None]]:
+        """``(id, ct, labels or None, centroid json or None)`` per CT, sorted by id."""
+        assert self.root is not None
+        if not self.root.is_dir():
+            raise DataError(self.root, "spine CT folder not found", "set root to a folder of CT NIfTI files, or null for synthetic data")
+        files = sorted(p for p in self.root.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        stem = lambda p: p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.name[: -len(".nii")]  # noqa: E731
+        stems = {stem(p): p for p in files}
+        items = []
+        for s, p in stems.items():
+            if any(s.endswith(suf) for suf in _LABEL_SUFFIXES):
+                continue
+            lab = next((stems[s + suf] for suf in _LABEL_SUFFIXES if s + suf in stems), None)
+            ctd = next((self.root / f"{s}{suf}.json" for suf in _CTD_SUFFIXES if (self.root / f"{s}{suf}.json").exists()), None)
+            items.append((s, p, lab, ctd))
+        if not items:
+            raise DataError(self.root, "no CT NIfTI files (*.nii.gz) found", "put <id>.nii.gz CTs in the folder")
+        return items
+
+    def check_inputs(self) -> None:
+        """Check that the CT folder exists, its files are readable 3D volumes with matching
+        labels, without loading the arrays (synthetic data: nothing to check)."""
+        if self.root is None:
+            return
+        import nibabel as nib
+
+        items = self._folder_items()
+        ids = [i[0] for i in items]
+        for t in self.test_ids or []:
+            if t not in ids:
+                raise DataError(self.root, f"test_ids: {t!r} is not a CT here", f"choose from {', '.join(ids)}")
+        for cid, ct, lab, ctd in items:
+            try:
+                img = nib.load(str(ct))
+            except Exception as exc:  # nibabel raises several types
+                raise DataError(ct, f"cannot read NIfTI ({exc})") from exc
+            if len(img.shape) != 3:
+                raise DataError(ct, f"expected a 3D CT, got shape {img.shape}")
+            if lab is not None:
+                try:
+                    limg = nib.load(str(lab))
+                except Exception as exc:
+                    raise DataError(lab, f"cannot read NIfTI ({exc})") from exc
+                if len(limg.shape) != 3:
+                    raise DataError(lab, f"expected a 3D label map, got shape {limg.shape}")
+            if ctd is not None:
+                self._read_ctd(ctd, img.affine)
+
+    @staticmethod
+    def _read_ctd(path: Path, affine: np.ndarray) -> np.ndarray:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(path, f"not a readable centroid JSON ({exc})") from exc
+        if not isinstance(data, list):
+            raise DataError(path, "expected a list of {label, X, Y, Z} entries")
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        rows = []
+        for e in data:
+            if isinstance(e, dict) and "direction" in e:
+                continue
+            if not (isinstance(e, dict) and all(k in e for k in ("label", "X", "Y", "Z"))):
+                raise DataError(path, f"entry {e!r} lacks label/X/Y/Z")
+            vox = np.array([e["X"], e["Y"], e["Z"]], float) / spacing
+            rows.append(vox @ affine[:3, :3].T + affine[:3, 3])
+        if not rows:
+            raise DataError(path, "no centroids")
+        return np.array(rows)
+
+    def _prepare(self, cid: str, hu: np.ndarray, affine: np.ndarray, landmarks: np.ndarray) -> SpineCT:
+        if not np.isfinite(hu).all():
+            raise DataError(None, f"CT {cid}: contains NaN/Inf", "fix or drop the scan")
+        vol = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+        aff = torch.from_numpy(np.asarray(affine, np.float64))
+        if self.target_spacing is not None:
+            sp = torch.sqrt((aff[:3, :3] ** 2).sum(0))
+            shape = torch.tensor(vol.shape[2:], dtype=torch.float64)
+            new = [max(2, int(round(float((n - 1) * s / self.target_spacing))) + 1) for n, s in zip(shape, sp)]
+            vol = F.interpolate(vol, size=new, mode="trilinear", align_corners=True)
+            scale = torch.tensor([(float(n) - 1) / (m - 1) for n, m in zip(shape, new)] + [1.0], dtype=torch.float64)
+            aff = aff @ torch.diag(scale)
+        if len(landmarks):
+            iso = torch.from_numpy(np.asarray(landmarks, np.float64)).mean(0)
+        else:
+            iso = aff[:3, :3] @ ((torch.tensor(vol.shape[2:], dtype=torch.float64) - 1) / 2) + aff[:3, 3]
+        if self.crop_mm is not None:
+            sp = torch.sqrt((aff[:3, :3] ** 2).sum(0))
+            cv = torch.linalg.solve(aff[:3, :3], iso - aff[:3, 3])
+            half = [int(math.ceil(self.crop_mm / float(s) / 2)) for s in sp]
+            lo = [int(round(float(c))) - h for c, h in zip(cv, half)]
+            pad = []
+            for a in (2, 1, 0):
+                n = vol.shape[2 + a]
+                pad += [max(0, -lo[a]), max(0, lo[a] + 2 * half[a] - n)]
+            vol = F.pad(vol, pad, value=-1000.0)
+            starts = [lo[a] + max(0, -lo[a]) for a in range(3)]
+            vol = vol[:, :, starts[0] : starts[0] + 2 * half[0], starts[1] : starts[1] + 2 * half[1], starts[2] : starts[2] + 2 * half[2]]
+            aff = aff.clone()
+            aff[:3, 3] = aff[:3, :3] @ torch.tensor(lo, dtype=torch.float64) + aff[:3, 3]
+        mu = hu_to_mu(vol[0], self.mu_water, self.bone_hu, self.bone_scale).contiguous()
+        return SpineCT(cid, mu, aff, torch.as_tensor(np.asarray(landmarks, np.float32)).reshape(-1, 3), reference_transform(iso))
+
+    def _load_folder_ct(self, cid: str, ct: Path, lab: Path | None, ctd: Path | None) -> SpineCT:
+        import nibabel as nib
+
+        img = nib.load(str(ct))
+        hu = np.asarray(img.dataobj, dtype=np.float32)
+        if hu.ndim != 3:
+            raise DataError(ct, f"expected a 3D CT, got shape {hu.shape}")
+        if lab is not None:
+            limg = nib.load(str(lab))
+            labels = np.asarray(limg.dataobj)
+            if labels.ndim != 3:
+                raise DataError(lab, f"expected a 3D label map, got shape {labels.shape}")
+            _, pts = label_centroids(np.rint(labels).astype(np.int64), limg.affine)
+            if not len(pts):
+                raise DataError(lab, "the label map is empty (no vertebra labels)")
+        elif ctd is not None:
+            pts = self._read_ctd(ctd, img.affine)
+        else:
+            pts = np.zeros((0, 3))
+        return self._prepare(cid, hu, img.affine, pts)
+
+    def _load(self) -> dict[str, list[SpineCT]]:
+        if self._cts is not None:
+            return self._cts
+        if self.root is None:
+            def synth(split: str, k: int) -> SpineCT:
+                s = _seed_of(self.seed, "spine", split, k) % 2**32
+                ct = make_spine_ct(self.synthetic_size, self.synthetic_spacing, seed=s)
+                return self._prepare(f"synth_{split}{k:02d}", ct.hu, ct.affine, ct.centroids)
+
+            self._cts = {"train": [synth("train", k) for k in range(self.n_train_cts)],
+                         "test": [synth("test", k) for k in range(self.n_test_cts)]}
+        else:
+            items = self._folder_items()
+            ids = [i[0] for i in items]
+            test = self.test_ids or ids[-min(self.n_test_cts, len(ids)):]
+            train = [i for i in ids if i not in test] or list(test)
+            loaded = {i[0]: self._load_folder_ct(*i) for i in items if i[0] in set(test) | set(train)}
+            self._cts = {"train": [loaded[i] for i in train], "test": [loaded[i] for i in test]}
+        for split, cts in self._cts.items():
+            for ct in cts:
+                if ct.landmarks.shape[0] == 0:
+                    raise DataError(None, f"CT {ct.ct_id}: no landmarks; mTRE needs them", "add <id>_vertebrae.nii.gz labels or an <id>_ctd.json centroid file")
+        return self._cts
+
+    # ---------------------------------------------------------------- samples
+    def render_xray(self, ct: SpineCT, pose: torch.Tensor, geometry: CArmGeometry | None = None) -> torch.Tensor:
+        """``(1, H, W)`` X-ray of ``ct`` at ``pose (6,)``, min–max scaled to ``[0, 1]``."""
+        with torch.no_grad():
+            img = render_pose(ct.mu[None], ct.affine, pose[None].double(), ct.base[None], geometry or self.geometry, self.n_samples)
+        return normalise_xray(img.float())[0]
+
+    def make_sample(self, ct: SpineCT, pose: torch.Tensor, init: torch.Tensor, cid: str, g: torch.Generator, randomise: bool) -> dict[str, Any]:
+        xray = self.render_xray(ct, pose)
+        if randomise:
+            xray = domain_randomise(xray, g)
+        return {
+            "xray": xray,
+            "volume": ct.mu,
+            "affine": ct.affine,
+            "base": ct.base,
+            "pose_true": pose.float(),
+            "pose_init": init.float(),
+            "landmarks": ct.landmarks,
+            "case_id": cid,
+            "fixed_id": cid,
+            "moving_id": ct.ct_id,
+            "geometry": self.geometry,
+        }
+
+    def _fixed_cases(self, cts: list[SpineCT], per_ct: int, tag: str) -> list[tuple[int, np.ndarray, np.ndarray, str]]:
+        cases = []
+        for ci, ct in enumerate(cts):
+            g = np.random.default_rng(_seed_of(self.seed, tag, ct.ct_id) % 2**63)
+            poses = sample_poses(per_ct, g, self.rot_std_deg, self.trans_std_mm, self.depth_std_mm)
+            if self.init_std_scale > 0:
+                s = self.init_std_scale
+                inits = poses + sample_poses(per_ct, g, self.rot_std_deg * s, self.trans_std_mm * s, self.depth_std_mm * s)
+            else:
+                inits = np.zeros_like(poses)
+            cases += [(ci, poses[k], inits[k], f"{ct.ct_id}_{tag[0]}{k:03d}") for k in range(per_ct)]
+        return cases
+
+    def setup(self, stage: str | None = None) -> None:
+        cts = self._load()
+        if not self._datasets:
+            self._datasets["test"] = _PoseDataset(self, cts["test"], self._fixed_cases(cts["test"], self.poses_per_ct, "pose"))
+            nv = max(1, math.ceil(self.val_cases / len(cts["train"])))
+            val = self._fixed_cases(cts["train"], nv, "val")[: self.val_cases]
+            self._datasets["val"] = _PoseDataset(self, cts["train"], val)
+            self._datasets["train"] = _TrainDataset(self, cts["train"], self.train_samples)
+        self._setup_done = True
+
+    def case_ids(self, stage: str = "test") -> list[str]:
+        """The fixed, ordered case ids of ``stage`` ("val" or "test")."""
+        self.setup(stage)
+        return list(self._datasets[stage].case_ids)
+
+    def dataset(self, stage: str) -> Dataset:
+        """The dataset of ``stage`` ("train", "val", "test")."""
+        self.setup(stage)
+        return self._datasets[stage]
+
+    def initial_system(self):
+        """The ``initial`` row's system: the starting pose, unchanged."""
+        from systems.pose_base import InitialPose
+
+        return InitialPose()
+
+    # ---------------------------------------------------------------- loaders
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate_pose, persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, stage: str, skip: set[str]) -> DataLoader:
+        ds = self.dataset(stage)
+        keep = [i for i, c in enumerate(ds.case_ids) if c not in skip]
+        sub = Subset(ds, keep) if len(keep) != len(ds) else ds
+        sampler = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sampler = UnpaddedDistributedSampler(sub)
+        return self._loader(sub, self.test_batch_size, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val", set())
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test", self.skip_cases)

@@ -1,0 +1,367 @@
+"""cdreg: correlation-driven 2D/3D X-ray → CT registration (arXiv 2402.02498, ISBI 2024).
+
+A learned, fully differentiable similarity ``S(X-ray, DRR(θ; CT))`` trained so that its
+pose gradient points along the SE(3) geodesic away from the true pose; registration is
+gradient descent on ``θ`` from the starting pose. What is known and what was chosen here
+(``METHODS.md``, "cdreg"):
+
+* **3D residual before projection**: ``x3d = x.repeat(3) + convstack(x)``, convstack
+  ``1→4→8→16→8→4→3``, 3×3×3, ReLU after each; the CT is scaled by ``mu_ref`` (water = 1)
+  inside and back after, so the residual acts on O(1) values. The 3-channel volume is
+  projected by :func:`benchmark.drr.render` (ProST-style ray sampling).
+* **Encoder** (shared by X-ray and DRR; each image instance-normalised, the X-ray repeated
+  to 3 channels): two 3×3 conv + InstanceNorm + ReLU (3→``widths[0]``), then 4 stages, each
+  a stride-2 3×3 patch embedding and 2 PoolFormer-like blocks. Token mixer (choice):
+  ``avgpool3×3(y) − y`` plus a linear map of the per-channel global spatial mean broadcast
+  back over H×W, residual; channel MLP ×2 with GELU, residual.
+* **Decomposition** (separate modules for X-ray and DRR): low-frequency branch of Fast
+  Fourier Convolution residual blocks (half the channels through an FFT-domain 1×1 conv);
+  high-frequency branch of 3 invertible coupling blocks
+  ``z2 += φ(z1); z1 = z1·exp(ρ(z2)) + η(z2)`` with φ, ρ, η inverted-residual blocks
+  (ρ bounded by ``tanh`` for stability — a choice).
+* **Similarity**: high head on ``[H_d − H_x, (H_d − H_x)²]``, low head on ``L_d − L_x``,
+  each a per-location MLP giving value × sigmoid(gate), averaged over space; ``S`` = sum of
+  the two (the open choice). Lower ``S`` = better aligned.
+* **Losses**: ``L_appro``: ``g = ∂S/∂θ`` (``create_graph=True``) at a pose ``θ`` drawn
+  around the true pose, ``r`` = :func:`benchmark.se3.geodesic_grad` (gradient of the squared
+  geodesic distance); loss = ``|ĝ_rot − r̂_rot|² + |ĝ_t − r̂_t|²`` of the normalised parts;
+  the backward of this is the double backward that trains the network. ``L_decomp``
+  (CDDFuse form, assigned so that high-frequency features correlate and low-frequency
+  ones decorrelate): ``CC(L_x, L_d)² / (1.01 + CC(H_x, H_d))``. Total with learned
+  uncertainty: ``L_a/(2σ1²) + L_d/(2σ2²) + log(σ1² σ2²)``, ``log σ²`` learned.
+* **Registration**: ``iterations`` steps of normalised gradient descent on the rotation and
+  the translation parts separately (step sizes ``step_rot_deg`` / ``step_trans_mm``, decayed
+  geometrically to ``final_step_frac`` of them), optionally finished by ``finish_iterations``
+  Adam steps on gradient-NCC (:class:`systems.pose_baseline.GradientPose`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmark.drr import MU_WATER_PER_MM, render_pose
+from benchmark.se3 import geodesic_grad
+from systems.pose_base import PoseSystem
+
+__all__ = ["Residual3D", "PoolFormerEncoder", "FFCBranch", "InvertibleBranch", "GatedHead", "CDRegNet", "CDReg", "cc"]
+
+
+class Residual3D(nn.Module):
+    """``x3d = x.repeat(3) + convstack(x)`` on ``(B, 1, X, Y, Z)`` attenuation → ``(B, 3, X, Y, Z)``."""
+
+    def __init__(self, mu_ref: float = MU_WATER_PER_MM) -> None:
+        super().__init__()
+        ch = [1, 4, 8, 16, 8, 4, 3]
+        layers: list[nn.Module] = []
+        for a, b in zip(ch[:-1], ch[1:]):
+            layers += [nn.Conv3d(a, b, 3, padding=1), nn.ReLU(inplace=False)]
+        self.stack = nn.Sequential(*layers)
+        self.mu_ref = float(mu_ref)
+        nn.init.normal_(self.stack[-2].weight, std=1e-3)
+        nn.init.zeros_(self.stack[-2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xn = x / self.mu_ref
+        return self.mu_ref * (xn.repeat(1, 3, 1, 1, 1) + self.stack(xn))
+
+
+class _PoolFormerBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.n1 = nn.GroupNorm(1, c)
+        self.glob = nn.Linear(c, c)
+        self.n2 = nn.GroupNorm(1, c)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n1(x)
+        mix = F.avg_pool2d(y, 3, 1, 1, count_include_pad=False) - y + self.glob(y.mean((2, 3)))[:, :, None, None]
+        x = x + mix
+        return x + self.mlp(self.n2(x))
+
+
+class PoolFormerEncoder(nn.Module):
+    """Stem (two conv3×3 + IN + ReLU, 3→w0) and 4 stride-2 stages of 2 PoolFormer blocks.
+
+    ``(B, 3, H, W)`` → ``(B, widths[-1], H/16, W/16)``.
+    """
+
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64)) -> None:
+        super().__init__()
+        w = list(widths)
+        if len(w) != 5:
+            raise ValueError(f"widths needs 5 entries (stem + 4 stages), got {w}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w[0], 3, padding=1), nn.InstanceNorm2d(w[0], affine=True), nn.ReLU(),
+            nn.Conv2d(w[0], w[0], 3, padding=1), nn.InstanceNorm2d(w[0], affine=True), nn.ReLU(),
+        )
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), _PoolFormerBlock(b), _PoolFormerBlock(b)) for a, b in zip(w[:-1], w[1:])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
+class _SpectralTransform(nn.Module):
+    """FFT-domain 1×1 conv: rfft2 → conv over (real, imag) channels → ReLU → irfft2."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2 * c, 2 * c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        f = torch.fft.rfft2(x, norm="ortho")
+        z = F.relu(self.conv(torch.cat([f.real, f.imag], 1)))
+        re, im = z.chunk(2, 1)
+        return torch.fft.irfft2(torch.complex(re, im), s=(h, w), norm="ortho")
+
+
+class _FFCResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cg = c // 2
+        self.cl = c - self.cg
+        self.l2l = nn.Conv2d(self.cl, self.cl, 3, padding=1)
+        self.g2l = nn.Conv2d(self.cg, self.cl, 3, padding=1)
+        self.l2g = nn.Conv2d(self.cl, self.cg, 3, padding=1)
+        self.g2g = _SpectralTransform(self.cg)
+        self.norm = nn.GroupNorm(1, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xl, xg = x[:, : self.cl], x[:, self.cl :]
+        yl = self.l2l(xl) + self.g2l(xg)
+        yg = self.l2g(xl) + self.g2g(xg)
+        return x + F.relu(self.norm(torch.cat([yl, yg], 1)))
+
+
+class FFCBranch(nn.Module):
+    """Low-frequency branch: ``n`` Fast Fourier Convolution residual blocks, ``(B, C, h, w)`` → same."""
+
+    def __init__(self, c: int, n: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[_FFCResBlock(c) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, expand: int = 2) -> None:
+        super().__init__()
+        h = cin * expand
+        self.body = nn.Sequential(nn.Conv2d(cin, h, 1, bias=False), nn.ReLU6(), nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False),
+                                  nn.ReLU6(), nn.Conv2d(h, cout, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _Coupling(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1 = c // 2
+        c2 = c - self.c1
+        self.phi = _InvertedResidual(self.c1, c2)
+        self.rho = _InvertedResidual(c2, self.c1)
+        self.eta = _InvertedResidual(c2, self.c1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z1, z2 = x[:, : self.c1], x[:, self.c1 :]
+        z2 = z2 + self.phi(z1)
+        z1 = z1 * torch.exp(torch.tanh(self.rho(z2))) + self.eta(z2)
+        return torch.cat([z1, z2], 1)
+
+
+class InvertibleBranch(nn.Module):
+    """High-frequency branch: ``n`` invertible affine coupling blocks, ``(B, C, h, w)`` → same."""
+
+    def __init__(self, c: int, n: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[_Coupling(c) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class GatedHead(nn.Module):
+    """Per-location MLP → value × sigmoid(gate), averaged over space: ``(B, Cin, h, w)`` → ``(B,)``."""
+
+    def __init__(self, cin: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(cin, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v, g = self.mlp(x).unbind(1)
+        return (v * torch.sigmoid(g)).mean((1, 2))
+
+
+def cc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Pearson correlation per sample of ``(B, ...)`` tensors → ``(B,)``."""
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + eps)
+
+
+def _instance_norm(x: torch.Tensor) -> torch.Tensor:
+    m = x.mean((2, 3), keepdim=True)
+    s = x.std((2, 3), keepdim=True)
+    return (x - m) / (s + 1e-6)
+
+
+class CDRegNet(nn.Module):
+    """The similarity network: ``forward(xray (B,1,H,W), drr (B,3,H,W)) → (S (B,), features)``."""
+
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), ffc_blocks: int = 2, inv_blocks: int = 3) -> None:
+        super().__init__()
+        c = int(widths[-1])
+        self.encoder = PoolFormerEncoder(widths)
+        self.low_x, self.low_d = FFCBranch(c, ffc_blocks), FFCBranch(c, ffc_blocks)
+        self.high_x, self.high_d = InvertibleBranch(c, inv_blocks), InvertibleBranch(c, inv_blocks)
+        self.head_high = GatedHead(2 * c, c)
+        self.head_low = GatedHead(c, c)
+
+    def forward(self, xray: torch.Tensor, drr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if xray.shape[0] != drr.shape[0]:
+            xray = xray.expand(drr.shape[0], *xray.shape[1:])
+        fx = self.encoder(_instance_norm(xray).repeat(1, 3, 1, 1))
+        fd = self.encoder(_instance_norm(drr))
+        lx, ld = self.low_x(fx), self.low_d(fd)
+        hx, hd = self.high_x(fx), self.high_d(fd)
+        dh = hd - hx
+        s = self.head_high(torch.cat([dh, dh * dh], 1)) + self.head_low(ld - lx)
+        return s, {"low_x": lx, "low_d": ld, "high_x": hx, "high_d": hd}
+
+
+def _unit(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return v / (v.norm(dim=-1, keepdim=True) + eps)
+
+
+class CDReg(PoseSystem):
+    """Correlation-driven 2D/3D registration (see module doc).
+
+    Args:
+        lr: Adam learning rate.
+        widths: encoder channels (stem + 4 stages); the paper: ``(8, 16, 32, 64, 64)``.
+        ffc_blocks, inv_blocks: blocks of the low / high branches.
+        n_samples: samples per ray of the DRRs.
+        train_rot_deg, train_trans_mm, train_depth_mm: std of the offset of the training pose
+            ``θ`` from the true pose (per axis).
+        rot_scale_mm: ``ρ`` of the geodesic (mm per radian; only the direction is used, per part).
+        iterations, step_rot_deg, step_trans_mm, final_step_frac: registration descent.
+        finish_iterations, finish_lr_rot_deg, finish_lr_trans_mm: gradient-NCC finish (0 = off).
+        checkpoint_render: recompute DRR chunks in backward (less training memory).
+    """
+
+    learns: ClassVar[bool] = True
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+        "step_rot_deg": {"type": "float", "low": 0.5, "high": 5.0, "log": True},
+        "step_trans_mm": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+        "iterations": {"type": "int", "low": 20, "high": 200},
+    }
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        widths: Sequence[int] = (8, 16, 32, 64, 64),
+        ffc_blocks: int = 2,
+        inv_blocks: int = 3,
+        n_samples: int = 64,
+        train_rot_deg: float = 10.0,
+        train_trans_mm: float = 15.0,
+        train_depth_mm: float = 30.0,
+        rot_scale_mm: float = 100.0,
+        iterations: int = 60,
+        step_rot_deg: float = 2.0,
+        step_trans_mm: float = 4.0,
+        final_step_frac: float = 0.05,
+        finish_iterations: int = 0,
+        finish_lr_rot_deg: float = 0.5,
+        finish_lr_trans_mm: float = 1.0,
+        checkpoint_render: bool = False,
+        warmup_calls: int | None = None,
+    ) -> None:
+        super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls)
+        self.save_hyperparameters()
+        self.residual = Residual3D()
+        self.net = CDRegNet(widths, ffc_blocks, inv_blocks)
+        #: log σ² of the two losses (uncertainty weighting).
+        self.log_var = nn.Parameter(torch.zeros(2))
+        self.train_std = torch.tensor([math.radians(train_rot_deg)] * 3 + [train_trans_mm, train_trans_mm, train_depth_mm])
+        self.rot_scale_mm = float(rot_scale_mm)
+        self.iterations = int(iterations)
+        self.step_rot = math.radians(float(step_rot_deg))
+        self.step_trans = float(step_trans_mm)
+        self.final_step_frac = float(final_step_frac)
+        self.finish_iterations = int(finish_iterations)
+        self.finish_lr_rot = math.radians(float(finish_lr_rot_deg))
+        self.finish_lr_trans = float(finish_lr_trans_mm)
+        self.checkpoint_render = bool(checkpoint_render)
+
+    # ---- similarity -------------------------------------------------------------------------
+    def similarity(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, xray: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``S (B,)`` and features for poses ``(B, 6)``; ``x3d`` the residual volume ``(B|1, 3, X, Y, Z)``."""
+        aff = batch["affine"][0] if x3d.shape[0] == 1 else batch["affine"]
+        drr = render_pose(x3d, aff, pose, batch["base"].to(pose.dtype), batch["geometry"], self.n_samples,
+                          checkpoint=self.checkpoint_render and self.training)
+        return self.net(batch["xray"] if xray is None else xray, drr)
+
+    def pose_gradient(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, create_graph: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(∂S/∂θ (B, 6), S (B,), features)`` at ``pose``."""
+        theta = pose if pose.requires_grad else pose.detach().clone().requires_grad_(True)
+        s, feats = self.similarity(batch, x3d, theta)
+        (g,) = torch.autograd.grad(s.sum(), theta, create_graph=create_graph)
+        return g, s, feats
+
+    # ---- training ---------------------------------------------------------------------------
+    def training_loss(self, batch: dict[str, Any], theta: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss at poses ``theta (B, 6)`` (default: the true pose plus ``N(0, train_*)`` per axis)."""
+        true = batch["pose_true"].float()
+        if theta is None:
+            theta = true + torch.randn_like(true) * self.train_std.to(true.device)
+        theta = theta.detach().float().clone().requires_grad_(True)
+        x3d = self.residual(batch["volume"])
+        g, _, f = self.pose_gradient(batch, x3d, theta, create_graph=True)
+        r = geodesic_grad(theta.detach().double(), true.double(), self.rot_scale_mm).float()
+        l_appro = ((_unit(g[:, :3]) - _unit(r[:, :3])) ** 2).sum(-1) + ((_unit(g[:, 3:]) - _unit(r[:, 3:])) ** 2).sum(-1)
+        l_appro = l_appro.mean()
+        l_decomp = (cc(f["low_x"], f["low_d"]) ** 2 / (1.01 + cc(f["high_x"], f["high_d"]))).mean()
+        s1, s2 = self.log_var[0], self.log_var[1]
+        loss = 0.5 * torch.exp(-s1) * l_appro + 0.5 * torch.exp(-s2) * l_decomp + s1 + s2
+        cos_rot = (_unit(g[:, :3]) * _unit(r[:, :3])).sum(-1).mean()
+        cos_tr = (_unit(g[:, 3:]) * _unit(r[:, 3:])).sum(-1).mean()
+        return loss, {"appro": l_appro.detach(), "decomp": l_decomp.detach(), "cos_rot": cos_rot.detach(), "cos_trans": cos_tr.detach()}
+
+    # ---- registration ------------------------------------------------------------------------
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            x3d = self.residual(batch["volume"])
+        pose = batch["pose_init"].float().detach().clone()
+        n = max(self.iterations, 1)
+        decay = self.final_step_frac ** (1.0 / max(n - 1, 1))
+        for k in range(self.iterations):
+            g, _, _ = self.pose_gradient(batch, x3d, pose)
+            f = decay**k
+            with torch.no_grad():
+                pose[:, :3] -= self.step_rot * f * _unit(g[:, :3])
+                pose[:, 3:] -= self.step_trans * f * _unit(g[:, 3:])
+        if self.finish_iterations > 0:
+            from systems.pose_baseline import GradientPose
+
+            fin = GradientPose(similarity="gncc", levels=[1], n_samples=self.n_samples, iterations=self.finish_iterations,
+                               lr_rot_deg=math.degrees(self.finish_lr_rot), lr_trans_mm=self.finish_lr_trans)
+            pose = torch.stack([fin.optimise(batch, b, pose[b], [1], [self.finish_iterations], self.finish_lr_rot, self.finish_lr_trans)
+                                for b in range(pose.shape[0])])
+        return pose.detach()

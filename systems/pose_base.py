@@ -1,0 +1,180 @@
+"""The interface of 2D/3D (X-ray → CT pose) registration systems.
+
+A pose system is a :class:`lightning.LightningModule` with
+
+* ``register(batch) -> (B, 6)`` estimated pose (rotation vector rad, translation mm; the
+  convention of :mod:`benchmark.drr` / :mod:`benchmark.se3`), starting from
+  ``batch["pose_init"]``;
+* ``training_loss(batch)`` when it learns (``learns = True``); iterative methods set
+  ``learns = False`` and optimise inside ``register`` (autograd enabled there even in the
+  test loop);
+* a shared ``test_step`` that times ``register`` alone with :func:`benchmark.timing.timed_call`,
+  computes :func:`benchmark.metrics_pose.pose_metrics` and hands one record per case to
+  ``self.record_sink``: ``case_id, fixed_id, moving_id, mtre_mm, ptre_mm, rot_err_deg,
+  trans_err_mm, success_10mm, success_2mm, runtime_s, peak_mem_mb, mtre_initial_mm``;
+  for the case ``panel_case`` it calls ``panel_sink(case_id, arrays)`` with ``kind="pose"``,
+  ``xray``, ``drr_initial``, ``drr_final`` (H, W) and ``mtre_initial_mm``,
+  ``mtre_final_mm``.
+
+Batches follow :mod:`datamodules.spine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+
+from benchmark.drr import CArmGeometry, render_pose
+from benchmark.metrics_pose import pose_metrics
+from benchmark.timing import timed_call
+from systems.base import DivergenceError
+
+__all__ = ["PoseSystem", "InitialPose"]
+
+
+class PoseSystem(L.LightningModule):
+    """Base class of 2D/3D pose registration systems.
+
+    Args:
+        lr: learning rate (learned methods).
+        n_samples: samples per ray of the system's own DRRs.
+        warmup_calls: untimed registration calls on the first test batch (default 1 for
+            learned methods, 0 for iterative ones).
+    """
+
+    learns: ClassVar[bool] = True
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, lr: float = 1e-4, n_samples: int = 64, warmup_calls: int | None = None) -> None:
+        super().__init__()
+        self.lr = float(lr)
+        self.n_samples = int(n_samples)
+        self.warmup_calls = (1 if self.learns else 0) if warmup_calls is None else int(warmup_calls)
+        #: Called with each finished test-case record (set by the results writer).
+        self.record_sink: Callable[[dict[str, Any]], None] | None = None
+        #: Case whose panel arrays go to ``panel_sink`` (set by the results writer).
+        self.panel_case: str | None = None
+        self.panel_sink: Callable[[str, dict[str, np.ndarray]], None] | None = None
+        self.field_sink: Callable[[dict, torch.Tensor], None] | None = None
+        self.test_records: list[dict[str, Any]] = []
+        self.warmup_seconds: list[float] = []
+        self._warmed = False
+
+    # ---- the method -------------------------------------------------------------------
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Estimate the pose: ``(B, 6)`` (rad, mm)."""
+        raise NotImplementedError(f"{type(self).__name__} must define register(batch) -> (B, 6) pose")
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, parts)`` for one training batch (learned methods)."""
+        raise NotImplementedError(f"{type(self).__name__} learns, so it must define training_loss(batch)")
+
+    # ---- helpers ----------------------------------------------------------------------
+    def drr(self, batch: dict[str, Any], pose: torch.Tensor, geometry: CArmGeometry | None = None,
+            volume: torch.Tensor | None = None, n_samples: int | None = None) -> torch.Tensor:
+        """DRRs ``(B, C, H, W)`` of the batch's CTs (or ``volume``) at ``pose (B, 6)``."""
+        vol = batch["volume"] if volume is None else volume
+        return render_pose(vol, batch["affine"][0] if vol.shape[0] == 1 else batch["affine"], pose,
+                           batch["base"].to(pose.device), geometry or batch["geometry"], n_samples or self.n_samples)
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+    def configure_optimizers(self):
+        if not any(p.requires_grad for p in self.parameters()):
+            return None
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.training_loss(batch)
+        bad = not bool(torch.isfinite(loss.detach()).item())
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise DivergenceError(f"non-finite training loss at step {self.global_step} ({ {k: float(v) for k, v in parts.items()} })")
+        bs = batch["xray"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        return loss
+
+    def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``register`` with autograd usable (pose optimisation needs it even in eval loops)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            return self.register(clean).detach()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pose = self._register_grad_ok(batch)
+        res = pose_metrics(pose, batch["pose_true"], batch["base"], batch["landmarks"], batch["geometry"])
+        bs = pose.shape[0]
+        self.log("val/mtre_mm", float(np.nanmean([r["mtre_mm"] for r in res])), sync_dist=True, prog_bar=True, batch_size=bs)
+
+    def on_test_start(self) -> None:
+        self.test_records = []
+        self._warmed = False
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self._warmed:
+            for _ in range(self.warmup_calls):
+                _, st = timed_call(lambda: self._register_grad_ok(batch), self.device)
+                self.warmup_seconds.append(st.seconds)
+            self._warmed = True
+        pose, stats = timed_call(lambda: self._register_grad_ok(batch), self.device)
+        bsz = pose.shape[0]
+        recs = self.case_records(batch, pose, stats.seconds / bsz, stats.peak_mem_mb)
+        for b, rec in enumerate(recs):
+            self.test_records.append(rec)
+            if self.record_sink is not None:
+                self.record_sink(rec)
+            if self.panel_sink is not None and self.panel_case is not None and rec["case_id"] == self.panel_case:
+                self.panel_sink(rec["case_id"], self.panel_arrays(batch, pose, b, rec))
+        self.log("test/mtre_mm", float(np.nanmean([r["mtre_mm"] for r in recs])), sync_dist=True, batch_size=bsz)
+
+    def case_records(self, batch: dict[str, Any], pose: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
+        """One record per case of the batch (metrics of :mod:`benchmark.metrics_pose`)."""
+        final = pose_metrics(pose, batch["pose_true"], batch["base"], batch["landmarks"], batch["geometry"])
+        init = pose_metrics(batch["pose_init"], batch["pose_true"], batch["base"], batch["landmarks"], batch["geometry"])
+        out = []
+        for b in range(pose.shape[0]):
+            rec: dict[str, Any] = {
+                "case_id": str(batch["case_id"][b]),
+                "fixed_id": str(batch["fixed_id"][b]),
+                "moving_id": str(batch["moving_id"][b]),
+            }
+            rec.update(final[b])
+            rec["runtime_s"] = float(runtime_s)
+            rec["peak_mem_mb"] = float(peak_mem_mb)
+            rec["mtre_initial_mm"] = init[b]["mtre_mm"]
+            out.append(rec)
+        return out
+
+    def panel_arrays(self, batch: dict[str, Any], pose: torch.Tensor, b: int, rec: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Figure arrays of case ``b``: X-ray, DRRs at the start and the estimate (float32)."""
+        from datamodules.spine import normalise_xray
+
+        sub = {k: (v[b : b + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        with torch.no_grad():
+            d0 = normalise_xray(self.drr(sub, sub["pose_init"].float()))[0, 0]
+            d1 = normalise_xray(self.drr(sub, pose[b : b + 1].float().to(d0.device)))[0, 0]
+        return {
+            "kind": np.array("pose"),
+            "xray": sub["xray"][0, 0].detach().cpu().numpy().astype(np.float32),
+            "drr_initial": d0.cpu().numpy().astype(np.float32),
+            "drr_final": d1.cpu().numpy().astype(np.float32),
+            "mtre_initial_mm": np.array(rec["mtre_initial_mm"], dtype=np.float32),
+            "mtre_final_mm": np.array(rec["mtre_mm"], dtype=np.float32),
+        }
+
+
+class InitialPose(PoseSystem):
+    """The ``initial`` row: the starting pose, unchanged (same cases and metrics)."""
+
+    learns: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__(warmup_calls=0)
+
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["pose_init"].clone()

@@ -1,0 +1,144 @@
+"""DRR renderer and point projection: analytic spot positions, exact rotations, finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from benchmark import se3
+from benchmark.drr import CArmGeometry, hu_to_mu, pose_transform, project_points, reference_transform, render, render_pose
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _centred_affine(n: int, spacing: float) -> torch.Tensor:
+    aff = torch.eye(4, dtype=torch.float64) * spacing
+    aff[3, 3] = 1
+    aff[:3, 3] = -spacing * (n - 1) / 2
+    return aff
+
+
+def _smooth_volume(n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    v = ndi.gaussian_filter(g.standard_normal((n, n, n)), 2.0)
+    v = (v - v.min()) / (v.max() - v.min())
+    # fade to zero at the border so nothing depends on the box edges
+    ramp = np.minimum(np.arange(n), np.arange(n)[::-1]) / 4.0
+    fade = np.clip(ramp, 0, 1)
+    v = v * fade[:, None, None] * fade[None, :, None] * fade[None, None, :]
+    return torch.from_numpy(v).to(dtype)[None, None]
+
+
+@pytest.mark.parametrize("voxel", [(10, 20, 5), (16, 3, 27), (25, 25, 12)])
+def test_single_bright_voxel_lands_at_projection(voxel: tuple[int, int, int]) -> None:
+    geom = CArmGeometry(sdd=1000.0, sid=700.0, height=48, width=40, dely=4.0, delx=3.5)
+    n, sp = 32, 4.0
+    vol = torch.zeros(1, 1, n, n, n)
+    vol[0, 0, voxel[0], voxel[1], voxel[2]] = 1.0
+    aff = _centred_affine(n, sp)
+    base = reference_transform(torch.tensor([3.0, -5.0, 2.0]))
+    pose = torch.tensor([[0.15, -0.2, 0.1, 6.0, -4.0, 25.0]], dtype=torch.float64)
+    t = pose_transform(pose, base)
+    img = render(vol, aff, t, geom, n_samples=400)[0, 0].double()
+    world = (aff @ torch.tensor([*voxel, 1.0], dtype=torch.float64))[:3]
+    expect = project_points(world[None, None], t, geom)[0, 0].numpy()
+    # independent pinhole: intersect the source→point line with the detector plane by hand
+    q = (t[0, :3, :3] @ world + t[0, :3, 3]).numpy()
+    src = np.array([0, 0, -700.0])
+    lam = (1000.0 - 700.0 - src[2]) / (q[2] - src[2])
+    hit = src + lam * (q - src)
+    np.testing.assert_allclose(expect, [hit[1] / 4.0 + 23.5, hit[0] / 3.5 + 19.5], atol=1e-9)
+    ii, jj = np.meshgrid(np.arange(48), np.arange(40), indexing="ij")
+    m = img.numpy()
+    assert m.sum() > 0
+    centroid = [(m * ii).sum() / m.sum(), (m * jj).sum() / m.sum()]
+    np.testing.assert_allclose(centroid, expect, atol=0.15)
+    assert np.unravel_index(m.argmax(), m.shape) == tuple(np.round(expect).astype(int))
+    # the line integral of a unit voxel (trilinear blob) is about its volume / pixel area * magnification
+    mag = 1000.0 / (q[2] + 700.0)
+    np.testing.assert_allclose(m.sum() * 4.0 * 3.5, sp**3 * mag**2, rtol=0.05)
+
+
+@pytest.mark.parametrize("axes,k", [((0, 1), 1), ((1, 2), 1), ((0, 2), 3)])
+def test_rotated_volume_equals_inverse_pose(axes: tuple[int, int], k: int) -> None:
+    n = 24
+    geom = CArmGeometry(sdd=900.0, height=32, width=32, dely=4.0, delx=4.0)
+    vol = _smooth_volume(n)
+    aff = _centred_affine(n, 3.0)
+    base = reference_transform(torch.zeros(3))
+    rot = torch.from_numpy(np.ascontiguousarray(np.rot90(vol[0, 0].numpy(), k, axes)))[None, None]
+    # rot90 of the array = the volume read through G: out(p) = V(G p) in centred world coords
+    idx = np.indices((n, n, n)).reshape(3, -1).T.astype(float) - (n - 1) / 2
+    # G from the definition of rot90 (maps out-index to in-index), built numerically
+    ar = np.arange(n**3).reshape(n, n, n)
+    ro = np.rot90(ar, k, axes)
+    src_idx = np.stack(np.unravel_index(ro.reshape(-1), (n, n, n)), 1).astype(float) - (n - 1) / 2
+    g, *_ = np.linalg.lstsq(idx, src_idx, rcond=None)
+    g = g.T
+    np.testing.assert_allclose(idx @ g.T, src_idx, atol=1e-9)
+    r0 = base[:3, :3].numpy()
+    pose_rot = se3.so3_log(torch.from_numpy(r0 @ g.T @ r0.T))
+    pose = torch.cat([pose_rot, torch.tensor([4.0, -6.0, 10.0], dtype=torch.float64)])[None]
+    shift = se3.pose_to_matrix(torch.tensor([[0, 0, 0, 4.0, -6.0, 10.0]], dtype=torch.float64))
+    a = render(rot, aff, shift @ base[None], geom, n_samples=96)
+    b = render_pose(vol, aff, pose, base[None], geom, n_samples=96)
+    assert float(a.abs().max()) > 0.1
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5 * float(a.abs().max()) + 1e-6)
+    # and not equal to rendering the unrotated volume at the reference (the test can fail)
+    c = render(vol, aff, shift @ base[None], geom, n_samples=96)
+    assert float((a - c).abs().max()) > 0.05 * float(a.abs().max())
+
+
+def test_pose_gradient_matches_finite_differences() -> None:
+    n = 16
+    geom = CArmGeometry(sdd=800.0, height=12, width=14, dely=6.0, delx=5.0)
+    vol = _smooth_volume(n, seed=3, dtype=torch.float64)
+    aff = _centred_affine(n, 4.0)
+    base = reference_transform(torch.tensor([1.0, 2.0, -1.0]))[None]
+    w = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 1, 12, 14)))
+    pose = torch.tensor([[0.1, -0.05, 0.2, 3.0, 2.0, -8.0]], dtype=torch.float64, requires_grad=True)
+
+    def f(p: torch.Tensor) -> torch.Tensor:
+        return (render_pose(vol, aff, p, base, geom, n_samples=40) * w).sum()
+
+    (g,) = torch.autograd.grad(f(pose), pose)
+    fd = np.zeros(6)
+    for i in range(6):
+        h = 1e-5 if i < 3 else 1e-3
+        e = torch.zeros(1, 6, dtype=torch.float64)
+        e[0, i] = h
+        fd[i] = (float(f(pose.detach() + e)) - float(f(pose.detach() - e))) / (2 * h)
+    np.testing.assert_allclose(g[0].numpy(), fd, rtol=2e-3, atol=1e-4 * np.abs(fd).max())
+    # gradient w.r.t. the volume: the renderer is linear in it
+    v = vol.clone().requires_grad_(True)
+    out = (render_pose(v, aff, pose.detach(), base, geom, n_samples=40) * w).sum()
+    (gv,) = torch.autograd.grad(out, v)
+    np.testing.assert_allclose(float((gv * vol).sum()), float(out.detach()), rtol=1e-9)
+
+
+def test_batched_chunked_and_per_pose_volumes_agree() -> None:
+    n = 20
+    geom = CArmGeometry(sdd=900.0, height=16, width=18, dely=5.0, delx=5.0)
+    vol = _smooth_volume(n, seed=1)
+    aff = _centred_affine(n, 3.0)
+    base = reference_transform(torch.zeros(3))[None]
+    poses = torch.tensor([[0.0, 0, 0, 0, 0, 0], [0.2, 0.1, -0.3, 5, -5, 30], [-0.4, 0.3, 0.1, -10, 4, -20]], dtype=torch.float64)
+    full = render_pose(vol, aff, poses, base, geom, n_samples=50)
+    chunked = render_pose(vol, aff, poses, base, geom, n_samples=50, chunk_points=777)
+    per = torch.cat([render_pose(vol, aff, poses[i : i + 1], base, geom, n_samples=50) for i in range(3)])
+    vols = render_pose(vol.expand(3, -1, -1, -1, -1), aff, poses, base, geom, n_samples=50)
+    for other in (chunked, per, vols):
+        np.testing.assert_allclose(other.numpy(), full.numpy(), rtol=1e-5, atol=1e-6)
+    assert float((full[0] - full[1]).abs().max()) > 0.01
+    # checkpointed chunks give the same gradient
+    p = poses.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(render_pose(vol, aff, p, base, geom, 50, chunk_points=999).sum(), p)
+    (g2,) = torch.autograd.grad(render_pose(vol, aff, p, base, geom, 50, chunk_points=999, checkpoint=True).sum(), p)
+    np.testing.assert_allclose(g1.numpy(), g2.numpy(), rtol=1e-5)
+
+
+def test_hu_to_mu() -> None:
+    hu = torch.tensor([-2000.0, -1000.0, 0.0, 1000.0])
+    np.testing.assert_allclose(hu_to_mu(hu, mu_water=0.02).numpy(), [0, 0, 0.02, 0.04], atol=1e-9)
