@@ -161,12 +161,16 @@ def _states(db: Path) -> list[str]:
         return []
 
 
-def _running_with_heartbeat(db: Path) -> bool:
-    """A running trial has beaten at least once (a trial that never beat cannot go stale)."""
+def _running_with_heartbeat(db: Path, n_params: int = 2) -> bool:
+    """A running trial has beaten at least once (a trial that never beat cannot go stale) and
+    has all its parameters (killed before that, its retry would draw the missing ones anew)."""
     try:
         with sqlite3.connect(str(db), timeout=1) as con:
             q = "select count(*) from trials t join trial_heartbeats h on h.trial_id = t.trial_id where t.state = 'RUNNING'"
-            return con.execute(q).fetchone()[0] > 0
+            if con.execute(q).fetchone()[0] == 0:
+                return False
+            q = "select count(*) from trial_params p join trials t on p.trial_id = t.trial_id where t.state = 'RUNNING'"
+            return con.execute(q).fetchone()[0] >= n_params
     except sqlite3.Error:
         return False
 
@@ -206,6 +210,7 @@ def test_kill_and_resume_keeps_finished_trials_and_retries_the_killed_one(tmp_pa
     for t in trials[: len(before) - 1]:
         assert t.state.name == "COMPLETE"
     # and the killed trial's parameters were tried again
+    assert len(killed.params) == 2
     assert any(t.params == killed.params for t in finished)
 
 
