@@ -29,6 +29,9 @@ gradient descent on ``θ`` from the starting pose. What is known and what was ch
   (CDDFuse form, assigned so that high-frequency features correlate and low-frequency
   ones decorrelate): ``CC(L_x, L_d)² / (1.01 + CC(H_x, H_d))``. Total with learned
   uncertainty: ``L_a/(2σ1²) + L_d/(2σ2²) + log(σ1² σ2²)``, ``log σ²`` learned.
+  Training poses: the true pose plus ``u · N(0, train_*)`` per axis with ``u ~ U(train_radius)``
+  per sample (default ``(1, 1)``: a plain Gaussian; a wider range also trains the field next
+  to the truth, which a 6-D Gaussian hardly ever samples).
 * **Registration**: ``iterations`` steps of normalised gradient descent on the rotation and
   the translation parts separately (step sizes ``step_rot_deg`` / ``step_trans_mm``, decayed
   geometrically to ``final_step_frac`` of them), optionally finished by ``finish_iterations``
@@ -86,22 +89,28 @@ class _PoolFormerBlock(nn.Module):
 
 
 class PoolFormerEncoder(nn.Module):
-    """Stem (two conv3×3 + IN + ReLU, 3→w0) and 4 stride-2 stages of 2 PoolFormer blocks.
+    """Stem (two conv3×3 + IN + ReLU, 3→w0) and 4 stages (strided patch embedding + 2 PoolFormer blocks).
 
-    ``(B, 3, H, W)`` → ``(B, widths[-1], H/16, W/16)``.
+    ``(B, 3, H, W)`` → ``(B, widths[-1], H/prod(strides), W/prod(strides))``; the paper's
+    strides ``(2, 2, 2, 2)`` give ``H/16`` (256 → 16). Small detectors (e.g. 32 px) keep more
+    than a 2×2 map with a stride of 1 in the first stage(s).
     """
 
-    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64)) -> None:
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), strides: Sequence[int] = (2, 2, 2, 2)) -> None:
         super().__init__()
         w = list(widths)
         if len(w) != 5:
             raise ValueError(f"widths needs 5 entries (stem + 4 stages), got {w}")
+        st = [int(v) for v in strides]
+        if len(st) != 4 or min(st) < 1:
+            raise ValueError(f"strides needs 4 positive entries (one per stage), got {strides!r}")
         self.stem = nn.Sequential(
             nn.Conv2d(3, w[0], 3, padding=1), nn.InstanceNorm2d(w[0], affine=True), nn.ReLU(),
             nn.Conv2d(w[0], w[0], 3, padding=1), nn.InstanceNorm2d(w[0], affine=True), nn.ReLU(),
         )
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), _PoolFormerBlock(b), _PoolFormerBlock(b)) for a, b in zip(w[:-1], w[1:])
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=k, padding=1), _PoolFormerBlock(b), _PoolFormerBlock(b))
+            for a, b, k in zip(w[:-1], w[1:], st)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,10 +230,11 @@ def _instance_norm(x: torch.Tensor) -> torch.Tensor:
 class CDRegNet(nn.Module):
     """The similarity network: ``forward(xray (B,1,H,W), drr (B,3,H,W)) → (S (B,), features)``."""
 
-    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), ffc_blocks: int = 2, inv_blocks: int = 3) -> None:
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), ffc_blocks: int = 2, inv_blocks: int = 3,
+                 strides: Sequence[int] = (2, 2, 2, 2)) -> None:
         super().__init__()
         c = int(widths[-1])
-        self.encoder = PoolFormerEncoder(widths)
+        self.encoder = PoolFormerEncoder(widths, strides)
         self.low_x, self.low_d = FFCBranch(c, ffc_blocks), FFCBranch(c, ffc_blocks)
         self.high_x, self.high_d = InvertibleBranch(c, inv_blocks), InvertibleBranch(c, inv_blocks)
         self.head_high = GatedHead(2 * c, c)
@@ -252,10 +262,14 @@ class CDReg(PoseSystem):
     Args:
         lr: Adam learning rate.
         widths: encoder channels (stem + 4 stages); the paper: ``(8, 16, 32, 64, 64)``.
+        strides: encoder stage strides; the paper: ``(2, 2, 2, 2)``.
         ffc_blocks, inv_blocks: blocks of the low / high branches.
         n_samples: samples per ray of the DRRs.
         train_rot_deg, train_trans_mm, train_depth_mm: std of the offset of the training pose
             ``θ`` from the true pose (per axis).
+        train_radius: ``(lo, hi)``: the offset is scaled by ``u ~ U(lo, hi)`` per sample. With
+            ``(1, 1)`` (a plain Gaussian) the poses next to the truth are hardly ever drawn and
+            the learned field there is untrained (measured: reversed near the truth).
         rot_scale_mm: ``ρ`` of the geodesic (mm per radian; only the direction is used, per part).
         iterations, step_rot_deg, step_trans_mm, final_step_frac: registration descent.
         finish_iterations, finish_lr_rot_deg, finish_lr_trans_mm: gradient-NCC finish (0 = off).
@@ -280,6 +294,7 @@ class CDReg(PoseSystem):
         train_rot_deg: float = 10.0,
         train_trans_mm: float = 15.0,
         train_depth_mm: float = 30.0,
+        train_radius: Sequence[float] = (1.0, 1.0),
         rot_scale_mm: float = 100.0,
         iterations: int = 60,
         step_rot_deg: float = 2.0,
@@ -290,14 +305,18 @@ class CDReg(PoseSystem):
         finish_lr_trans_mm: float = 1.0,
         checkpoint_render: bool = False,
         warmup_calls: int | None = None,
+        strides: Sequence[int] = (2, 2, 2, 2),
     ) -> None:
         super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls)
         self.save_hyperparameters()
         self.residual = Residual3D()
-        self.net = CDRegNet(widths, ffc_blocks, inv_blocks)
+        self.net = CDRegNet(widths, ffc_blocks, inv_blocks, strides)
         #: log σ² of the two losses (uncertainty weighting).
         self.log_var = nn.Parameter(torch.zeros(2))
         self.train_std = torch.tensor([math.radians(train_rot_deg)] * 3 + [train_trans_mm, train_trans_mm, train_depth_mm])
+        self.train_radius = (float(train_radius[0]), float(train_radius[1]))
+        if not 0.0 <= self.train_radius[0] <= self.train_radius[1]:
+            raise ValueError(f"train_radius must be (lo, hi) with 0 <= lo <= hi, got {train_radius!r}")
         self.rot_scale_mm = float(rot_scale_mm)
         self.iterations = int(iterations)
         self.step_rot = math.radians(float(step_rot_deg))
@@ -327,10 +346,16 @@ class CDReg(PoseSystem):
 
     # ---- training ---------------------------------------------------------------------------
     def training_loss(self, batch: dict[str, Any], theta: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss at poses ``theta (B, 6)`` (default: the true pose plus ``N(0, train_*)`` per axis)."""
+        """Loss at poses ``theta (B, 6)`` (default: the true pose plus ``u · N(0, train_*)`` per axis,
+        ``u ~ U(train_radius)`` per sample)."""
         true = batch["pose_true"].float()
         if theta is None:
-            theta = true + torch.randn_like(true) * self.train_std.to(true.device)
+            # radius mixture: the Gaussian offset is scaled per sample by u ~ U(lo, hi), so the
+            # field is trained from next to the truth (where a plain 6-D Gaussian rarely lands)
+            # out beyond the test starting distances
+            lo, hi = self.train_radius
+            u = lo + (hi - lo) * torch.rand(true.shape[0], 1, device=true.device, dtype=true.dtype)
+            theta = true + torch.randn_like(true) * self.train_std.to(true.device) * u
         theta = theta.detach().float().clone().requires_grad_(True)
         x3d = self.residual(batch["volume"])
         g, _, f = self.pose_gradient(batch, x3d, theta, create_graph=True)

@@ -25,6 +25,11 @@ def test_modules_shapes() -> None:
     # starts close to the plain repeated volume (small last layer), but is not identical
     assert float((r - x.repeat(1, 3, 1, 1, 1)).detach().abs().max()) < 1e-3
     assert FFCBranch(8)(torch.rand(2, 8, 5, 6)).shape == (2, 8, 5, 6)
+    # a stride of 1 in the first stage keeps a 4x4 map on a 32 px detector
+    _, f1 = CDRegNet(widths=(4, 8, 8, 16, 16), strides=(1, 2, 2, 2))(torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32))
+    assert f1["high_x"].shape == (2, 16, 4, 4)
+    with pytest.raises(ValueError):
+        CDReg(widths=(4, 8, 8, 16, 16), train_radius=(2.0, 1.0))
 
 
 def test_invertible_branch_is_invertible() -> None:
