@@ -28,11 +28,26 @@ from benchmark import metrics
 from benchmark.spatial import spacing_from_affine, warp
 from benchmark.timing import timed_call
 
-__all__ = ["RegistrationSystem", "DivergenceError", "NoRegistration"]
+__all__ = ["RegistrationSystem", "DivergenceError", "NoRegistration", "checked_loss"]
 
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss; the runner records the experiment as failed."""
+
+
+def checked_loss(module: L.LightningModule, loss: torch.Tensor, parts: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Log a training loss and its parts, or raise :class:`DivergenceError` when it is not
+    finite on any rank (all ranks leave together, or DDP would hang on the next all-reduce).
+    Shared by every system's ``training_step``."""
+    bad = not bool(torch.isfinite(loss.detach()).item())
+    if module._trainer is not None and module.trainer.world_size > 1:
+        bad = module.trainer.strategy.reduce_boolean_decision(bad, all=False)
+    if bad:
+        raise DivergenceError(f"non-finite training loss at step {module.global_step} ({ {k: float(v) for k, v in parts.items()} })")
+    module.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+    for k, v in parts.items():
+        module.log(f"train/{k}", v, batch_size=batch_size)
+    return loss
 
 
 class RegistrationSystem(L.LightningModule):
@@ -99,17 +114,7 @@ class RegistrationSystem(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.training_loss(batch)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        # Every rank must leave together, or DDP would hang on the next all-reduce.
-        if self.trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            raise DivergenceError(f"non-finite training loss at step {self.global_step} ({ {k: float(v) for k, v in parts.items()} })")
-        bs = batch["fixed"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, batch_size=bs)
-        return loss
+        return checked_loss(self, loss, parts, batch_size=batch["fixed"].shape[0])
 
     def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
         """``register`` with autograd usable by iterative methods, even inside eval loops."""

@@ -30,7 +30,7 @@ import torch
 from benchmark.drr import CArmGeometry, render_pose
 from benchmark.metrics_pose import pose_metrics
 from benchmark.timing import timed_call
-from systems.base import DivergenceError
+from systems.base import checked_loss
 
 __all__ = ["PoseSystem", "InitialPose"]
 
@@ -88,16 +88,7 @@ class PoseSystem(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.training_loss(batch)
-        bad = not bool(torch.isfinite(loss.detach()).item())
-        if self.trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            raise DivergenceError(f"non-finite training loss at step {self.global_step} ({ {k: float(v) for k, v in parts.items()} })")
-        bs = batch["xray"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, batch_size=bs)
-        return loss
+        return checked_loss(self, loss, parts, batch_size=batch["xray"].shape[0])
 
     def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
         """``register`` with autograd usable (pose optimisation needs it even in eval loops)."""
