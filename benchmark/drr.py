@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from benchmark.se3 import pose_to_matrix
+from benchmark.spatial import voxel_to_grid_coords
 
 __all__ = [
     "CArmGeometry",
@@ -229,14 +230,12 @@ def render(
     near, far = _ray_bounds(src_v, pix_v, shape)
     span = (far - near).clamp_min(0.0)  # (B, P)
     step_mm = (span * ray_len / n_samples).to(dtype)
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=transform.dtype, device=dev)
     # Per ray, in grid_sample's normalised xyz coordinates and the volume's dtype: the entry
     # point a and the entry→exit vector b; sample k is a + (k + 0.5)/n · b. Only these small
     # (B, P, 3) tensors carry the pose; the big (B, R, n, 3) grid is one fused op per chunk.
-    src_n = src_v * scale - 1.0
-    dir_n = (pix_v - src_v) * scale
-    a_n = (src_n + near[..., None] * dir_n).flip(-1).to(dtype)
-    b_n = (span[..., None] * dir_n).flip(-1).to(dtype)
+    d_v = pix_v - src_v
+    a_n = voxel_to_grid_coords(src_v + near[..., None] * d_v, shape).to(dtype)
+    b_n = voxel_to_grid_coords(span[..., None] * d_v, shape, vector=True).to(dtype)
     frac = ((torch.arange(n_samples, dtype=dtype, device=dev) + 0.5) / n_samples).view(1, 1, n_samples, 1)
     npix = pix.shape[0]
     rays_per_chunk = max(1, chunk_points // (n_samples * max(nb // nv, 1)))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "identity_grid",
+    "voxel_to_grid_coords",
     "disp_to_grid",
     "grid_to_disp",
     "warp",
@@ -71,6 +72,25 @@ def _norm_scale(shape: Sequence[int], device, dtype) -> torch.Tensor:
     return torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=device, dtype=dtype)
 
 
+def voxel_to_grid_coords(points: torch.Tensor, shape: Sequence[int], vector: bool = False) -> torch.Tensor:
+    """Voxel positions (array axis order) → ``grid_sample`` coordinates (``align_corners=True``).
+
+    The one place where voxel index ``i`` becomes ``2 i / (N − 1) − 1`` and the axis order is
+    reversed to grid_sample's (x, y[, z]).
+
+    Args:
+        points: ``(..., ndim)`` voxel indices of a volume of ``shape``; with ``vector=True``
+            differences of positions (no offset applied).
+        shape: the volume's spatial shape.
+
+    Returns:
+        ``(..., ndim)`` normalised coordinates, last axis reversed.
+    """
+    scale = _norm_scale(shape, points.device, points.dtype)
+    out = points * scale if vector else points * scale - 1.0
+    return out.flip(-1)
+
+
 def disp_to_grid(disp: torch.Tensor) -> torch.Tensor:
     """Voxel displacement → ``grid_sample`` sampling grid (pull, ``align_corners=True``).
 
@@ -86,9 +106,7 @@ def disp_to_grid(disp: torch.Tensor) -> torch.Tensor:
     if disp.shape[1] != nd:
         raise ValueError(f"displacement has {disp.shape[1]} channels for {nd} spatial axes")
     pos = identity_grid(shape, disp.device, disp.dtype).unsqueeze(0) + disp
-    scale = _norm_scale(shape, disp.device, disp.dtype).view(1, nd, *([1] * nd))
-    norm = pos * scale - 1.0
-    return norm.movedim(1, -1).flip(-1)
+    return voxel_to_grid_coords(pos.movedim(1, -1), shape)
 
 
 def grid_to_disp(grid: torch.Tensor) -> torch.Tensor:

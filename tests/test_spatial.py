@@ -340,3 +340,21 @@ def test_warp_matches_simpleitk_displacement_field(nd: int, smooth_field) -> Non
     inside = np.all([(pos[d] >= 0) & (pos[d] <= shape[d] - 1) for d in range(nd)], axis=0)
     assert inside.mean() > 0.6
     np.testing.assert_allclose(ours[inside], ref[inside], atol=1e-8)
+
+
+def test_voxel_to_grid_coords_reads_the_indexed_voxel():
+    """grid_sample at the converted coordinates of voxel (i, j, k) returns vol[i, j, k]
+    (catches a missing axis reversal or an align_corners slip); vectors get no offset."""
+    import torch.nn.functional as F
+
+    from benchmark.spatial import voxel_to_grid_coords
+
+    shape = (5, 7, 4)
+    vol = torch.arange(5 * 7 * 4, dtype=torch.float64).reshape(1, 1, *shape)
+    idx = torch.tensor([[0, 0, 0], [4, 6, 3], [1, 5, 2], [3, 2, 1]], dtype=torch.float64)
+    g = voxel_to_grid_coords(idx, shape).view(1, -1, 1, 1, 3)
+    got = F.grid_sample(vol, g, mode="nearest", align_corners=True).flatten()
+    assert torch.equal(got, vol[0, 0, idx[:, 0].long(), idx[:, 1].long(), idx[:, 2].long()])
+    a, b = idx[1], idx[2]
+    diff = voxel_to_grid_coords(b, shape) - voxel_to_grid_coords(a, shape)
+    assert torch.allclose(voxel_to_grid_coords(b - a, shape, vector=True), diff)
