@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import scipy.ndimage as ndi
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmark import metrics
 from benchmark.io import DataError, Volume, load_segmentation, load_volume, read_landmarks_csv
 from datamodules.base import PairDataModule, RandomPairSampler
 from datamodules.batch import collate_pairs
@@ -93,10 +93,7 @@ def landmark_centroids(volume: Volume, ids: Sequence[int] | None = None) -> tupl
     use = found if ids is None else np.asarray(list(ids), dtype=np.int64)
     if use.size == 0:
         return np.zeros((0, 3)), use
-    cents = np.asarray(ndi.center_of_mass(np.ones(data.shape, np.float32), data, use.tolist()), dtype=np.float64)
-    cents = cents.reshape(-1, 3)
-    cents[~np.isin(use, found)] = np.nan
-    return cents, use
+    return metrics.label_centroids(data, use.tolist()), use
 
 
 class SubjectLoader:
@@ -219,10 +216,11 @@ def _guarded(path: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _map_labels(seg: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
-    out = seg.copy()
-    for src, dst in mapping.items():
-        out[seg == src] = dst
-    return out
+    """Relabel through ``mapping`` (ids not in it kept) in one pass over the volume, not one
+    pass per mapped id."""
+    uniq, inverse = np.unique(seg, return_inverse=True)
+    table = np.asarray([mapping.get(int(u), int(u)) for u in uniq], dtype=seg.dtype)
+    return table[inverse].reshape(seg.shape)
 
 
 def _pair_landmarks(f: Mapping[str, np.ndarray], m: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

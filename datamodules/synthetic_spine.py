@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchmark import metrics
+
 __all__ = ["SyntheticSpineCT", "make_spine_ct", "label_centroids"]
 
 
@@ -37,24 +39,23 @@ class SyntheticSpineCT:
 
 
 def label_centroids(labels: np.ndarray, affine: np.ndarray, ids: list[int] | None = None) -> tuple[list[int], np.ndarray]:
-    """Centres of mass of label ids in world mm (one ``bincount`` pass per axis).
+    """Centres of mass of label ids in world mm (:func:`benchmark.metrics.label_centroids`
+    through ``affine``).
 
     Returns:
         ``(ids, (len(ids), 3) array)``; ids absent from the map are left out.
     """
-    flat = labels.reshape(-1).astype(np.int64)
-    if flat.size and flat.min() < 0:
+    if labels.size and labels.min() < 0:
         raise ValueError("label maps must be non-negative")
-    counts = np.bincount(flat)
-    idx = np.indices(labels.shape).reshape(3, -1).astype(np.float64)
-    sums = np.stack([np.bincount(flat, weights=idx[a], minlength=counts.size) for a in range(3)], 1)
-    present = [int(i) for i in np.nonzero(counts)[0] if i != 0]
-    if ids is not None:
-        present = [i for i in ids if i < counts.size and counts[i] > 0]
+    want = sorted(int(i) for i in np.unique(labels) if i != 0) if ids is None else [int(i) for i in ids]
+    if not want:
+        return [], np.zeros((0, 3))
+    vox = metrics.label_centroids(labels, want)
+    keep = ~np.isnan(vox).any(1)
+    present = [i for i, k in zip(want, keep) if k]
     if not present:
         return [], np.zeros((0, 3))
-    vox = sums[present] / counts[present, None]
-    world = vox @ affine[:3, :3].T + affine[:3, 3]
+    world = vox[keep] @ affine[:3, :3].T + affine[:3, 3]
     return present, world
 
 
