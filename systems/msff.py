@@ -220,7 +220,11 @@ class FusionBlock(nn.Module):
     3. Local spatial attention on the fused features: ``s = sigmoid(conv_k([mean_c h, max_c h]))``
        with a ``spatial_kernel``³ kernel, ``(B, 1, *S)`` in (0, 1); output ``h · s``.
 
-    Forward returns ``(out (B, out_channels, *S), {"channel": w, "spatial": s})``.
+    With ``attention=False`` (the ablation "plain concatenation") steps 1 and 3 are left
+    out and their parameters are not created: ``out = LeakyReLU(conv3×3×3(cat(x_i)))``.
+
+    Forward returns ``(out (B, out_channels, *S), {"channel": w, "spatial": s})`` (an empty
+    dict without attention).
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class FusionBlock(nn.Module):
         reduction: int = 4,
         spatial_kernel: int = 7,
         channel_pool: str = "avgmax",
+        attention: bool = True,
     ) -> None:
         super().__init__()
         if channel_pool not in ("avg", "avgmax"):
@@ -240,14 +245,18 @@ class FusionBlock(nn.Module):
         c = sum(self.part_channels)
         hidden = max(c // int(reduction), 4)
         self.channel_pool = channel_pool
-        self.mlp = nn.Sequential(nn.Conv3d(c, hidden, 1), nn.LeakyReLU(_LEAKY_SLOPE), nn.Conv3d(hidden, c, 1))
+        self.attention = bool(attention)
+        if self.attention:
+            self.mlp = nn.Sequential(nn.Conv3d(c, hidden, 1), nn.LeakyReLU(_LEAKY_SLOPE), nn.Conv3d(hidden, c, 1))
+            self.spatial = nn.Conv3d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
         self.fuse = nn.Conv3d(c, out_channels, 3, padding=1)
-        self.spatial = nn.Conv3d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
         self.out_channels = int(out_channels)
 
     def forward(self, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if [p.shape[1] for p in parts] != self.part_channels:
             raise ValueError(f"fusion block expects parts with {self.part_channels} channels, got {[p.shape[1] for p in parts]}")
+        if not self.attention:
+            return _leaky(_conv(torch.cat(list(parts), dim=1), self.fuse)), {}
         dims = tuple(range(2, parts[0].dim()))
         avg = torch.cat([p.mean(dim=dims, keepdim=True) for p in parts], dim=1)
         logits = self.mlp(avg)
@@ -275,6 +284,10 @@ class MSFFNet(nn.Module):
         int_steps: scaling-and-squaring steps when ``diffeomorphic``.
         reduction, spatial_kernel, channel_pool: :class:`FusionBlock` attention options.
         fused_levels: :class:`AuxiliaryDecoder` speed option (same function).
+        aux_decoder: build the auxiliary decoder and feed its features to the fusion blocks
+            (ablation switch; ``False``: the blocks see the encoder features and the field only).
+        fusion: ``"attention"`` (the multi-scale feature fusion block) or ``"concat"``
+            (ablation switch: plain concatenation + one 3×3×3 conv, no attention).
 
     Forward ``(moving, fixed)``, both ``(B, 1, *S)``, every axis of ``S`` divisible by
     ``2**(L-1)`` (:class:`MSFF` pads), returns a dict:
@@ -300,8 +313,12 @@ class MSFFNet(nn.Module):
         spatial_kernel: int = 7,
         channel_pool: str = "avgmax",
         fused_levels: int = 2,
+        aux_decoder: bool = True,
+        fusion: str = "attention",
     ) -> None:
         super().__init__()
+        if fusion not in ("attention", "concat"):
+            raise ValueError(f"fusion must be 'attention' or 'concat', got {fusion!r}")
         L = len(enc_widths)
         if L < 2 or len(aux_widths) != L or len(fuse_widths) != L:
             raise ValueError(f"need >= 2 levels and one width per level: enc {enc_widths}, aux {aux_widths}, fuse {fuse_widths}")
@@ -310,14 +327,17 @@ class MSFFNet(nn.Module):
         self.diffeomorphic = bool(diffeomorphic)
         self.int_steps = int(int_steps)
         self.encoder = SharedEncoder(enc_widths)
-        self.aux = AuxiliaryDecoder(enc_widths, aux_widths, fused_levels)
+        self.use_aux = bool(aux_decoder)
+        self.fusion_mode = fusion
+        self.aux = AuxiliaryDecoder(enc_widths, aux_widths, fused_levels) if self.use_aux else None
         self.fusion = nn.ModuleList()
         self.heads = nn.ModuleList()
         for k in range(L):
-            parts = [enc_widths[k], enc_widths[k], aux_widths[k], aux_widths[k]]
+            parts = [enc_widths[k], enc_widths[k]] + ([aux_widths[k], aux_widths[k]] if self.use_aux else [])
             if k < L - 1:  # finer scales also see the current field
                 parts.append(self.ndim)
-            self.fusion.append(FusionBlock(parts, fuse_widths[k], reduction, spatial_kernel, channel_pool))
+            self.fusion.append(FusionBlock(parts, fuse_widths[k], reduction, spatial_kernel, channel_pool,
+                                           attention=fusion == "attention"))
             flow = nn.Conv3d(fuse_widths[k], self.ndim, 3, padding=1)
             nn.init.normal_(flow.weight, 0.0, 1e-5)
             nn.init.zeros_(flow.bias)
@@ -346,7 +366,7 @@ class MSFFNet(nn.Module):
     def _residual(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         conv_act, flow = self.heads[k]
         # the field ops of benchmark.spatial get the default layout back
-        vel = _conv(conv_act(h), flow).contiguous()
+        vel = _conv(conv_act(h), flow).contiguous().float()  # fields stay float32 (systems.speed)
         if self.diffeomorphic:
             return integrate_velocity(vel, self.int_steps), vel
         return vel, vel
@@ -359,11 +379,12 @@ class MSFFNet(nn.Module):
             raise ValueError(f"spatial size {tuple(fixed.shape[2:])} must be divisible by {m} (MSFF pads its inputs)")
         b = fixed.shape[0]
         enc = self.encoder(torch.cat([moving, fixed], dim=0))  # shared weights: one pass for both
-        aux = self.aux(enc)
         enc_m = [e[:b] for e in enc]
         enc_f = [e[b:] for e in enc]
-        aux_m = [a[:b] for a in aux]
-        aux_f = [a[b:] for a in aux]
+        if self.aux is not None:
+            aux = self.aux(enc)
+            aux_m = [a[:b] for a in aux]
+            aux_f = [a[b:] for a in aux]
         L = self.levels
         fields: list[torch.Tensor] = []
         residuals: list[torch.Tensor] = []
@@ -372,13 +393,16 @@ class MSFFNet(nn.Module):
         field: torch.Tensor | None = None
         for k in range(L - 1, -1, -1):
             if field is None:
-                parts = [enc_f[k], enc_m[k], aux_f[k], aux_m[k]]
+                parts = [enc_f[k], enc_m[k]] + ([aux_f[k], aux_m[k]] if self.aux is not None else [])
                 h, att = self.fusion[k](parts)
                 residual, vel = self._residual(k, h)
                 field = residual
             else:
                 up = resize_field(field, enc_f[k].shape[2:])
-                parts = [enc_f[k], warp(enc_m[k], up), aux_f[k], warp(aux_m[k], up), up]
+                parts = [enc_f[k], warp(enc_m[k], up)]
+                if self.aux is not None:
+                    parts += [aux_f[k], warp(aux_m[k], up)]
+                parts.append(up)
                 h, att = self.fusion[k](parts)
                 residual, vel = self._residual(k, h)
                 field = compose(up, residual)
@@ -418,6 +442,16 @@ class MSFF(RegistrationSystem):
         pad: zero-pad inputs whose sizes are not multiples of ``2**(scales-1)`` (16) and
             crop the field back; ``False`` refuses such inputs with an error.
         fused_levels: speed option of the auxiliary decoder (same function).
+        aux_decoder: ablation switch of the paper's shared auxiliary decoder. ``True`` (the
+            method): its high-level features of both images enter every fusion block.
+            ``False``: no auxiliary decoder is built (fewer parameters) and the fusion blocks
+            see the fixed and warped moving encoder features and the field only.
+        fusion: ablation switch of the paper's multi-scale feature fusion block.
+            ``"attention"`` (the method): channel attention, fusion conv, spatial attention
+            (:class:`FusionBlock`). ``"concat"``: plain concatenation of the same parts and
+            one 3×3×3 conv + LeakyReLU of the same width (no attention parameters).
+            Everything else (pyramid, composition, loss) is unchanged by either switch, so
+            a variant differs from the full method in that one component only.
 
     Choices where the paper is silent:
 
@@ -449,6 +483,8 @@ class MSFF(RegistrationSystem):
         "lambda_": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
         "width": {"type": "categorical", "choices": [4, 8, 16]},
     }
+    #: Regularisation argument and default range of ``regbench arc`` (log-spaced values).
+    regularisation: ClassVar[tuple[str, float, float]] = ("lambda_", 0.1, 10.0)
 
     def __init__(
         self,
@@ -464,11 +500,15 @@ class MSFF(RegistrationSystem):
         channel_pool: str = "avgmax",
         pad: bool = True,
         fused_levels: int = 2,
+        aux_decoder: bool = True,
+        fusion: str = "attention",
         warmup_calls: int | None = None,
         compute_hd95: bool = True,
         compute_ndv: bool = True,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv)
+        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv,
+                         compile=compile)
         self.save_hyperparameters()
         if int(width) < 1:
             raise ValueError(f"width must be >= 1, got {width}")
@@ -483,6 +523,8 @@ class MSFF(RegistrationSystem):
             spatial_kernel=spatial_kernel,
             channel_pool=channel_pool,
             fused_levels=fused_levels,
+            aux_decoder=aux_decoder,
+            fusion=fusion,
         )
         self.pad = bool(pad)
         self.similarity = LocalNCC(ncc_window)

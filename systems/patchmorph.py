@@ -446,13 +446,15 @@ class PatchNet(nn.Module):
             0.25 = a quarter of the extent).
         residual_max: bound of the residual in patch voxels (``residual_max · tanh(r / residual_max)``;
             default ``patch_size / 4``).
+        affine: build the affine head (``False``: no affine head, no parameters for it, the
+            affine part is the identity; the ablation of the per-patch affine part).
 
     Forward: moving, fixed ``(N, 1, n, n, n)`` → ``matrix (N, 3, 3)``, ``shift (N, 3)``
     (normalised patch units) and ``residual (N, 3, n, n, n)`` (patch voxels).
     """
 
     def __init__(self, backbone: nn.Module, patch_size: int, affine_scale: float = 0.1, affine_max: float = 0.25,
-                 residual_max: float | None = None) -> None:
+                 residual_max: float | None = None, affine: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         c = getattr(backbone, "out_channels", None)
@@ -462,9 +464,10 @@ class PatchNet(nn.Module):
         self.flow = nn.Conv3d(int(c), 3, 3, padding=1)
         nn.init.normal_(self.flow.weight, 0.0, 1e-5)
         nn.init.zeros_(self.flow.bias)
-        self.affine_head = nn.Linear(int(c), 12)
-        nn.init.zeros_(self.affine_head.weight)
-        nn.init.zeros_(self.affine_head.bias)
+        self.affine_head = nn.Linear(int(c), 12) if affine else None
+        if self.affine_head is not None:
+            nn.init.zeros_(self.affine_head.weight)
+            nn.init.zeros_(self.affine_head.bias)
         self.affine_scale = float(affine_scale)
         self.affine_max = float(affine_max)
         self.residual_max = float(patch_size) / 4 if residual_max is None else float(residual_max)
@@ -473,13 +476,15 @@ class PatchNet(nn.Module):
         feats = self.backbone(torch.cat([moving, fixed], dim=1))
         # soft bounds (slope 1 at 0): a cascade whose coarse map runs off the image gets no
         # similarity gradient back, so unbounded outputs can run away at larger learning rates
-        raw = self.flow(feats).contiguous()
+        raw = self.flow(feats).contiguous().float()  # heads' outputs float32 (systems.speed)
         residual = self.residual_max * torch.tanh(raw / self.residual_max)
         pooled = feats.mean(dim=tuple(range(2, feats.dim())))
-        if self.affine_max > 0:
-            params = self.affine_max * torch.tanh(self.affine_head(pooled) * (self.affine_scale / self.affine_max))
+        if self.affine_head is None:  # ablation: no affine part (identity), no parameters
+            params = pooled.new_zeros(pooled.shape[0], 12)
+        elif self.affine_max > 0:
+            params = self.affine_max * torch.tanh(self.affine_head(pooled).float() * (self.affine_scale / self.affine_max))
         else:  # dense part only
-            params = self.affine_head(pooled) * 0.0
+            params = self.affine_head(pooled).float() * 0.0
         return params[:, :9].reshape(-1, 3, 3), params[:, 9:], residual
 
 
@@ -534,6 +539,18 @@ class PatchMorph(RegistrationSystem):
         infer_passes: jittered lattices per scale at inference (more patches, more averaging).
         infer_chunk: patches per network call at inference (bounds inference memory).
         seed: seed of the inference patch positions.
+        n_scales: ablation switch of the cascade: use only the ``n_scales`` finest entries of
+            ``extents_mm`` (``None``: all, the method). ``n_scales=1`` is a single-scale patch
+            registration at the finest patch size (the resolution of the full method's last
+            scale, without its coarse context); fewer scales = fewer networks.
+        affine: ablation switch of the per-patch affine part: ``True`` (the method) gives
+            every scale's network its affine head; ``False`` removes the heads (the maps are
+            identity + dense residual only). ``affine_max = 0`` also turns the affine part
+            off but keeps the (unused) head's parameters.
+
+    Ablation variants (``variants`` of a grid config, see :mod:`benchmark.variants`) change
+    one of the two switches and nothing else: training loss, patches and inference stay as
+    in the full method.
     """
 
     learns: ClassVar[bool] = True
@@ -541,6 +558,8 @@ class PatchMorph(RegistrationSystem):
         "lambda_": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
         "extent_factor": {"type": "float", "low": 0.75, "high": 1.5},
     }
+    #: Regularisation argument and default range of ``regbench arc`` (log-spaced values).
+    regularisation: ClassVar[tuple[str, float, float]] = ("lambda_", 0.1, 10.0)
 
     def __init__(
         self,
@@ -563,11 +582,15 @@ class PatchMorph(RegistrationSystem):
         infer_passes: int = 1,
         infer_chunk: int = 32,
         seed: int = 0,
+        n_scales: int | None = None,
+        affine: bool = True,
         warmup_calls: int | None = None,
         compute_hd95: bool = True,
         compute_ndv: bool = True,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv)
+        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv,
+                         compile=compile)
         ignore = [] if backbone is None or isinstance(backbone, str) else ["backbone"]
         self.save_hyperparameters(ignore=ignore)
         if int(patch_size) < 4:
@@ -584,6 +607,10 @@ class PatchMorph(RegistrationSystem):
             ext.append([x * float(extent_factor) for x in v])
         if not ext:
             raise ValueError("extents_mm: at least one scale")
+        if n_scales is not None:
+            if not 1 <= int(n_scales) <= len(ext):
+                raise ValueError(f"n_scales must be in [1, {len(ext)}] (the number of extents_mm), got {n_scales}")
+            ext = ext[len(ext) - int(n_scales):]
         for a, b in zip(ext, ext[1:]):
             if any(y > x + 1e-9 for x, y in zip(a, b)):
                 raise ValueError(f"extents_mm must shrink from coarse to fine, got {list(extents_mm)}")
@@ -600,7 +627,9 @@ class PatchMorph(RegistrationSystem):
         if backbone is None and backbone_args is None:
             backbone_args = {"enc": [16, 32, 32, 32], "dec": [32, 32, 32, 32, 32, 16, 16]}
         factory = _resolve_factory(backbone, backbone_args)
-        self.nets = nn.ModuleList(PatchNet(factory(), self.patch_size, affine_scale, affine_max, residual_max) for _ in ext)
+        self.affine = bool(affine)
+        self.nets = nn.ModuleList(PatchNet(factory(), self.patch_size, affine_scale, affine_max, residual_max, self.affine)
+                                  for _ in ext)
         self.similarity = LocalNCC(ncc_window)
         #: Patches per scale in the last ``register`` call (for the performance harness).
         self.last_patch_counts: list[int] = []

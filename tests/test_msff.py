@@ -301,3 +301,64 @@ def test_perf_systems_refuses_unknown_benchmarks() -> None:
         main_perf_systems(SimpleNamespace(only="msff,nope"))
     with pytest.raises(ValueError, match="unknown learned"):
         perf_learned(systems=("nope",))
+
+
+# --------------------------------------------------------------------------- ablation switches
+
+
+def _one_step(model: MSFF, batch: dict) -> float:
+    """One Adam step; returns the largest parameter change (0 if nothing trained)."""
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss, _ = model.training_loss(batch)
+    assert bool(torch.isfinite(loss))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("switch", [{"aux_decoder": False}, {"fusion": "concat"}, {"aux_decoder": False, "fusion": "concat"}])
+def test_ablation_switches_change_the_module_and_train(switch: dict) -> None:
+    shape = (16, 16, 16)
+    fixed = _smooth(shape, 1, 1.0, 2.0, seed=7).abs()
+    moving = _smooth(shape, 1, 1.0, 2.0, seed=8).abs()
+    batch = {"moving": moving, "fixed": fixed}
+    kw = {"width": 2, "width_mults": (1, 2, 2, 2, 2), "ncc_window": 5}
+    torch.manual_seed(0)
+    full = MSFF(**kw)
+    torch.manual_seed(0)
+    abl = MSFF(**kw, **switch)
+    n_full = sum(p.numel() for p in full.parameters())
+    n_abl = sum(p.numel() for p in abl.parameters())
+    assert n_abl < n_full  # the component's parameters are gone
+    if switch.get("aux_decoder") is False:
+        assert abl.net.aux is None and full.net.aux is not None
+        assert all(len(b.part_channels) == len(f.part_channels) - 2 for b, f in zip(abl.net.fusion, full.net.fusion))
+    if switch.get("fusion") == "concat":
+        assert all(not hasattr(b, "mlp") and not hasattr(b, "spatial") for b in abl.net.fusion)
+    for net in (full.net, abl.net):
+        _loud_heads(net)
+    with torch.no_grad():
+        d_full = full(moving, fixed)["disp"]
+        d_abl = abl(moving, fixed)["disp"]
+    assert d_abl.shape == d_full.shape and float((d_abl - d_full).abs().max()) > 1e-4
+    assert _one_step(abl, batch) > 0.0
+
+
+def test_concat_fusion_is_plain_concatenation_and_conv() -> None:
+    parts_ch = [3, 3, 2]
+    block = FusionBlock(parts_ch, 5, spatial_kernel=3, attention=False)
+    parts = [torch.randn(2, c, 6, 5, 4) for c in parts_ch]
+    out, att = block(parts)
+    expected = F.leaky_relu(F.conv3d(torch.cat(parts, 1), block.fuse.weight, block.fuse.bias, padding=1), 0.2)
+    assert att == {} and torch.allclose(out, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="fusion"):
+        MSFF(fusion="sum")
+
+
+def test_regularisation_declared_for_arc() -> None:
+    import inspect
+
+    name, lo, hi = MSFF.regularisation
+    assert name in inspect.signature(MSFF.__init__).parameters and 0 < lo < hi

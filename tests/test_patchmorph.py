@@ -276,3 +276,63 @@ def test_pluggable_backbone_and_declared_search_space():
     out = sample_at_world(torch.arange(720, dtype=torch.int64).view(1, 1, *shape), aff,
                           torch.tensor([[2.0, 3.0, 4.0]]).view(1, 3, 1, 1, 1))
     assert int(out) == (2 * 9 + 3) * 8 + 4
+
+
+# ------------------------------------------------------------------------ ablation switches
+def _tiny_pm(**kw) -> PatchMorph:
+    torch.manual_seed(0)
+    return PatchMorph(lambda_=0.1, lr=3e-3, patch_size=8, extents_mm=(24.0, 16.0, 8.0), train_patches=2, ncc_window=5,
+                      backbone_args={"enc": [4, 4], "dec": [4, 4, 4]}, **kw)
+
+
+def _pm_batch():
+    shape = (16, 16, 16)
+    aff = torch.eye(4, dtype=torch.float64)[None]
+    g = np.random.default_rng(5)
+    img = [torch.from_numpy(ndi.gaussian_filter(g.random(shape), 2.0)).float()[None, None] for _ in range(2)]
+    return {"fixed": img[0], "moving": img[1], "fixed_affine": aff, "moving_affine": aff}
+
+
+def _train_one_step(pm: PatchMorph, batch) -> float:
+    before = [p.detach().clone() for p in pm.parameters()]
+    opt = torch.optim.Adam(pm.parameters(), lr=1e-3)
+    loss, _ = pm.training_loss(batch)
+    assert bool(torch.isfinite(loss))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return max(float((p.detach() - b).abs().max()) for p, b in zip(pm.parameters(), before))
+
+
+def test_single_scale_switch_keeps_the_finest_scale_and_trains():
+    full, one = _tiny_pm(), _tiny_pm(n_scales=1)
+    assert len(full.nets) == 3 and len(one.nets) == 1
+    assert one.extents == [full.extents[-1]]  # the finest patch, without the coarse context
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(one) * 3 == n(full)
+    batch = _pm_batch()
+    with torch.no_grad():
+        for pm in (full, one):
+            for net in pm.nets:
+                net.flow.bias.fill_(0.3)  # visible residuals at every scale
+        u_full, u_one = full.register(batch), one.register(batch)
+    assert float((u_full - u_one).abs().max()) > 0.1
+    assert _train_one_step(one, batch) > 0
+    with pytest.raises(ValueError, match="n_scales"):
+        _tiny_pm(n_scales=4)
+
+
+def test_affine_switch_removes_the_affine_part_and_trains():
+    full, dense = _tiny_pm(), _tiny_pm(affine=False)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    heads = sum(net.affine_head.weight.numel() + net.affine_head.bias.numel() for net in full.nets)
+    assert n(full) - n(dense) == heads and all(net.affine_head is None for net in dense.nets)
+    batch = _pm_batch()
+    full.load_state_dict(dense.state_dict(), strict=False)  # same backbones and residual heads
+    with torch.no_grad():
+        same = (full.register(batch) - dense.register(batch)).abs().max()
+        for net in full.nets:  # an affine head that outputs a shift: only the full method moves
+            net.affine_head.bias[9:].fill_(1.0)
+        differ = (full.register(batch) - dense.register(batch)).abs().max()
+    assert float(same) < 1e-5 and float(differ) > 0.1
+    assert _train_one_step(dense, batch) > 0
