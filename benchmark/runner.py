@@ -47,6 +47,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -61,6 +62,17 @@ from typing import Any
 import yaml
 
 from benchmark.io import DataError, atomic_write_json, set_default_mode
+from benchmark.reliability import (
+    ExperimentLock,
+    FitStateCallback,
+    LockHeld,
+    RunInterrupted,
+    critical,
+    describe_holder,
+    install_signal_handlers,
+    make_resumable,
+    one_line_error,
+)
 from benchmark.results import (
     experiment_dir,
     read_partial_records,
@@ -80,9 +92,13 @@ TOP_KEYS = {
     "loggers": "list of: csv, tensorboard, wandb",
     "wandb": "WandbLogger options (offline unless offline: false)",
     "datasets": "name -> {class_path, init_args}",
-    "methods": "name -> {class_path, init_args, trainer}",
+    "methods": "name -> {class_path, init_args, trainer, variants}",
+    "arc": "options of `regbench arc` (k, sdlogj_bound, per-method ranges); ignored by `regbench run`",
+    "budget": "training budget of every learned method: {max_steps, max_time_s} (a method's own budget overrides it)",
+    "checkpoint_every_n_steps": "training steps between resumable checkpoints (ckpt/last.ckpt; default 50)",
 }
-BLOCK_KEYS = {"class_path", "init_args", "trainer"}
+BLOCK_KEYS = {"class_path", "init_args", "trainer", "budget"}
+BUDGET_KEYS = ("max_steps", "max_time_s")
 KNOWN_LOGGERS = {"csv", "tensorboard", "wandb"}
 
 
@@ -102,6 +118,9 @@ class Block:
     init_args: dict[str, Any]
     trainer: dict[str, Any]
     raw: dict[str, Any]
+    variant_of: str | None = None  # a variant's base method (benchmark.variants)
+    variant: str | None = None
+    budget: dict[str, Any] | None = None  # a method's own budget (overrides the top-level one)
 
     def build(self) -> Any:
         return self.cls(**self.init_args)
@@ -119,6 +138,8 @@ class GridConfig:
     wandb: dict[str, Any]
     datasets: dict[str, Block]
     methods: dict[str, Block]
+    budget: dict[str, Any] | None = None
+    checkpoint_every_n_steps: int = 50
 
 
 def _import_class(class_path: str, where: str) -> type:
@@ -155,6 +176,81 @@ def _check_trainer_args(trainer: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.{key}: not a lightning.Trainer argument")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_budget(raw: Any, where: str) -> dict[str, Any] | None:
+    """A ``budget`` block: ``{max_steps: int >= 1 | null, max_time_s: float > 0 | null}``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with max_steps and/or max_time_s, got {type(raw).__name__}")
+    for key in raw:
+        if key not in BUDGET_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(BUDGET_KEYS)})")
+    steps, secs = raw.get("max_steps"), raw.get("max_time_s")
+    if steps is not None and (not _is_int(steps) or steps < 1):
+        raise ConfigError(f"{where}.max_steps: expected a positive integer (training steps) or null, got {steps!r}")
+    if secs is not None and (isinstance(secs, bool) or not isinstance(secs, (int, float)) or not math.isfinite(secs) or secs <= 0):
+        raise ConfigError(f"{where}.max_time_s: expected a positive number of seconds or null, got {secs!r}")
+    return {"max_steps": steps, "max_time_s": None if secs is None else float(secs)}
+
+
+def _check_trainer_values(trainer: dict[str, Any], where: str) -> None:
+    """Ranges of the trainer values that would otherwise fail (or silently do nothing) at run time."""
+
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"{where}.{key}: expected {want}, got {trainer[key]!r}")
+
+    for key in ("max_steps", "max_epochs"):
+        if key in trainer and trainer[key] is not None and (not _is_int(trainer[key]) or not (trainer[key] == -1 or trainer[key] >= 1)):
+            raise bad(key, "a positive integer (or -1 for no limit)")
+    for key in ("min_steps", "min_epochs"):
+        if key in trainer and trainer[key] is not None and (not _is_int(trainer[key]) or trainer[key] < 0):
+            raise bad(key, "an integer >= 0")
+    for key in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
+        if key in trainer and (not _is_int(trainer[key]) or trainer[key] < 1):
+            raise bad(key, "a positive integer")
+    if "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is not None and (
+            not _is_int(trainer["check_val_every_n_epoch"]) or trainer["check_val_every_n_epoch"] < 1):
+        raise bad("check_val_every_n_epoch", "a positive integer or null")
+    if "devices" in trainer:
+        d = trainer["devices"]
+        ok = (_is_int(d) and (d >= 1 or d == -1)) or d == "auto" \
+            or (isinstance(d, str) and re.fullmatch(r"\s*(-1|\d+\s*(,\s*\d+\s*)*,?)\s*", d) is not None and d.strip() not in ("0", "0,"))
+        ok = ok or (isinstance(d, list) and len(d) > 0 and all(_is_int(x) and x >= 0 for x in d))
+        if not ok:
+            raise bad("devices", "a positive integer, -1 (all), 'auto', or a list of device indices")
+    for key, lo_open in (("limit_train_batches", True), ("limit_test_batches", True), ("limit_val_batches", False)):
+        if key in trainer and trainer[key] is not None:
+            v = trainer[key]
+            if _is_int(v):
+                ok = v >= (1 if lo_open else 0)
+            elif isinstance(v, float):
+                ok = (0.0 < v <= 1.0) if lo_open else (0.0 <= v <= 1.0)
+            else:
+                ok = False
+            if not ok:
+                raise bad(key, "a batch count >= 1 or a fraction in (0, 1]" if lo_open else "a batch count >= 0 or a fraction in [0, 1]")
+    if "val_check_interval" in trainer and trainer["val_check_interval"] is not None:
+        v = trainer["val_check_interval"]
+        if not ((_is_int(v) and v >= 1) or (isinstance(v, float) and 0.0 < v <= 1.0)):
+            raise bad("val_check_interval", "a step count >= 1 or a fraction in (0, 1]")
+
+
+#: dataset arguments that count things: null or an integer >= 1 (num_workers: >= 0)
+_COUNT_ARG = re.compile(r"^(n_\w+|\w*_pairs|\w*_pairs_per_epoch|batch_size)$")
+
+
+def _check_dataset_values(init_args: dict[str, Any], where: str) -> None:
+    for key, v in init_args.items():
+        if _COUNT_ARG.match(key) and v is not None and (not _is_int(v) or v < 1):
+            raise ConfigError(f"{where}.init_args.{key}: expected a positive integer (or null), got {v!r}")
+        if key == "num_workers" and (not _is_int(v) or v < 0):
+            raise ConfigError(f"{where}.init_args.{key}: expected an integer >= 0, got {v!r}")
+
+
 def _parse_block(name: str, raw: Any, where: str) -> Block:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with class_path/init_args, got {type(raw).__name__}")
@@ -170,7 +266,9 @@ def _parse_block(name: str, raw: Any, where: str) -> Block:
     _check_init_args(cls, init_args, where)
     trainer = raw.get("trainer") or {}
     _check_trainer_args(trainer, f"{where}.trainer")
-    return Block(name, where, cls, dict(init_args), dict(trainer), raw)
+    _check_trainer_values(trainer, f"{where}.trainer")
+    budget = _check_budget(raw.get("budget"), f"{where}.budget")
+    return Block(name, where, cls, dict(init_args), dict(trainer), raw, budget=budget)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -260,7 +358,16 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None, overrid
         if lg not in KNOWN_LOGGERS:
             raise ConfigError(f"loggers: unknown logger {lg!r} (allowed: {', '.join(sorted(KNOWN_LOGGERS))})")
     datasets = {n: _parse_block(n, b, f"datasets.{n}") for n, b in raw["datasets"].items()}
-    methods = {n: _parse_block(n, b, f"methods.{n}") for n, b in raw["methods"].items()}
+    from benchmark.variants import VariantError, expand_variants
+
+    try:
+        raw_methods, origin = expand_variants(raw["methods"])
+    except VariantError as exc:
+        raise ConfigError(str(exc)) from exc
+    methods = {n: _parse_block(n, b, f"methods.{origin[n][0]}.variants.{origin[n][1]}" if n in origin else f"methods.{n}")
+               for n, b in raw_methods.items()}
+    for n, (base, var) in origin.items():
+        methods[n].variant_of, methods[n].variant = base, var
     if "initial" in methods:
         raise ConfigError("methods.initial: the name 'initial' is reserved for the no-registration row")
     out = Path(output or raw.get("output") or Path("results") / suite)
@@ -491,7 +598,8 @@ def _resolved(cfg: GridConfig, exp: Experiment, trainer_kwargs: dict[str, Any]) 
         "dataset": {"name": exp.dataset.name, **{k: exp.dataset.raw[k] for k in ("class_path", "init_args") if k in exp.dataset.raw}},
         "method": {"name": exp.method_name, "class_path": "systems.NoRegistration"}
         if exp.method is None
-        else {"name": exp.method_name, **{k: exp.method.raw[k] for k in ("class_path", "init_args") if k in exp.method.raw}},
+        else {"name": exp.method_name, **{k: exp.method.raw[k] for k in ("class_path", "init_args") if k in exp.method.raw},
+              **({"variant_of": exp.method.variant_of, "variant": exp.method.variant} if exp.method.variant_of else {})},
         "seed": exp.seed,
         "trainer": trainer_kwargs,
     }
@@ -576,7 +684,7 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
             trainer.fit(system, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
             if trainer.interrupted:
                 raise KeyboardInterrupt("training interrupted")
-            trainer.save_checkpoint(str(ckpt_dir / "final.ckpt"))
+            trainer.save_checkpoint(str(ckpt_dir / "final.ckpt"), weights_only=False)  # resumable, says so
             run["fit"] = {"done": True, "steps": int(trainer.global_step), "seconds": time.perf_counter() - t0,
                           "checkpoint": str(ckpt_dir / "final.ckpt")}
             save_run()
@@ -662,8 +770,14 @@ def _quiet_lightning() -> None:
 
 def run_grid(config: str | os.PathLike, output: str | None = None, methods: list[str] | None = None, leaderboard: bool = True,
              log=print, overrides: list[str] | None = None) -> dict[str, str]:
-    """Run every experiment of a grid config; returns ``{experiment_dir: status}``."""
-    _quiet_lightning()
+    """Run every experiment of a grid config; returns ``{experiment_dir: status}``.
+
+    Prints ``[k/N] experiment k of N: method on dataset, seed s · elapsed · left ~ETA``
+    before each experiment (:class:`benchmark.progress.GridProgress`) and ends by naming
+    the files it wrote."""
+    from benchmark.progress import GridProgress, set_verbosity
+
+    set_verbosity(lightning=True)  # Lightning's tips and banner below the threshold unless -v
     user_log = log
 
     def log(msg: str) -> None:  # every rank runs the grid; one of them talks
@@ -676,17 +790,27 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
         if unknown:
             raise ConfigError(f"--methods: unknown method(s) {sorted(unknown)} (config has {sorted(cfg.methods)})")
     statuses: dict[str, str] = {}
-    for exp in experiments(cfg):
-        if methods and exp.method_name not in methods:
-            continue
+    todo = [exp for exp in experiments(cfg) if not methods or exp.method_name in methods]
+    progress = GridProgress(len(todo), log)
+    for exp in todo:
         d = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
+        progress.start(exp.method_name, exp.dataset.name, exp.seed)
         log(f"[run] {d}")
-        statuses[str(d)] = run_experiment(cfg, exp, log=log)
+        skipped = []
+
+        def exp_log(msg: str, _skipped=skipped) -> None:
+            _skipped.append(msg.startswith("[skip]"))
+            log(msg)
+
+        statuses[str(d)] = run_experiment(cfg, exp, log=exp_log)
+        progress.finish("skipped" if any(skipped) else statuses[str(d)])
+    if statuses:
+        log(f"[results] {len(statuses)} experiment folder(s) under {cfg.output}/ (cases.csv, run.json, panel.npz each)")
     if leaderboard and _is_zero():
         from leaderboard.table import write_leaderboard
 
         md = write_leaderboard(cfg.output)
-        log(f"[leaderboard] {md} (and .csv, .html)")
+        log(f"[leaderboard] wrote {md}, {md.with_suffix('.csv')}, {md.with_suffix('.html')}")
         if "wandb" in cfg.loggers:
             from leaderboard.wandb_tables import log_leaderboard_wandb
 
