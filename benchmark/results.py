@@ -34,6 +34,7 @@ __all__ = [
     "read_partial_records",
     "write_cases_csv",
     "read_cases_csv",
+    "check_cases_csv",
     "read_run_json",
 ]
 
@@ -65,9 +66,23 @@ class PartialCaseLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one record as one line, fsynced.
+
+        A record always starts on a fresh line: when the file does not end with a newline
+        (a kill inside an earlier write left a torn line), a newline is written first, so
+        the torn fragment stays a line of its own (skipped by :func:`read_partial_records`)
+        and this record is not glued onto it.
+        """
         line = json.dumps(_plain(record), allow_nan=True)
-        with open(self.path, "a") as fh:
-            fh.write(line + "\n")
+        with open(self.path, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            lead = b""
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    lead = b"\n"
+            fh.seek(0, os.SEEK_END)
+            fh.write(lead + line.encode() + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -156,6 +171,46 @@ def read_cases_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
                         row[k] = v
             rows.append(row)
     return rows
+
+
+def check_cases_csv(path: str | os.PathLike, expected_rows: int | None = None) -> list[str]:
+    """Problems that make a ``cases.csv`` unfit for ranking, one line each (empty: fine).
+
+    Checks: the file ends with a newline (a truncated copy usually does not), every row has
+    the header's number of cells, every cell of a metric column (:data:`METRIC_COLUMNS`,
+    :data:`POSE_METRIC_COLUMNS`) is empty or a number, and, when ``expected_rows`` is given
+    (``cases_total`` of the experiment's ``run.json``), the row count matches.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        return [f"{p}: cannot read ({exc.strerror or exc})"]
+    problems: list[str] = []
+    if not raw:
+        return [f"{p}: empty file (no header)"]
+    if not raw.endswith(b"\n"):
+        problems.append(f"{p}: does not end with a newline (truncated?)")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return [f"{p}: not a text CSV file"]
+    rows = list(csv.reader(io.StringIO(text)))
+    header, body = rows[0], [r for r in rows[1:] if r]
+    numeric = set(METRIC_COLUMNS) | set(POSE_METRIC_COLUMNS)
+    for i, r in enumerate(body, start=2):
+        if len(r) != len(header):
+            problems.append(f"{p}: line {i} has {len(r)} cells, the header has {len(header)} (truncated?)")
+            continue
+        for col, v in zip(header, r):
+            if col in numeric and v != "":
+                try:
+                    float(v)
+                except ValueError:
+                    problems.append(f"{p}: line {i}, column {col}: {v!r} is not a number")
+    if expected_rows is not None and len(body) != int(expected_rows):
+        problems.append(f"{p}: {len(body)} case rows, its run.json says cases_total {int(expected_rows)}")
+    return problems
 
 
 def read_run_json(exp_dir: str | os.PathLike) -> dict[str, Any] | None:
