@@ -196,5 +196,8 @@ def html_page(report: Report, view: int = 2) -> str:
                 out.append(_mtre(ds))
             out.append("</div>")
         out.append("</section>")
+    from leaderboard.ablation import html_sections  # ablation tables and ARC curves (when present)
+
+    out.append(html_sections(report))
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -58,7 +58,7 @@ INITIAL = "initial"
 #: metric column -> (title, higher is better): the deformable table (v1 columns, kept).
 LEADERBOARD_METRICS: dict[str, tuple[str, bool]] = {
     k: (ranking.METRIC_DEFS[k].title, ranking.METRIC_DEFS[k].higher_is_better)
-    for k in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "ndv_pct", "runtime_s")
+    for k in ("dice", "hd95", "tre", "epe_mm", "fold_pct", "sdlogj", "ndv_pct", "runtime_s")
 }
 DEFORMABLE_METRICS = list(LEADERBOARD_METRICS)
 POSE_METRICS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s"]
@@ -472,6 +472,9 @@ def markdown(report: Report) -> str:
         h, r = seed_cells(ds)
         if r:
             lines += ["Per seed:", ""] + _md_table(h, r) + [""]
+    from leaderboard.ablation import markdown_sections  # ablation tables, ARC summary (when present)
+
+    lines += markdown_sections(report)
     lines.append(FOOTNOTE)
     if any(ds.kind == "pose" for ds in report.datasets):
         lines += ["", POSE_FOOTNOTE]

@@ -1,0 +1,220 @@
+"""Variants in grid configs and the ablation tables.
+
+Independent truths: ``scipy.stats.wilcoxon`` for the paired tests, Holm's step-down
+correction written out by hand for two hypotheses, ``scipy.stats.bootstrap`` (percentile) for
+the effect size's CI, and the hand-computed mean paired difference of a constructed example.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as st
+
+from benchmark.results import read_cases_csv, write_cases_csv
+from benchmark.runner import ConfigError, config_hash, load_grid_config
+from benchmark.variants import expand_variants
+from leaderboard.ablation import ablation_tables, bootstrap_mean_ci, html_sections, markdown_sections
+from leaderboard.table import build_report, write_leaderboard
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+SMALL_DATA = {"class_path": "datamodules.SyntheticBrainDataModule",
+              "init_args": {"size": 16, "n_train": 2, "n_val": 2, "n_test": 3, "seed": 3}}
+TRAINER = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "num_sanity_val_steps": 0}
+
+
+def _cfg(methods: dict) -> dict:
+    return {"suite": "abl", "seeds": [0], "trainer": dict(TRAINER), "datasets": {"synth": SMALL_DATA}, "methods": methods}
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "grid.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("REGBENCH_KILL_AFTER", None)
+    return env
+
+
+def _regbench(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmark.cli", *args], env=env or _env(), capture_output=True, text=True,
+                          timeout=300, cwd=str(ROOT))
+
+
+# ----------------------------------------------------------------------------- expansion
+VM = {"class_path": "systems.VoxelMorph", "init_args": {"lambda_": 1.0, "int_steps": 7}, "trainer": {"max_steps": 3}}
+
+
+def test_variants_expand_with_names_overrides_and_distinct_hashes(tmp_path):
+    methods = {"vm": {**VM, "variants": {"smooth": {"init_args": {"lambda_": 5.0}},
+                                          "noint": {"init_args": {"int_steps": 0}, "trainer": {"max_steps": 5}}}}}
+    cfg = load_grid_config(_write(tmp_path, _cfg(methods)))
+    assert list(cfg.methods) == ["vm", "vm-smooth", "vm-noint"]
+    base, smooth, noint = (cfg.methods[k] for k in ("vm", "vm-smooth", "vm-noint"))
+    assert base.variant_of is None and (smooth.variant_of, smooth.variant) == ("vm", "smooth")
+    assert smooth.init_args == {"lambda_": 5.0, "int_steps": 7} and smooth.trainer == {"max_steps": 3}
+    assert noint.init_args == {"lambda_": 1.0, "int_steps": 0} and noint.trainer == {"max_steps": 5}
+    assert base.init_args == VM["init_args"]  # the base (full method) is untouched
+    assert noint.build().hparams.int_steps == 0
+    from benchmark.runner import Experiment, _resolved
+
+    hashes = {n: config_hash(_resolved(cfg, Experiment(cfg.datasets["synth"], b, n, 0), {**cfg.trainer, **b.trainer}))
+              for n, b in cfg.methods.items()}
+    assert len(set(hashes.values())) == 3
+    # a base without variants keeps the hash it had before variants existed
+    plain = load_grid_config(_write(tmp_path, _cfg({"vm": VM}), "plain.yaml"))
+    blk = plain.methods["vm"]
+    assert config_hash(_resolved(plain, Experiment(plain.datasets["synth"], blk, "vm", 0), {**plain.trainer, **blk.trainer})) == hashes["vm"]
+
+
+@pytest.mark.parametrize("variants, key", [
+    ({"bad-name": {}}, "methods.vm.variants.bad-name"),
+    ({"v": {"init_args": {"lamda": 1}}}, "methods.vm.variants.v.init_args.lamda"),
+    ({"v": {"initargs": {}}}, "methods.vm.variants.v.initargs"),
+    ({"v": {"trainer": {"max_stepz": 1}}}, "methods.vm.variants.v.trainer.max_stepz"),
+    ({"v": ["x"]}, "methods.vm.variants.v"),
+    ({"x": {}}, "methods.vm.variants.x"),  # collides with the method vm-x
+])
+def test_bad_variants_name_the_key(tmp_path, variants, key):
+    methods = {"vm": {**VM, "variants": variants}, "vm-x": VM}
+    with pytest.raises(ConfigError) as exc:
+        load_grid_config(_write(tmp_path, _cfg(methods)))
+    assert key in str(exc.value)
+
+
+def test_expand_variants_leaves_the_input_alone():
+    raw = {"a": {"class_path": "x.Y", "init_args": {"k": [1, 2]}, "variants": {"v": {"init_args": {"k": [3]}}}}}
+    before = json.dumps(raw, sort_keys=True)
+    out, origin = expand_variants(raw)
+    assert json.dumps(raw, sort_keys=True) == before
+    assert out["a-v"]["init_args"] == {"k": [3]} and "variants" not in out["a"] and origin == {"a-v": ("a", "v")}
+
+
+def test_each_variant_resumes_on_its_own(tmp_path):
+    """Killed inside the second variant: a re-run skips the base and the finished variant,
+    keeps the killed variant's finished cases, and a changed override redoes only that variant."""
+    killer = {"class_path": "regbench_test_helpers.KillAfter", "init_args": {"shift": 0.0},
+              "variants": {"half": {"init_args": {"shift": 0.5}}, "one": {"init_args": {"shift": 1.0}}}}
+    out = tmp_path / "out"
+    path = _write(tmp_path, _cfg({"k": killer}))
+    env = _env()
+    env["REGBENCH_KILL_AFTER"] = "15"  # 6 cases per experiment: killed after 3 cases of k-one
+    first = _regbench(["run", str(path), "--output", str(out)], env=env)
+    assert first.returncode == -9, first.stderr[-2000:]
+    runs = {m: json.loads((out / "synth" / m / "seed0" / "run.json").read_text()) for m in ("k", "k-half", "k-one")}
+    assert [runs[m]["status"] for m in ("k", "k-half", "k-one")] == ["complete", "complete", "running"]
+    assert runs["k-half"]["config"]["method"]["variant_of"] == "k"
+    assert len({r["config_hash"] for r in runs.values()}) == 3
+    second = _regbench(["run", str(path), "--output", str(out)])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[skip]" in second.stdout and second.stdout.count("[skip]") == 3  # initial, k, k-half
+    run = json.loads((out / "synth" / "k-one" / "seed0" / "run.json").read_text())
+    assert run["status"] == "complete" and run["attempts"][-1]["cases_resumed"] == 3
+    # variants differ in what they compute (shift 0, 0.5, 1 voxel: Dice falls)
+    dice = {m: np.mean([r["dice"] for r in read_cases_csv(out / "synth" / m / "seed0" / "cases.csv")]) for m in ("k", "k-half", "k-one")}
+    assert dice["k"] > dice["k-half"] > dice["k-one"]
+    # the report holds the ablation table of k
+    md = (out / "leaderboard.md").read_text()
+    assert "## Ablations" in md and "### synth: k" in md and "| k-half |" in md and "| k-one |" in md
+    assert 'id="ablations"' in (out / "leaderboard.html").read_text()
+    # one changed override: only that variant is recomputed
+    killer["variants"]["half"]["init_args"]["shift"] = 0.25
+    path = _write(tmp_path, _cfg({"k": killer}))
+    third = _regbench(["run", str(path), "--output", str(out)])
+    assert third.returncode == 0 and third.stdout.count("[skip]") == 3 and "[redo]" in third.stdout
+    assert "k-half" in [ln for ln in third.stdout.splitlines() if "[redo]" in ln][0]
+
+
+# ----------------------------------------------------------------------------- statistics
+def _write_exp(root: Path, dataset: str, method: str, seed: int, rows: list[dict], variant_of: str | None = None) -> None:
+    exp = root / dataset / method / f"seed{seed}"
+    exp.mkdir(parents=True)
+    m = {"name": method, "class_path": "x.Y"}
+    if variant_of:
+        m.update({"variant_of": variant_of, "variant": method.split("-", 1)[1]})
+    (exp / "run.json").write_text(json.dumps({"status": "complete", "config": {"method": m}}))
+    write_cases_csv(exp / "cases.csv", [{"dataset": dataset, "method": method, "seed": seed, **r} for r in rows])
+
+
+def _example(tmp_path: Path) -> tuple[Path, dict]:
+    """Full method ``m``; ``m-a`` loses about 0.05 Dice and gains EPE; ``m-b`` differs by noise.
+
+    Two seeds per experiment: the paired value of a case is its mean over the seeds.
+    """
+    g = np.random.default_rng(7)
+    n = 12
+    cases = [f"c{i:02d}" for i in range(n)]
+    full = 0.70 + 0.05 * g.standard_normal((2, n))
+    val = {"m": full, "m-a": full - 0.05 + 0.01 * g.standard_normal((2, n)), "m-b": full + 0.02 * g.standard_normal((2, n))}
+    epe = {"m": 1.0 + 0.2 * g.random((2, n))}
+    epe["m-a"] = epe["m"] + 0.3 + 0.05 * g.standard_normal((2, n))
+    epe["m-b"] = epe["m"] + 0.05 * g.standard_normal((2, n))
+    for m in val:
+        for s in (0, 1):
+            rows = [{"case_id": c, "dice": float(val[m][s, i]), "epe_mm": float(epe[m][s, i]), "fold_pct": 0.0}
+                    for i, c in enumerate(cases)]
+            _write_exp(tmp_path, "d", m, s, rows, variant_of="m" if m != "m" else None)
+    _write_exp(tmp_path, "d", "initial", 0, [{"case_id": c, "dice": 0.5, "epe_mm": 2.0, "fold_pct": 0.0} for c in cases])
+    means = {k: {m: v.mean(axis=0) for m, v in d.items()} for k, d in (("dice", val), ("epe_mm", epe))}
+    return tmp_path, means
+
+
+def test_ablation_table_statistics_match_scipy_and_hand_holm(tmp_path):
+    root, means = _example(tmp_path)
+    tables = ablation_tables(build_report(root), n_boot=4000)
+    assert len(tables) == 1
+    t = tables[0]
+    assert (t.dataset, t.method, t.variants, t.metrics) == ("d", "m", ["m-a", "m-b"], ["dice", "epe_mm"])
+    for key in ("dice", "epe_mm"):
+        full = means[key]["m"]
+        raw = [st.wilcoxon(means[key][v], full).pvalue for v in ("m-a", "m-b")]
+        lo, hi = sorted(range(2), key=lambda i: raw[i])
+        holm = [0.0, 0.0]
+        holm[lo] = min(1.0, 2 * raw[lo])
+        holm[hi] = min(1.0, max(holm[lo], raw[hi]))
+        for i, v in enumerate(("m-a", "m-b")):
+            r = t.rows[key][i]
+            d = means[key][v] - full
+            assert r.n == 12 and r.diff == pytest.approx(d.mean(), abs=1e-12)
+            assert r.full_mean == pytest.approx(full.mean()) and r.variant_mean == pytest.approx(means[key][v].mean())
+            assert r.p_raw == pytest.approx(raw[i], rel=1e-9) and r.p_holm == pytest.approx(holm[i], rel=1e-9)
+            ref = st.bootstrap((d,), np.mean, method="percentile", n_resamples=20000, random_state=1).confidence_interval
+            width = ref.high - ref.low
+            assert r.ci[0] == pytest.approx(ref.low, abs=0.08 * width) and r.ci[1] == pytest.approx(ref.high, abs=0.08 * width)
+            assert r.ci[0] < r.diff < r.ci[1]
+        a, b = t.rows[key]
+        assert a.significant and not b.significant  # 12 cases all one way: exact p = 2/4096, x2 by Holm
+    md = "\n".join(markdown_sections(build_report(root)))
+    assert "### d: m" in md and "no significant effect: m-b" in md and "significant: a (Dice Δ -0.05" in md
+    page = html_sections(build_report(root))
+    assert 'data-method="m"' in page and "<sup>*</sup>" in page
+
+
+def test_bootstrap_ci_edge_cases():
+    assert bootstrap_mean_ci([0.3] * 6) == (pytest.approx(0.3), pytest.approx(0.3))
+    assert all(math.isnan(x) for x in bootstrap_mean_ci([1.0]))
+    lo, hi = bootstrap_mean_ci(np.arange(10.0))
+    assert lo < 4.5 < hi and bootstrap_mean_ci(np.arange(10.0)) == (lo, hi)  # seeded: reproducible
+
+
+def test_variant_without_its_full_method_is_left_out(tmp_path):
+    _write_exp(tmp_path, "d", "m-a", 0, [{"case_id": "c0", "dice": 0.5}], variant_of="m")
+    _write_exp(tmp_path, "d", "n", 0, [{"case_id": "c0", "dice": 0.6}])
+    assert ablation_tables(build_report(tmp_path)) == []
+    md = write_leaderboard(tmp_path).read_text()
+    assert "Ablations" not in md
