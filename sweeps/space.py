@@ -5,6 +5,10 @@ Format (one entry per ``__init__`` argument of the system)::
     {"lambda_": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
      "width":   {"type": "categorical", "choices": [8, 16]},
      "n":       {"type": "int", "low": 1, "high": 4, "step": 1}}
+
+A list-valued argument is searched element by element with indexed names ``"arg.0"``,
+``"arg.1"``, ... (indices ``0 .. k-1``, all present): :func:`suggest` and :func:`assemble`
+turn them into ``{"arg": [v0, v1, ...]}`` (e.g. DiffOp-net's per-level ``smoothing_mm``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ["SpaceError", "check_space", "suggest", "space_of"]
+__all__ = ["SpaceError", "check_space", "suggest", "space_of", "assemble", "split_name"]
 
 _KEYS = {
     "float": {"type", "low", "high", "log", "step"},
@@ -23,6 +27,30 @@ _KEYS = {
 
 class SpaceError(ValueError):
     """A malformed search space; the message names the parameter."""
+
+
+def split_name(name: str) -> tuple[str, int | None]:
+    """``"arg.2"`` → ``("arg", 2)``; ``"arg"`` → ``("arg", None)``."""
+    base, dot, idx = name.rpartition(".")
+    if dot and base and idx.isdigit():
+        return base, int(idx)
+    return name, None
+
+
+def assemble(params: dict[str, Any]) -> dict[str, Any]:
+    """Init arguments from parameter names: indexed names ``"arg.i"`` are gathered into the
+    list ``arg`` (in index order); plain names are kept."""
+    out: dict[str, Any] = {}
+    lists: dict[str, dict[int, Any]] = {}
+    for name, value in params.items():
+        base, idx = split_name(name)
+        if idx is None:
+            out[name] = value
+        else:
+            lists.setdefault(base, {})[idx] = value
+    for base, items in lists.items():
+        out[base] = [items[i] for i in sorted(items)]
+    return out
 
 
 def check_space(space: dict[str, dict[str, Any]], cls: type | None = None) -> None:
@@ -48,12 +76,25 @@ def check_space(space: dict[str, dict[str, Any]], cls: type | None = None) -> No
                 raise SpaceError(f"search_space.{name}: needs low < high")
             if spec.get("log") and spec["low"] <= 0:
                 raise SpaceError(f"search_space.{name}: a log scale needs low > 0")
-        if allowed is not None and name not in allowed:
+        base, _ = split_name(name)
+        if allowed is not None and base not in allowed:
             raise SpaceError(f"search_space.{name}: not an argument of {cls.__name__}")
+    indexed: dict[str, list[int]] = {}
+    for name in space:
+        base, idx = split_name(name)
+        if idx is not None:
+            if base in space:
+                raise SpaceError(f"search_space.{name}: {base!r} is searched both whole and by element")
+            indexed.setdefault(base, []).append(idx)
+    for base, idxs in indexed.items():
+        if sorted(idxs) != list(range(len(idxs))):
+            raise SpaceError(f"search_space.{base}: indexed entries must be {base}.0 .. {base}.{len(idxs) - 1}, "
+                             f"got indices {sorted(idxs)}")
 
 
 def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One value per parameter from an ``optuna.Trial``; returns ``{name: value}``."""
+    """One value per parameter from an ``optuna.Trial``; returns init arguments
+    ``{name: value}`` (indexed names gathered into lists by :func:`assemble`)."""
     out: dict[str, Any] = {}
     for name, spec in space.items():
         kind = spec["type"]
@@ -65,7 +106,7 @@ def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                           log=bool(spec.get("log", False)), step=int(spec.get("step", 1)))
         else:
             out[name] = trial.suggest_categorical(name, list(spec["choices"]))
-    return out
+    return assemble(out)
 
 
 def space_of(cls: type, override: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:

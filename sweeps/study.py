@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from sweeps.space import space_of, suggest
+from sweeps.space import assemble, space_of, suggest
 
 __all__ = ["SweepSpec", "PruningCallback", "run_sweep", "run_worker", "open_study", "storage_url", "write_reports",
            "best_config", "OBJECTIVES"]
@@ -497,7 +497,7 @@ def write_reports(res: _Resolved, study) -> dict[str, Any]:
             best = study.best_trial
             summary["best"] = {"number": best.number, "dice": best.value, "params": best.params,
                                "fold_pct": best.user_attrs.get("val_fold_pct")}
-            cfg = best_config(res, [(res.spec.method, best.params)])
+            cfg = best_config(res, [(res.spec.method, assemble(best.params))])
         else:
             front = sorted(study.best_trials, key=lambda t: -t.values[0])
             summary["pareto"] = [{"number": t.number, "dice": t.values[0], "fold_pct": t.values[1], "params": t.params}
@@ -505,8 +505,8 @@ def write_reports(res: _Resolved, study) -> dict[str, Any]:
             best = front[0]
             summary["best"] = {"number": best.number, "dice": best.values[0], "fold_pct": best.values[1],
                                "params": best.params, "rule": "highest Dice on the Pareto front"}
-            cfg = best_config(res, [(res.spec.method, best.params)])
-            pareto_cfg = best_config(res, [(f"{res.spec.method}_p{t.number}", t.params) for t in front])
+            cfg = best_config(res, [(res.spec.method, assemble(best.params))])
+            pareto_cfg = best_config(res, [(f"{res.spec.method}_p{t.number}", assemble(t.params)) for t in front])
             _atomic_text(res.output / "pareto.yaml", "# Pareto front (Dice up, fold % down), one method per trial\n"
                          + yaml.safe_dump(pareto_cfg, sort_keys=False))
         header = (f"# Best parameters of study {res.study_name!r} (trial {best.number}); "

@@ -80,17 +80,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmark.losses import local_ncc
-from benchmark.spatial import compose, gaussian_smooth, integrate_velocity, resize_field, resize_image, warp
+from benchmark.spatial import (compose, gaussian_smooth, integrate_velocity, resize_field, resize_image,
+                               spacing_from_affine, warp)
 from systems.base import RegistrationSystem
 
 __all__ = [
     "operator_symbol",
     "DiffOperator",
     "local_cc_force",
+    "full_resolution_force",
     "SobolevGradient",
     "CrossCoordinateAttention",
     "CascadeUNet",
     "DiffOpNet",
+    "DiffOpEnergy",
+    "AUTHORS_SMOOTHING_MM",
 ]
 
 _LEAKY = 0.2
@@ -108,25 +112,34 @@ def operator_symbol(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     half: bool = True,
+    spacing: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Fourier symbol of ``L = γ·Id − α·Δ`` (7-point Laplacian, unit cube, periodic).
+    """Fourier symbol of ``L = γ·Id − α·Δ`` (7-point Laplacian, periodic).
 
-    ``L̂(k) = γ + Σ_d 2·α·N_d²·(1 − cos(2π k_d / N_d))``.
+    ``L̂(k) = γ + Σ_d 2·c_d·(1 − cos(2π k_d / N_d))`` with ``c_d = α·N_d²`` on the unit cube
+    (``spacing=None``: ``α`` in unit-cube units) or ``c_d = α / h_d²`` on a grid of spacing
+    ``h_d`` mm (``α`` in mm²).
 
     Args:
         shape: spatial grid ``(N_0, ..., N_{n-1})``.
         half: the last axis holds ``N_{n-1}//2 + 1`` frequencies (the ``rfftn`` layout);
             ``False`` gives the full ``fftn`` grid.
+        spacing: grid spacing per axis in mm (physical units), or ``None`` (unit cube).
 
     Returns:
         Real tensor of shape ``shape`` (last axis halved when ``half``).
     """
     shape = [int(n) for n in shape]
+    if spacing is not None:
+        spacing = [float(h) for h in spacing]
+        if len(spacing) != len(shape) or any(h <= 0 for h in spacing):
+            raise ValueError(f"spacing {spacing} needs one positive value per axis of {shape}")
     sym = torch.full([1] * len(shape), float(gamma), device=device, dtype=dtype)
     for d, n in enumerate(shape):
         m = n // 2 + 1 if (half and d == len(shape) - 1) else n
         k = torch.arange(m, device=device, dtype=dtype)
-        term = 2.0 * alpha * n * n * (1.0 - torch.cos(2.0 * math.pi * k / n))
+        coef = alpha * n * n if spacing is None else alpha / spacing[d] ** 2
+        term = 2.0 * coef * (1.0 - torch.cos(2.0 * math.pi * k / n))
         view = [1] * len(shape)
         view[d] = m
         sym = sym + term.view(view)
@@ -138,18 +151,21 @@ class DiffOperator:
 
     Args:
         shape: spatial grid of the fields.
-        alpha: Laplacian weight (unit-cube grid).
+        alpha: Laplacian weight (unit-cube grid, or mm² with ``spacing``).
         gamma: identity weight.
+        spacing: grid spacing in mm per axis (physical units) or ``None`` (unit cube).
 
     Fields are ``(B, C, *shape)``; every method returns the same shape and dtype.
     """
 
     def __init__(self, shape: Sequence[int], alpha: float, gamma: float = 1.0,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, spacing: Sequence[float] | None = None) -> None:
         self.shape = tuple(int(n) for n in shape)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
-        self.symbol = operator_symbol(self.shape, self.alpha, self.gamma, device=device, dtype=torch.float64)
+        self.spacing = None if spacing is None else tuple(float(h) for h in spacing)
+        self.symbol = operator_symbol(self.shape, self.alpha, self.gamma, device=device, dtype=torch.float64,
+                                      spacing=self.spacing)
 
     def _apply(self, x: torch.Tensor, power: int) -> torch.Tensor:
         dims = tuple(range(2, x.dim()))
@@ -212,37 +228,88 @@ def local_cc_force(warped: torch.Tensor, fixed: torch.Tensor, window: int) -> tu
     return force, d.detach()
 
 
+def full_resolution_force(
+    v: torch.Tensor,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    window: int,
+    int_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The similarity force of a level computed at full resolution (the authors' way).
+
+    ``D̃(v) = (|level| / |full|) · (−Σ_x cc(fixed, warp(moving, R(exp(v))))(x))`` where ``R`` is
+    :func:`benchmark.spatial.resize_field` (level grid → full grid, magnitudes rescaled) and
+    ``|·|`` counts voxels (the factor keeps ``D̃`` on the scale of a level-grid sum, so
+    ``lambda_`` means the same for both force options). Returns ``(∂D̃/∂v, D̃)``: the exact
+    gradient through scaling and squaring, the upsampling and the trilinear warp (no
+    demons approximation).
+
+    Args:
+        v: ``(B, ndim, *N)`` level velocity (voxels of the level grid).
+        moving, fixed: ``(B, 1, *S)`` full-resolution images (``moving``: as the level sees it,
+            i.e. already warped by the previous levels).
+        window: local CC window on the full grid (voxels, odd).
+        int_steps: scaling-and-squaring steps.
+
+    Returns:
+        ``(force (B, ndim, *N), D̃ scalar)``, both detached.
+    """
+    full = fixed.shape[2:]
+    ratio = math.prod(v.shape[2:]) / math.prod(full)
+    with torch.enable_grad():
+        vv = v.detach().requires_grad_(True)
+        phi = integrate_velocity(vv, int_steps) if int_steps > 0 else vv
+        u = resize_field(phi, full)
+        d = -ratio * local_ncc(fixed.detach(), warp(moving.detach(), u), window, reduction="none").sum()
+        (g,) = torch.autograd.grad(d, vv)
+    return g, d.detach()
+
+
 class SobolevGradient(torch.autograd.Function):
     """Identity on the energy value; injects the Sobolev gradient into ``v``.
 
-    ``forward(v, force, dissim, op, lam, scale)`` returns the scalar
-    ``scale · (½‖Lv‖² + λ·D)`` (for logging and divergence checks); ``backward`` hands
-    ``v`` the gradient ``grad_out · scale · (v + K ⋆ (λ·F))`` (and nothing to the others).
+    ``forward(v, force, dissim, op, lam, scale, unit=None)`` returns the scalar
+    ``scale · (½‖L(h·v)‖² + λ·D)`` (for logging and divergence checks); ``backward`` hands
+    ``v`` the gradient ``grad_out · scale · (v + K ⋆ (λ·F) / h²)`` (and nothing to the others),
+    with ``h`` = ``unit`` per component (mm per voxel of the level grid; 1 without ``unit``).
+    With ``unit`` the energy is that of the velocity in mm, ``v_mm = h·v``: its Sobolev gradient
+    ``v_mm + K⋆(λ·∂D/∂v_mm)``, ``∂D/∂v_mm = F/h``, expressed in voxels (divided by ``h``).
 
     Args:
-        v: ``(B, ndim, *S)`` velocity (the network's output).
-        force: ``(B, ndim, *S)`` ``F`` from :func:`local_cc_force` (detached).
+        v: ``(B, ndim, *S)`` velocity (the network's output, voxels of the level grid).
+        force: ``(B, ndim, *S)`` ``F = ∂D/∂v`` per voxel of displacement (detached).
         dissim: scalar ``D``.
         op: the level's :class:`DiffOperator` (grid ``S``).
         lam: ``λ``.
         scale: normalisation (``1 / voxels``).
+        unit: ``(ndim,)`` mm per level voxel, or ``None``.
     """
 
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, force: torch.Tensor, dissim: torch.Tensor, op: DiffOperator,
-                lam: float, scale: float) -> torch.Tensor:  # type: ignore[override]
+                lam: float, scale: float, unit: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         ctx.op = op
         ctx.lam = float(lam)
         ctx.scale = float(scale)
+        ctx.unit = unit
         ctx.save_for_backward(v, force)
-        energy = 0.5 * op.norm2(v.detach()) + ctx.lam * dissim.to(v.dtype)
+        vm = v.detach() if unit is None else v.detach() * _unit_view(unit, v)
+        energy = 0.5 * op.norm2(vm) + ctx.lam * dissim.to(v.dtype)
         return (energy * ctx.scale).to(v.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
         v, force = ctx.saved_tensors
-        g = v + ctx.op.K(ctx.lam * force)
-        return grad_out * ctx.scale * g, None, None, None, None, None
+        kf = ctx.op.K(ctx.lam * force)
+        if ctx.unit is not None:
+            kf = kf / _unit_view(ctx.unit, v) ** 2
+        return grad_out * ctx.scale * (v + kf), None, None, None, None, None, None
+
+
+def _unit_view(unit: torch.Tensor | Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """``unit (ndim,)`` as ``(1, ndim, 1, ..)`` in ``like``'s dtype and device."""
+    u = torch.as_tensor(unit, dtype=like.dtype, device=like.device)
+    return u.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 # --------------------------------------------------------------------------------------
@@ -303,16 +370,19 @@ class CascadeUNet(nn.Module):
     Args:
         width: ``c`` (authors: 48).
         out_scale: 4, 2 or 1 — the resolution divisor of the output.
+        cca: pass each skip feature through :class:`CrossCoordinateAttention` (the paper's);
+            ``False`` concatenates the plain skip feature (ablation: no CCA parameters).
 
     ``M`` must be divisible by 16 (the encoder goes down to 1/16).
     """
 
-    def __init__(self, width: int = 16, out_scale: int = 1) -> None:
+    def __init__(self, width: int = 16, out_scale: int = 1, cca: bool = True) -> None:
         super().__init__()
         if out_scale not in (4, 2, 1):
             raise ValueError(f"out_scale must be 4, 2 or 1, got {out_scale}")
         c = int(width)
         self.out_scale = out_scale
+        self.use_cca = bool(cca)
         self.enc = nn.ModuleList([_conv(2, c), _conv(c, 2 * c, 2), _conv(2 * c, 2 * c, 2), _conv(2 * c, 2 * c, 2),
                                   _conv(2 * c, 2 * c, 2)])
         skip_ch = [c, 2 * c, 2 * c, 2 * c]  # at 1, 1/2, 1/4, 1/8
@@ -324,7 +394,7 @@ class CascadeUNet(nn.Module):
         for i in range(n_up):
             cs = skip_ch[3 - i]
             self.ups.append(nn.ConvTranspose3d(cin, cs, 2, stride=2))
-            self.ccas.append(CrossCoordinateAttention(cs))
+            self.ccas.append(CrossCoordinateAttention(cs) if self.use_cca else nn.Identity())
             self.merges.append(_conv(2 * cs, cs))
             cin = cs
         self.head = _conv(cin, c)
@@ -355,7 +425,8 @@ class CascadeUNet(nn.Module):
         for up, cca, merge in zip(self.ups, self.ccas, self.merges):
             x = F.leaky_relu(up(x), _LEAKY)
             copy = skips.pop()
-            x = F.leaky_relu(merge(torch.cat([cca(copy, x), x], dim=1)), _LEAKY)
+            skip = cca(copy, x) if self.use_cca else copy
+            x = F.leaky_relu(merge(torch.cat([skip, x], dim=1)), _LEAKY)
         x = F.leaky_relu(self.head(x), _LEAKY)
         return self.out(x)
 
@@ -366,122 +437,112 @@ def _net_grid(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------
-# the system
+# the energy shared by the network and the direct optimisation
+
+#: The authors' per-level constants (``alpha = (0.005, 0.001, 0.001)`` on the unit cube of a
+#: ~160 mm, 1 mm brain, ``γ = 1``) as smoothing lengths ``ℓ = √(α/γ) · 160 mm`` for ¼, ½, full.
+AUTHORS_SMOOTHING_MM: tuple[float, float, float] = (11.3, 5.1, 5.1)
+FORCES = ("level", "full")
 
 
-class DiffOpNet(RegistrationSystem):
-    """DiffOp-net as a suite system (3D).
+def _per_level(value: Any, name: str, cast: type = float) -> list:
+    """One value per level (¼, ½, full) from a scalar or three values."""
+    if isinstance(value, (int, float)):
+        return [cast(value)] * 3
+    out = [cast(x) for x in value]
+    if len(out) != 3:
+        raise ValueError(f"{name} needs one value or three (¼, ½, full), got {list(value)}")
+    return out
 
-    Args:
-        width: U-Net width ``c`` (authors: 48; CPU quickstart: 8).
-        alpha: Laplacian weight per level (¼, ½, full); authors ``(0.005, 0.001, 0.001)``.
-        gamma: identity weight ``γ`` of the operator, shared by the levels (authors: 1).
-        lambda_: ``λ``, weight of the similarity (local-CC) energy against ``½‖Lv‖²``.
-        training: ``"sobolev"`` (default: the Sobolev gradient ``v + K⋆(λF)`` per level) or
-            ``"autograd"`` (the loss ``D + ‖Lv‖²/(2λ)`` back-propagated).
-        ncc_window: local CC window per level (int or three ints; authors 9).
-        int_steps: scaling-and-squaring steps per level.
-        lr: Adam learning rate (authors 1e-4).
 
-    ``register`` returns the composed displacement ``(B, 3, *S)`` in voxels of the fixed grid.
+def _spacing_of(batch: dict[str, Any], ndim: int) -> tuple[float, ...]:
+    """The fixed image's voxel size in mm (the batch's first affine)."""
+    aff = batch.get("fixed_affine")
+    if aff is None:
+        raise ValueError("DiffOp needs batch['fixed_affine'] for the operator's physical units")
+    a = aff[0] if aff.dim() == 3 else aff
+    return spacing_from_affine(a)[:ndim]
+
+
+class DiffOpEnergyTerms:
+    """The per-level energy ``E_k(v) = ½‖L_k v‖² + λ·D_k(v)`` of DiffOp-net, shared by
+    :class:`DiffOpNet` (which learns to minimise it) and :class:`DiffOpEnergy` (which
+    minimises it per pair). A mixin: the host sets the attributes in :meth:`_init_energy`.
+
+    Level ``k`` (``levels=3``: ¼, ½, full; ``levels=1``: full only) lives on the grid
+    :meth:`level_grid` (the networks' grid, each axis rounded up to a multiple of 16, divided
+    by the level's factor). Its spacing in mm is the image spacing times ``(S−1)/(N−1)`` per
+    axis (``align_corners`` geometry).
+
+    Operator constants in **physical units** (``smoothing_mm``, the default): level ``k``'s
+    operator is ``L_k = γ·(Id − ℓ_k²·Δ)`` with ``Δ`` the Laplacian in mm⁻² on the level's grid
+    (``α_k = γ·ℓ_k²`` mm², per-axis voxel weight ``α_k / h_d²``). ``K = (L†L)⁻¹`` is then a
+    smoothing kernel of the same width in mm at every image size, spacing and level (its
+    decay length is ``ℓ_k/√γ`` in mm); ``γ`` sets the operator's overall weight against
+    ``λ``. With ``smoothing_mm=None`` the unit-cube ``alpha`` of the paper is used instead
+    (``α N_d²`` per axis: the smoothing then scales with the field of view).
     """
 
-    learns: ClassVar[bool] = True
-    search_space: ClassVar[dict[str, dict[str, Any]]] = {
-        "gamma": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
-        "lambda_": {"type": "float", "low": 1.0, "high": 100.0, "log": True},
-    }
-
-    def __init__(
-        self,
-        width: int = 48,
-        alpha: Sequence[float] = (0.005, 0.001, 0.001),
-        gamma: float = 1.0,
-        lambda_: float = 10.0,
-        training: str = "sobolev",
-        ncc_window: int | Sequence[int] = 9,
-        int_steps: int = 7,
-        lr: float = 1e-4,
-        warmup_calls: int | None = None,
-        compute_hd95: bool = True,
-        compute_ndv: bool = True,
-    ) -> None:
-        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv)
-        self.save_hyperparameters()
-        if training not in ("sobolev", "autograd"):
-            raise ValueError(f"training must be 'sobolev' or 'autograd', got {training!r}")
+    def _init_energy(self, alpha: Sequence[float], smoothing_mm: float | Sequence[float] | None, gamma: float,
+                     lambda_: float, ncc_window: int | Sequence[int], int_steps: int, force: str,
+                     levels: int) -> None:
         alpha = [float(a) for a in alpha]
         if len(alpha) != 3 or any(a < 0 for a in alpha):
             raise ValueError(f"alpha needs three non-negative values (¼, ½, full), got {alpha}")
         if gamma <= 0 or lambda_ <= 0:
             raise ValueError(f"gamma and lambda_ must be > 0, got gamma={gamma}, lambda_={lambda_}")
-        wins = [int(ncc_window)] * 3 if isinstance(ncc_window, (int, float)) else [int(w) for w in ncc_window]
-        if len(wins) != 3 or any(w < 1 or w % 2 == 0 for w in wins):
+        wins = _per_level(ncc_window, "ncc_window", int)
+        if any(w < 1 or w % 2 == 0 for w in wins):
             raise ValueError(f"ncc_window must be odd, one value or one per level, got {ncc_window}")
+        smooth = None if smoothing_mm is None else _per_level(smoothing_mm, "smoothing_mm")
+        if smooth is not None and any(x < 0 for x in smooth):
+            raise ValueError(f"smoothing_mm must be >= 0 mm, got {smooth}")
+        if force not in FORCES:
+            raise ValueError(f"force must be one of {FORCES}, got {force!r}")
+        if int(levels) not in (1, 3):
+            raise ValueError(f"levels must be 1 (full resolution only) or 3 (¼ → ½ → full), got {levels}")
         self.alpha = alpha
+        self.smoothing_mm = smooth
         self.gamma = float(gamma)
-        self.training_mode = training
         self.ncc_windows = wins
         self.int_steps = int(int_steps)
-        self.nets = nn.ModuleList([CascadeUNet(width, s) for s in LEVEL_SCALES])
+        self.force = force
+        self.n_levels = int(levels)
+        #: indices into the per-level settings (0 = ¼, 1 = ½, 2 = full) of the levels that run
+        self.level_ids: tuple[int, ...] = (0, 1, 2) if self.n_levels == 3 else (2,)
         self._ops: dict[tuple, DiffOperator] = {}
 
-    def operator(self, level: int, shape: Sequence[int], device: torch.device) -> DiffOperator:
-        """The (cached) operator of a level on a grid."""
-        key = (level, tuple(int(s) for s in shape), str(device))
+    # ---- grids and operators --------------------------------------------------------
+    @staticmethod
+    def level_grid(level: int, shape: Sequence[int]) -> tuple[int, ...]:
+        """Level ``level``'s grid (0 = ¼, 1 = ½, 2 = full) for images of spatial ``shape``."""
+        return tuple(n // LEVEL_SCALES[level] for n in _net_grid(shape))
+
+    @staticmethod
+    def level_spacing(grid: Sequence[int], shape: Sequence[int], spacing: Sequence[float]) -> tuple[float, ...]:
+        """Spacing in mm of a level grid covering an image of ``shape`` voxels of ``spacing`` mm."""
+        return tuple(float(h) * (s - 1) / max(n - 1, 1) for h, s, n in zip(spacing, shape, grid))
+
+    def operator(self, level: int, grid: Sequence[int], spacing: Sequence[float],
+                 device: torch.device) -> DiffOperator:
+        """The (cached) operator of a level on its grid (``spacing``: the grid's, mm)."""
+        key = (level, tuple(int(s) for s in grid), tuple(round(float(h), 9) for h in spacing), str(device))
         if key not in self._ops:
-            self._ops[key] = DiffOperator(shape, self.alpha[level], self.gamma, device=device)
+            if self.smoothing_mm is None:
+                self._ops[key] = DiffOperator(grid, self.alpha[level], self.gamma, device=device)
+            else:
+                a = self.gamma * self.smoothing_mm[level] ** 2
+                self._ops[key] = DiffOperator(grid, a, self.gamma, device=device, spacing=spacing)
         return self._ops[key]
 
-    # ---- the cascade ----------------------------------------------------------------
-    def level_velocity(self, level: int, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """``v_k = net_k(cat(moving, fixed))``: ``(B, 3, *M/scale)``, voxels of that level grid."""
-        grid = _net_grid(fixed.shape[2:])
-        x = torch.cat([moving, fixed], dim=1)
-        if tuple(x.shape[2:]) != grid:
-            x = resize_image(x, grid)
-        return self.nets[level](x)
+    def unit(self, spacing: Sequence[float]) -> torch.Tensor | None:
+        """mm per level voxel when the energy is in physical units (``smoothing_mm``), else ``None``."""
+        return None if self.smoothing_mm is None else torch.tensor([float(h) for h in spacing], dtype=torch.float64)
 
-    def cascade(self, moving: torch.Tensor, fixed: torch.Tensor, train: bool = False):
-        """Run the three levels.
-
-        Args:
-            moving, fixed: ``(B, 1, *S)``.
-            train: also compute the per-level training energies.
-
-        Returns:
-            ``(disps, energies, parts)``: the per-level displacements ``u_k (B, 3, *S)`` (voxels
-            of the fixed grid; detached when ``train``), the per-level training energies when
-            ``train`` (scalars carrying the Sobolev / autograd gradient to ``v_k``; else empty)
-            and the per-level dissimilarities for logging (``dissim0..2``, per voxel).
-        """
-        full = fixed.shape[2:]
-        cur = moving
-        disps, energies, parts = [], [], {}
-        for k in range(3):
-            v = self.level_velocity(k, cur.detach(), fixed)
-            n = v.shape[2:]
-            # the Sobolev path needs no graph through the integration (its gradient is injected)
-            v_int = v.detach() if (train and self.training_mode == "sobolev") else v
-            phi = integrate_velocity(v_int, self.int_steps) if self.int_steps > 0 else v_int
-            if train:
-                fk = self._level_image(fixed, n)
-                mk = self._level_image(cur.detach(), n)
-                op = self.operator(k, n, v.device)
-                scale = 1.0 / (v.shape[0] * math.prod(n))
-                if self.training_mode == "sobolev":
-                    force, dissim = local_cc_force(warp(mk, phi.detach()), fk, self.ncc_windows[k])
-                    e = SobolevGradient.apply(v, force, dissim, op, self.lambda_, scale)
-                    parts[f"dissim{k}"] = dissim.detach() * scale
-                else:
-                    dissim = -local_ncc(fk, warp(mk, phi), self.ncc_windows[k], reduction="none").sum()
-                    e = scale * (dissim + op.norm2(v) / (2.0 * self.lambda_))
-                    parts[f"dissim{k}"] = dissim.detach() * scale
-                energies.append(e)
-            u = resize_field(phi.detach() if train else phi, full)
-            disps.append(u)
-            cur = warp(cur, u)
-        return disps, energies, parts
+    def window(self, level: int) -> int:
+        """Local-CC window of a level: its own on its grid (``force="level"``), the full level's
+        on the full grid (``force="full"``: every level's similarity is on the full grid)."""
+        return self.ncc_windows[level] if self.force == "level" else self.ncc_windows[2]
 
     @staticmethod
     def _level_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -493,6 +554,40 @@ class DiffOpNet(RegistrationSystem):
         sig = [0.5 * f if f > 1.0 else 0.0 for f in factors]
         return resize_image(gaussian_smooth(image, sig), size)
 
+    def level_force(self, level: int, v: torch.Tensor, moving: torch.Tensor,
+                    fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F, D)`` of a level at velocity ``v (B, 3, *N)`` for full-resolution images
+        ``moving`` (already warped by the previous levels) and ``fixed`` ``(B, 1, *S)``.
+
+        ``force="level"``: images smoothed and resampled to the level grid, demons force
+        ``∂D/∂W · ∇W`` there (:func:`local_cc_force`). ``force="full"``: the exact gradient of
+        the full-resolution similarity (:func:`full_resolution_force`).
+        """
+        n = v.shape[2:]
+        if self.force == "full":
+            return full_resolution_force(v, moving, fixed, self.window(level), self.int_steps)
+        phi = integrate_velocity(v.detach(), self.int_steps) if self.int_steps > 0 else v.detach()
+        fk = self._level_image(fixed, n)
+        mk = self._level_image(moving.detach(), n)
+        return local_cc_force(warp(mk, phi), fk, self.window(level))
+
+    def level_dissim(self, level: int, v: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``D`` (or ``D̃``) of a level as a differentiable function of ``v`` (autograd training)."""
+        n = v.shape[2:]
+        phi = integrate_velocity(v, self.int_steps) if self.int_steps > 0 else v
+        if self.force == "full":
+            ratio = math.prod(n) / math.prod(fixed.shape[2:])
+            w = warp(moving.detach(), resize_field(phi, fixed.shape[2:]))
+            return -ratio * local_ncc(fixed, w, self.window(level), reduction="none").sum()
+        fk = self._level_image(fixed, n)
+        mk = self._level_image(moving.detach(), n)
+        return -local_ncc(fk, warp(mk, phi), self.window(level), reduction="none").sum()
+
+    def level_displacement(self, v: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """``exp(v)`` brought to the full grid: ``(B, 3, *shape)`` voxels of the fixed grid."""
+        phi = integrate_velocity(v, self.int_steps) if self.int_steps > 0 else v
+        return resize_field(phi, shape)
+
     @staticmethod
     def compose_levels(disps: Sequence[torch.Tensor]) -> torch.Tensor:
         """One displacement equal to the sequential warps: ``((u1 ∘ u2) ∘ u3)``."""
@@ -501,11 +596,232 @@ class DiffOpNet(RegistrationSystem):
             total = compose(total, u)
         return total
 
+
+# --------------------------------------------------------------------------------------
+# the systems
+
+
+class DiffOpNet(DiffOpEnergyTerms, RegistrationSystem):
+    """DiffOp-net as a suite system (3D).
+
+    Args:
+        width: U-Net width ``c`` (authors: 48; CPU quickstart: 8).
+        smoothing_mm: operator smoothing length ``ℓ_k`` per level (¼, ½, full) in mm, or one
+            value; default the authors' constants in these units (11.3, 5.1, 5.1 mm). ``None``
+            uses the unit-cube ``alpha``. See :class:`DiffOpEnergyTerms`.
+        alpha: unit-cube Laplacian weight per level (used only with ``smoothing_mm=None``);
+            authors ``(0.005, 0.001, 0.001)``.
+        gamma: weight ``γ`` of the operator (authors: 1).
+        lambda_: ``λ``, weight of the similarity (local-CC) energy against ``½‖Lv‖²``.
+        training: ``"sobolev"`` (default: the Sobolev gradient ``v + K⋆(λF)`` per level) or
+            ``"autograd"`` (the loss ``D + ‖Lv‖²/(2λ)`` back-propagated) — ablation switch.
+        force: ``"level"`` (default: each level's force on the level grid) or ``"full"``
+            (the authors': the exact gradient of the full-resolution similarity).
+        levels: 3 (the ¼ → ½ → full cascade) or 1 (the full-resolution network alone; the
+            per-level settings' full entry is used) — ablation switch.
+        cca: Cross-Coordinate Attention on the skips (default) or plain skips — ablation switch.
+        ncc_window: local CC window per level (int or three ints; authors 9).
+        int_steps: scaling-and-squaring steps per level.
+        lr: Adam learning rate (authors 1e-4).
+
+    ``register`` returns the composed displacement ``(B, 3, *S)`` in voxels of the fixed grid.
+    """
+
+    learns: ClassVar[bool] = True
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "gamma": {"type": "float", "low": 0.1, "high": 10.0, "log": True},
+        "lambda_": {"type": "float", "low": 1.0, "high": 300.0, "log": True},
+        "smoothing_mm.0": {"type": "float", "low": 1.0, "high": 30.0, "log": True},
+        "smoothing_mm.1": {"type": "float", "low": 0.5, "high": 15.0, "log": True},
+        "smoothing_mm.2": {"type": "float", "low": 0.25, "high": 10.0, "log": True},
+    }
+
+    def __init__(
+        self,
+        width: int = 48,
+        smoothing_mm: float | Sequence[float] | None = AUTHORS_SMOOTHING_MM,
+        alpha: Sequence[float] = (0.005, 0.001, 0.001),
+        gamma: float = 1.0,
+        lambda_: float = 10.0,
+        training: str = "sobolev",
+        force: str = "level",
+        levels: int = 3,
+        cca: bool = True,
+        ncc_window: int | Sequence[int] = 9,
+        int_steps: int = 7,
+        lr: float = 1e-4,
+        warmup_calls: int | None = None,
+        compute_hd95: bool = True,
+        compute_ndv: bool = True,
+        compile: bool | str = False,
+    ) -> None:
+        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv,
+                         compile=compile)
+        self.save_hyperparameters()
+        if training not in ("sobolev", "autograd"):
+            raise ValueError(f"training must be 'sobolev' or 'autograd', got {training!r}")
+        self._init_energy(alpha, smoothing_mm, gamma, lambda_, ncc_window, int_steps, force, levels)
+        self.training_mode = training
+        self.nets = nn.ModuleList([CascadeUNet(width, LEVEL_SCALES[k], cca=cca) for k in self.level_ids])
+
+    # ---- the cascade ----------------------------------------------------------------
+    def level_velocity(self, level: int, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``v_k = net_k(cat(moving, fixed))``: ``(B, 3, *level_grid)``, voxels of that grid.
+        ``level``: position in the cascade (0 .. levels−1)."""
+        grid = _net_grid(fixed.shape[2:])
+        x = torch.cat([moving, fixed], dim=1)
+        if tuple(x.shape[2:]) != grid:
+            x = resize_image(x, grid)
+        return self.nets[level](x).float()  # fields and the FFT operator stay float32/64 (systems.speed)
+
+    def cascade(self, moving: torch.Tensor, fixed: torch.Tensor, train: bool = False,
+                spacing: Sequence[float] = (1.0, 1.0, 1.0)):
+        """Run the levels.
+
+        Args:
+            moving, fixed: ``(B, 1, *S)``.
+            train: also compute the per-level training energies.
+            spacing: image voxel size in mm (the operator's physical units).
+
+        Returns:
+            ``(disps, energies, parts)``: the per-level displacements ``u_k (B, 3, *S)`` (voxels
+            of the fixed grid; detached when ``train``), the per-level training energies when
+            ``train`` (scalars carrying the Sobolev / autograd gradient to ``v_k``; else empty)
+            and the per-level dissimilarities for logging (``dissim0..``, per voxel).
+        """
+        full = fixed.shape[2:]
+        cur = moving
+        disps, energies, parts = [], [], {}
+        for pos, k in enumerate(self.level_ids):
+            v = self.level_velocity(pos, cur.detach(), fixed)
+            n = v.shape[2:]
+            if train:
+                h = self.level_spacing(n, full, spacing)
+                op = self.operator(k, n, h, v.device)
+                unit = self.unit(h)
+                scale = 1.0 / (v.shape[0] * math.prod(n))
+                if self.training_mode == "sobolev":
+                    force, dissim = self.level_force(k, v, cur.detach(), fixed)
+                    e = SobolevGradient.apply(v, force, dissim, op, self.lambda_, scale, unit)
+                else:
+                    dissim = self.level_dissim(k, v, cur.detach(), fixed)
+                    vm = v if unit is None else v * _unit_view(unit, v)
+                    e = scale * (dissim + op.norm2(vm) / (2.0 * self.lambda_))
+                parts[f"dissim{pos}"] = dissim.detach() * scale
+                energies.append(e)
+            u = self.level_displacement(v.detach() if train else v, full)
+            disps.append(u)
+            cur = warp(cur, u)
+        return disps, energies, parts
+
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         disps, _, _ = self.cascade(batch["moving"], batch["fixed"], train=False)
         return self.compose_levels(disps)
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, energies, parts = self.cascade(batch["moving"], batch["fixed"], train=True)
-        loss = energies[0] + energies[1] + energies[2]
+        spacing = _spacing_of(batch, batch["fixed"].dim() - 2)
+        _, energies, parts = self.cascade(batch["moving"], batch["fixed"], train=True, spacing=spacing)
+        loss = torch.stack(energies).sum()
         return loss, parts
+
+
+class DiffOpEnergy(DiffOpEnergyTerms, RegistrationSystem):
+    """DiffOp-net's energy minimised directly per pair, without a network (``learns = False``).
+
+    The upper reference row for :class:`DiffOpNet` and a test oracle: the same levels, grids,
+    operator, force and ``λ``; per level, ``iterations`` steps of Sobolev gradient descent
+    ``v ← v − step · (v + K⋆(λ·F(v)))`` from ``v = 0`` (the Sobolev gradient of
+    ``E(v) = ½‖Lv‖² + λ·D(v)``, the signal the network's level receives in training), then
+    the level's displacement warps the moving image for the next level, as in the cascade.
+
+    Args (besides the energy's, see :class:`DiffOpNet`):
+        iterations: descent steps per level.
+        step: step length (1 is the fixed-point iteration ``v = −K⋆(λF(v))``).
+        max_update: the longest change of ``v`` per step, in voxels of the level grid (the
+            step is shortened when the Sobolev gradient would move further; stationary points
+            are unchanged). Without it large ``λ`` makes the fixed-step iteration oscillate.
+    """
+
+    learns: ClassVar[bool] = False
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        k: v for k, v in DiffOpNet.search_space.items()
+    }
+
+    def __init__(
+        self,
+        smoothing_mm: float | Sequence[float] | None = AUTHORS_SMOOTHING_MM,
+        alpha: Sequence[float] = (0.005, 0.001, 0.001),
+        gamma: float = 1.0,
+        lambda_: float = 10.0,
+        force: str = "level",
+        levels: int = 3,
+        ncc_window: int | Sequence[int] = 9,
+        int_steps: int = 7,
+        iterations: int = 60,
+        step: float = 0.5,
+        max_update: float = 0.5,
+        warmup_calls: int | None = None,
+        compute_hd95: bool = True,
+        compute_ndv: bool = True,
+    ) -> None:
+        super().__init__(lambda_=lambda_, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv)
+        self.save_hyperparameters()
+        if int(iterations) < 1 or not 0 < float(step) <= 1:
+            raise ValueError(f"iterations must be >= 1 and step in (0, 1], got {iterations}, {step}")
+        self._init_energy(alpha, smoothing_mm, gamma, lambda_, ncc_window, int_steps, force, levels)
+        if float(max_update) <= 0:
+            raise ValueError(f"max_update must be > 0 voxels, got {max_update}")
+        self.iterations = int(iterations)
+        self.step = float(step)
+        self.max_update = float(max_update)
+
+    def optimise(self, moving: torch.Tensor, fixed: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                 history: list | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Minimise each level's energy in turn.
+
+        Args:
+            moving, fixed: ``(B, 1, *S)``.
+            spacing: image voxel size in mm.
+            history: when a list, each level appends its energies ``E_k`` (floats, per voxel)
+                before every step and after the last.
+
+        Returns:
+            ``(velocities, disps)``: per level ``v_k (B, 3, *N_k)`` and ``u_k (B, 3, *S)``.
+        """
+        full = fixed.shape[2:]
+        cur = moving.detach()
+        fixed = fixed.detach()
+        vs, disps = [], []
+        with torch.no_grad():
+            for k in self.level_ids:
+                n = self.level_grid(k, full)
+                h = self.level_spacing(n, full, spacing)
+                op = self.operator(k, n, h, fixed.device)
+                v = torch.zeros(fixed.shape[0], fixed.dim() - 2, *n, dtype=fixed.dtype, device=fixed.device)
+                unit = self.unit(h)
+                u2 = 1.0 if unit is None else _unit_view(unit, v) ** 2
+                trace = []
+                for it in range(self.iterations + 1):
+                    force, dissim = self.level_force(k, v, cur, fixed)
+                    if history is not None:
+                        vm = v if unit is None else v * _unit_view(unit, v)
+                        trace.append(float((0.5 * op.norm2(vm) + self.lambda_ * dissim) / (v.shape[0] * math.prod(n))))
+                    if it == self.iterations:
+                        break
+                    delta = self.step * (v + op.K(self.lambda_ * force) / u2)
+                    longest = float(delta.norm(dim=1).max())
+                    if longest > self.max_update:  # safeguard: at most max_update level voxels per step
+                        delta = delta * (self.max_update / longest)
+                    v = v - delta
+                if history is not None:
+                    history.append(trace)
+                u = self.level_displacement(v, full)
+                vs.append(v)
+                disps.append(u)
+                cur = warp(cur, u)
+        return vs, disps
+
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        spacing = _spacing_of(batch, batch["fixed"].dim() - 2)
+        _, disps = self.optimise(batch["moving"], batch["fixed"], spacing)
+        return self.compose_levels(disps)

@@ -84,12 +84,13 @@ def test_every_declared_space_is_valid_and_suggests_in_range():
         check_space(cls.search_space, cls)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         for _ in range(5):
-            params = suggest(study.ask(), cls.search_space)
-            for k, v in params.items():
+            trial = study.ask()
+            suggest(trial, cls.search_space)
+            for k, v in trial.params.items():  # raw names (indexed ones like smoothing_mm.0 too)
                 spec = cls.search_space[k]
                 if spec["type"] != "categorical":
                     assert spec["low"] <= v <= spec["high"], (cls.__name__, k, v)
-    assert set(DiffOpNet.search_space) == {"gamma", "lambda_"}
+    assert set(DiffOpNet.search_space) == {"gamma", "lambda_", "smoothing_mm.0", "smoothing_mm.1", "smoothing_mm.2"}
 
 
 @pytest.mark.parametrize("space,msg", [
