@@ -185,11 +185,16 @@ class SpineDRRDataModule(L.LightningDataModule):
         test_ids: CT ids for testing (folder); default the last ``n_test_cts`` sorted ids
             (a folder with a single CT uses it for training and testing).
         n_train_cts, n_test_cts: synthetic CT counts (seeds differ between the splits).
+        n_val_cts: validation CTs, disjoint from training and test CTs (synthetic: their own
+            seeds; folder: the last ``n_val_cts`` non-test ids, when at least one training CT
+            is left, else validation falls back to the training CTs).
+        synthetic_variation: anatomy / size / intensity spread between synthetic CTs
+            (``variation`` of :func:`datamodules.synthetic_spine.make_spine_ct`; 0 = base model).
         synthetic_size, synthetic_spacing: synthetic grid (voxels, mm).
         target_spacing: resample folder CTs to this isotropic spacing (mm), ``None`` keeps it.
         crop_mm: crop (or pad with air) a cube of this size around the isocentre, ``None`` keeps all.
         poses_per_ct: test poses per test CT (the paper: 500).
-        val_cases: validation cases (poses on training CTs).
+        val_cases: validation cases (seeded poses on the validation CTs).
         rot_std_deg, trans_std_mm, depth_std_mm: test pose distribution.
         init_std_scale: 0 → start at the reference pose; else start at the true pose plus a
             perturbation of this scale (times the stds).
@@ -208,8 +213,10 @@ class SpineDRRDataModule(L.LightningDataModule):
         self,
         root: str | None = None,
         test_ids: list[str] | None = None,
-        n_train_cts: int = 4,
+        n_train_cts: int = 32,
         n_test_cts: int = 2,
+        n_val_cts: int = 2,
+        synthetic_variation: float = 1.0,
         synthetic_size: int = 64,
         synthetic_spacing: float = 2.5,
         target_spacing: float | None = None,
@@ -241,6 +248,7 @@ class SpineDRRDataModule(L.LightningDataModule):
         self.root = None if root in (None, "") else Path(root)
         self.test_ids = list(test_ids) if test_ids else None
         self.n_train_cts, self.n_test_cts = int(n_train_cts), int(n_test_cts)
+        self.n_val_cts, self.synthetic_variation = int(n_val_cts), float(synthetic_variation)
         self.synthetic_size, self.synthetic_spacing = int(synthetic_size), float(synthetic_spacing)
         self.target_spacing = target_spacing
         self.crop_mm = crop_mm
@@ -390,18 +398,21 @@ class SpineDRRDataModule(L.LightningDataModule):
         if self.root is None:
             def synth(split: str, k: int) -> SpineCT:
                 s = _seed_of(self.seed, "spine", split, k) % 2**32
-                ct = make_spine_ct(self.synthetic_size, self.synthetic_spacing, seed=s)
+                ct = make_spine_ct(self.synthetic_size, self.synthetic_spacing, seed=s, variation=self.synthetic_variation)
                 return self._prepare(f"synth_{split}{k:02d}", ct.hu, ct.affine, ct.centroids)
 
             self._cts = {"train": [synth("train", k) for k in range(self.n_train_cts)],
+                         "val": [synth("val", k) for k in range(self.n_val_cts)],
                          "test": [synth("test", k) for k in range(self.n_test_cts)]}
         else:
             items = self._folder_items()
             ids = [i[0] for i in items]
             test = self.test_ids or ids[-min(self.n_test_cts, len(ids)):]
             train = [i for i in ids if i not in test] or list(test)
-            loaded = {i[0]: self._load_folder_ct(*i) for i in items if i[0] in set(test) | set(train)}
-            self._cts = {"train": [loaded[i] for i in train], "test": [loaded[i] for i in test]}
+            nv = self.n_val_cts if len(train) > self.n_val_cts and not set(train) & set(test) else 0
+            val, train = train[len(train) - nv :], train[: len(train) - nv]
+            loaded = {i[0]: self._load_folder_ct(*i) for i in items if i[0] in set(test) | set(train) | set(val)}
+            self._cts = {"train": [loaded[i] for i in train], "val": [loaded[i] for i in val], "test": [loaded[i] for i in test]}
         for split, cts in self._cts.items():
             for ct in cts:
                 if ct.landmarks.shape[0] == 0:
@@ -450,11 +461,17 @@ class SpineDRRDataModule(L.LightningDataModule):
         cts = self._load()
         if not self._datasets:
             self._datasets["test"] = _PoseDataset(self, cts["test"], self._fixed_cases(cts["test"], self.poses_per_ct, "pose"))
-            nv = max(1, math.ceil(self.val_cases / len(cts["train"])))
-            val = self._fixed_cases(cts["train"], nv, "val")[: self.val_cases]
-            self._datasets["val"] = _PoseDataset(self, cts["train"], val)
+            vcts = cts["val"] or cts["train"]  # held-out validation CTs when there are any
+            nv = max(1, math.ceil(self.val_cases / len(vcts)))
+            val = self._fixed_cases(vcts, nv, "val")[: self.val_cases]
+            self._datasets["val"] = _PoseDataset(self, vcts, val)
             self._datasets["train"] = _TrainDataset(self, cts["train"], self.train_samples)
         self._setup_done = True
+
+    def ct_ids(self, split: str) -> list[str]:
+        """Ids of the CTs of ``split`` ("train", "val", "test"); the three are disjoint
+        (validation falls back to the training CTs only when a folder has too few)."""
+        return [ct.ct_id for ct in self._load()[split]]
 
     def case_ids(self, stage: str = "test") -> list[str]:
         """The fixed, ordered case ids of ``stage`` ("val" or "test")."""

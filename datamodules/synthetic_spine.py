@@ -59,7 +59,8 @@ def label_centroids(labels: np.ndarray, affine: np.ndarray, ids: list[int] | Non
     return present, world
 
 
-def make_spine_ct(size: int | tuple[int, int, int] = 64, spacing: float = 2.5, n_vertebrae: int | None = None, seed: int = 0) -> SyntheticSpineCT:
+def make_spine_ct(size: int | tuple[int, int, int] = 64, spacing: float = 2.5, n_vertebrae: int | None = None, seed: int = 0,
+                  variation: float = 0.0) -> SyntheticSpineCT:
     """Draw one synthetic spine CT.
 
     Args:
@@ -68,8 +69,24 @@ def make_spine_ct(size: int | tuple[int, int, int] = 64, spacing: float = 2.5, n
         n_vertebrae: vertebrae along the superior–inferior axis (default: as many as fit,
             about 33 mm apart).
         seed: everything is deterministic from it.
+        variation: spread of the anatomy between seeds beyond the base model (0 = the base
+            model only). At ``v``: torso size × ``U(1 − 0.25v, 1 + 0.15v)``, vertebra size and
+            pitch × ``U(1 − 0.2v, 1 + 0.2v)``, a lateral/antero-posterior spine offset of
+            ``U(−6v, 6v)`` mm, a stronger curvature, bone HU × ``U(1 − 0.3v, 1 + 0.3v)`` and soft
+            tissue ``+U(−30v, 30v)`` HU. Drawn from a second generator, so ``variation = 0``
+            reproduces the base model exactly.
     """
     g = np.random.default_rng(seed)
+    v = float(variation)
+    if v < 0:
+        raise ValueError(f"variation must be >= 0, got {variation!r}")
+    gv = np.random.default_rng([int(seed), 7331])
+    torso_f = 1.0 + v * gv.uniform(-0.25, 0.15)
+    vert_f = 1.0 + v * gv.uniform(-0.2, 0.2)
+    bone_f = 1.0 + v * gv.uniform(-0.3, 0.3)
+    soft_dhu = v * gv.uniform(-30.0, 30.0)
+    offset = v * gv.uniform(-6.0, 6.0, 2)
+    curve_f = 1.0 + v * gv.uniform(0.0, 1.5)
     shape = (size, size, size) if isinstance(size, int) else tuple(int(s) for s in size)
     ext = np.array(shape, float) * spacing
     affine = np.diag([spacing, spacing, spacing, 1.0])
@@ -81,13 +98,13 @@ def make_spine_ct(size: int | tuple[int, int, int] = 64, spacing: float = 2.5, n
     labels = np.zeros(shape, np.int16)
 
     # torso: elliptic cylinder, spine sits posteriorly
-    ax = 0.44 * ext[0] * g.uniform(0.9, 1.05)
-    ay = 0.40 * ext[1] * g.uniform(0.92, 1.0)
+    ax = 0.44 * ext[0] * g.uniform(0.9, 1.05) * torso_f
+    ay = 0.40 * ext[1] * g.uniform(0.92, 1.0) * torso_f
     body = (x / ax) ** 2 + (y / ay) ** 2
     inside = np.broadcast_to(body <= 1.0, shape)
-    hu[inside] = 40.0
+    hu[inside] = 40.0 + soft_dhu
     fat = np.broadcast_to((body <= 1.0) & (body > 0.78), shape)
-    hu[fat] = -95.0
+    hu[fat] = -95.0 + 0.5 * soft_dhu
     inner = body <= 0.78
     # organ-like blobs and gas pockets, anterior to the spine
     for _ in range(int(g.integers(5, 9))):
@@ -102,22 +119,22 @@ def make_spine_ct(size: int | tuple[int, int, int] = 64, spacing: float = 2.5, n
         hu[gas & inner] = -800.0
 
     # spine: vertebra centres along z on a curved axis
-    pitch = g.uniform(30.0, 36.0)
+    pitch = g.uniform(30.0, 36.0) * vert_f
     n = n_vertebrae or max(2, int(ext[2] // pitch))
     zc = (np.arange(n) - (n - 1) / 2) * pitch
-    y_spine = -0.2 * ay + 6.0 * np.sin(np.pi * zc / max(ext[2], 1.0) + g.uniform(-0.5, 0.5))  # lordosis
-    x_spine = g.uniform(-4, 4) * np.sin(np.pi * zc / max(ext[2], 1.0) * g.uniform(0.5, 1.5))  # mild scoliosis
+    y_spine = -0.2 * ay + offset[1] + 6.0 * curve_f * np.sin(np.pi * zc / max(ext[2], 1.0) + g.uniform(-0.5, 0.5))  # lordosis
+    x_spine = offset[0] + curve_f * g.uniform(-4, 4) * np.sin(np.pi * zc / max(ext[2], 1.0) * g.uniform(0.5, 1.5))  # mild scoliosis
     for k in range(n):
         cx, cy, cz = x_spine[k], y_spine[k], zc[k]
-        rx, ry = g.uniform(14, 18), g.uniform(11, 14)  # vertebral body radii (mm)
+        rx, ry = g.uniform(14, 18) * vert_f, g.uniform(11, 14) * vert_f  # vertebral body radii (mm)
         hb = pitch * g.uniform(0.62, 0.7) / 2  # half height of the body
         dx, dy, dz = x - cx, y - cy, z - cz
         ell = (dx / rx) ** 2 + (dy / ry) ** 2
         vb = (ell <= 1.0) & (np.abs(dz) <= hb)
         shell = vb & ((ell > 0.72) | (np.abs(dz) > hb - 2.0))
         vb_b = np.broadcast_to(vb, shape)
-        hu[vb_b] = g.uniform(200, 300)
-        hu[np.broadcast_to(shell, shape)] = g.uniform(700, 900)
+        hu[vb_b] = g.uniform(200, 300) * bone_f
+        hu[np.broadcast_to(shell, shape)] = g.uniform(700, 900) * bone_f
         labels[vb_b] = k + 1
         # disc below this vertebra
         if k > 0:
@@ -134,7 +151,7 @@ def make_spine_ct(size: int | tuple[int, int, int] = 64, spacing: float = 2.5, n
         spin = (np.abs(dx) <= 3.0) & (y <= cyc - 9.0) & (y >= cyc - 9.0 - g.uniform(14, 19)) & (np.abs(dz + 0.15 * (y - cyc)) <= harch * 0.7)
         trans = (np.abs(dx) >= 9.0) & (np.abs(dx) <= g.uniform(30, 38)) & (np.abs(y - cyc) <= 3.5) & (np.abs(dz) <= harch * 0.45)
         post = np.broadcast_to(arch | spin | trans, shape) & (labels == 0)
-        hu[post] = g.uniform(550, 750)
+        hu[post] = g.uniform(550, 750) * bone_f
         labels[post] = k + 1
 
     hu += g.normal(0.0, 12.0, shape).astype(np.float32)

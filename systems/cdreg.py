@@ -41,7 +41,7 @@ gradient descent on ``θ`` from the starting pose. What is known and what was ch
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,8 +50,10 @@ import torch.nn.functional as F
 from benchmark.drr import MU_WATER_PER_MM, render_pose
 from benchmark.se3 import geodesic_grad
 from systems.pose_base import PoseSystem
+from systems.speed import check_compile
 
-__all__ = ["Residual3D", "PoolFormerEncoder", "FFCBranch", "InvertibleBranch", "GatedHead", "CDRegNet", "CDReg", "cc"]
+__all__ = ["Residual3D", "PoolFormerEncoder", "FFCBranch", "InvertibleBranch", "GatedHead", "FlatHead", "CDRegNet", "CDReg", "cc",
+           "feature_size", "toward_truth_cosines"]
 
 
 class Residual3D(nn.Module):
@@ -130,7 +132,7 @@ class _SpectralTransform(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         f = torch.fft.rfft2(x, norm="ortho")
-        z = F.relu(self.conv(torch.cat([f.real, f.imag], 1)))
+        z = F.relu(self.conv(torch.cat([f.real, f.imag], 1))).float()  # no bfloat16 complex (systems.speed)
         re, im = z.chunk(2, 1)
         return torch.fft.irfft2(torch.complex(re, im), s=(h, w), norm="ortho")
 
@@ -214,6 +216,22 @@ class GatedHead(nn.Module):
         return (v * torch.sigmoid(g)).mean((1, 2))
 
 
+class FlatHead(nn.Module):
+    """The authors' flattened head: features average-pooled to ``pool × pool``, flattened, MLP →
+    value × sigmoid(gate): ``(B, Cin, h, w)`` → ``(B,)``. Unlike :class:`GatedHead` it sees where
+    on the detector a difference is (a location-aware similarity)."""
+
+    def __init__(self, cin: int, hidden: int, pool: int = 4) -> None:
+        super().__init__()
+        self.pool = int(pool)
+        self.mlp = nn.Sequential(nn.Linear(cin * self.pool * self.pool, hidden), nn.GELU(), nn.Linear(hidden, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.adaptive_avg_pool2d(x, self.pool).flatten(1)
+        v, g = self.mlp(z).unbind(1)
+        return v * torch.sigmoid(g)
+
+
 def cc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Pearson correlation per sample of ``(B, ...)`` tensors → ``(B,)``."""
     a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
@@ -227,18 +245,38 @@ def _instance_norm(x: torch.Tensor) -> torch.Tensor:
     return (x - m) / (s + 1e-6)
 
 
+def feature_size(height: int, width: int, strides: Sequence[int]) -> tuple[int, int]:
+    """Feature-map size ``(h, w)`` of :class:`PoolFormerEncoder` on an ``height × width`` detector
+    (3×3 convolutions with padding 1: ``n → ⌊(n − 1)/s⌋ + 1`` per stage)."""
+    h, w = int(height), int(width)
+    for s in strides:
+        h, w = (h - 1) // int(s) + 1, (w - 1) // int(s) + 1
+    return h, w
+
+
 class CDRegNet(nn.Module):
-    """The similarity network: ``forward(xray (B,1,H,W), drr (B,3,H,W)) → (S (B,), features)``."""
+    """The similarity network: ``forward(xray (B,1,H,W), drr (B,3,H,W)) → (S (B,), features)``.
+
+    ``head``: ``"local"`` (per-location :class:`GatedHead`, averaged over space) or ``"flat"``
+    (the authors' flattened :class:`FlatHead`, pooled to ``flat_pool × flat_pool``).
+    """
 
     def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), ffc_blocks: int = 2, inv_blocks: int = 3,
-                 strides: Sequence[int] = (2, 2, 2, 2)) -> None:
+                 strides: Sequence[int] = (2, 2, 2, 2), head: str = "local", flat_pool: int = 4) -> None:
         super().__init__()
+        if head not in ("local", "flat"):
+            raise ValueError(f"head must be 'local' or 'flat', got {head!r}")
         c = int(widths[-1])
+        self.strides = tuple(int(v) for v in strides)
         self.encoder = PoolFormerEncoder(widths, strides)
         self.low_x, self.low_d = FFCBranch(c, ffc_blocks), FFCBranch(c, ffc_blocks)
         self.high_x, self.high_d = InvertibleBranch(c, inv_blocks), InvertibleBranch(c, inv_blocks)
-        self.head_high = GatedHead(2 * c, c)
-        self.head_low = GatedHead(c, c)
+        if head == "local":
+            self.head_high: nn.Module = GatedHead(2 * c, c)
+            self.head_low: nn.Module = GatedHead(c, c)
+        else:
+            self.head_high = FlatHead(2 * c, c, flat_pool)
+            self.head_low = FlatHead(c, c, flat_pool)
 
     def forward(self, xray: torch.Tensor, drr: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if xray.shape[0] != drr.shape[0]:
@@ -256,24 +294,54 @@ def _unit(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return v / (v.norm(dim=-1, keepdim=True) + eps)
 
 
+def toward_truth_cosines(g: torch.Tensor, theta: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Cosines ``(B, 2)`` (rotation, translation) between the descent direction ``−g`` of a pose
+    gradient ``g (B, 6)`` at ``theta (B, 6)`` and the geodesic direction toward ``true (B, 6)``
+    (``−`` :func:`benchmark.se3.geodesic_grad`); ``> 0`` means a descent step moves toward the truth."""
+    r = geodesic_grad(theta.detach().double(), true.detach().double()).to(g.dtype)
+    return torch.stack([(_unit(g[:, :3]) * _unit(r[:, :3])).sum(-1), (_unit(g[:, 3:]) * _unit(r[:, 3:])).sum(-1)], 1)
+
+
 class CDReg(PoseSystem):
     """Correlation-driven 2D/3D registration (see module doc).
 
     Args:
         lr: Adam learning rate.
         widths: encoder channels (stem + 4 stages); the paper: ``(8, 16, 32, 64, 64)``.
-        strides: encoder stage strides; the paper: ``(2, 2, 2, 2)``.
+        strides: encoder stage strides; the paper: ``(2, 2, 2, 2)`` (256 px → 16×16). Choose them
+            so that the feature map (:func:`feature_size`) is at least ``min_feature × min_feature``
+            on the detector: at 32 px, ``(1, 1, 2, 2)`` gives 8×8. Checked when fitting/testing.
         ffc_blocks, inv_blocks: blocks of the low / high branches.
+        head: ``"local"`` (per-location gated MLP averaged over space) or ``"flat"`` (the
+            authors' flattened head, features pooled to ``flat_pool × flat_pool``).
         n_samples: samples per ray of the DRRs.
         train_rot_deg, train_trans_mm, train_depth_mm: std of the offset of the training pose
             ``θ`` from the true pose (per axis).
         train_radius: ``(lo, hi)``: the offset is scaled by ``u ~ U(lo, hi)`` per sample. With
             ``(1, 1)`` (a plain Gaussian) the poses next to the truth are hardly ever drawn and
-            the learned field there is untrained (measured: reversed near the truth).
-        rot_scale_mm: ``ρ`` of the geodesic (mm per radian; only the direction is used, per part).
+            the learned field there is untrained (measured: reversed near the truth); the
+            default ``(0.05, 1.5)`` covers the truth's neighbourhood and 1.5× the pose spread.
+        decomp_loss: add the correlation-driven decomposition loss ``L_decomp`` (ablation
+            switch: ``False`` trains on ``L_appro`` alone; the branches stay in the network).
+        loss_weighting: ``"fixed"`` (default): ``L_appro + decomp_weight · L_decomp``;
+            ``"learned"``: the paper's uncertainty weighting
+            ``L_a/(2σ1²) + L_d/(2σ2²) + log σ1² + log σ2²`` (``log σ²`` learned) with
+            ``log σ² = log_var_bound · tanh(raw)``, so that neither weight can grow past
+            ``e^bound / 2`` (unbounded, the near-zero ``L_decomp`` drives its own weight up and
+            starves ``L_appro``: measured 2.2 vs 0.3 after 300 steps).
+        decomp_weight: weight of ``L_decomp`` with fixed weighting.
+        log_var_bound: bound of the learned log-variances.
         iterations, step_rot_deg, step_trans_mm, final_step_frac: registration descent.
-        finish_iterations, finish_lr_rot_deg, finish_lr_trans_mm: gradient-NCC finish (0 = off).
+        finish_iterations, finish_lr_rot_deg, finish_lr_trans_mm: gradient-NCC finish (0 = off),
+            the same optimiser as the ``gradient-ncc`` row (:class:`GradientPose`, ``gncc``, one level).
         checkpoint_render: recompute DRR chunks in backward (less training memory).
+        min_feature: smallest feature-map side accepted at the data's detector size.
+        compile: ``torch.compile`` the network for registration (``True`` or a backend name;
+            training differentiates twice, which compiled graphs do not support, so it runs
+            eager); mixed precision is the trainer's ``precision`` (:mod:`systems.speed`).
+
+    ``rot_scale_mm`` (ρ of the geodesic) is gone: the loss compares the rotation and the
+    translation directions separately, on which ρ has no effect.
     """
 
     learns: ClassVar[bool] = True
@@ -294,30 +362,45 @@ class CDReg(PoseSystem):
         train_rot_deg: float = 10.0,
         train_trans_mm: float = 15.0,
         train_depth_mm: float = 30.0,
-        train_radius: Sequence[float] = (1.0, 1.0),
-        rot_scale_mm: float = 100.0,
+        train_radius: Sequence[float] = (0.05, 1.5),
         iterations: int = 60,
         step_rot_deg: float = 2.0,
         step_trans_mm: float = 4.0,
         final_step_frac: float = 0.05,
         finish_iterations: int = 0,
-        finish_lr_rot_deg: float = 0.5,
-        finish_lr_trans_mm: float = 1.0,
+        finish_lr_rot_deg: float = 1.0,
+        finish_lr_trans_mm: float = 2.0,
         checkpoint_render: bool = False,
         warmup_calls: int | None = None,
         strides: Sequence[int] = (2, 2, 2, 2),
+        head: str = "local",
+        flat_pool: int = 4,
+        decomp_loss: bool = True,
+        loss_weighting: str = "fixed",
+        decomp_weight: float = 0.1,
+        log_var_bound: float = 1.0,
+        min_feature: int = 4,
+        compile: bool | str = False,
     ) -> None:
         super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls)
         self.save_hyperparameters()
+        self.compile_network = check_compile(compile)
+        self._net_compiled: Callable[..., Any] | None = None
+        if loss_weighting not in ("fixed", "learned"):
+            raise ValueError(f"loss_weighting must be 'fixed' or 'learned', got {loss_weighting!r}")
         self.residual = Residual3D()
-        self.net = CDRegNet(widths, ffc_blocks, inv_blocks, strides)
-        #: log σ² of the two losses (uncertainty weighting).
-        self.log_var = nn.Parameter(torch.zeros(2))
+        self.net = CDRegNet(widths, ffc_blocks, inv_blocks, strides, head, flat_pool)
+        self.decomp_loss = bool(decomp_loss)
+        self.loss_weighting = loss_weighting
+        self.decomp_weight = float(decomp_weight)
+        self.log_var_bound = float(log_var_bound)
+        if loss_weighting == "learned":
+            #: unconstrained parameters of the two bounded log σ² (uncertainty weighting).
+            self.log_var_raw = nn.Parameter(torch.zeros(2))
         self.train_std = torch.tensor([math.radians(train_rot_deg)] * 3 + [train_trans_mm, train_trans_mm, train_depth_mm])
         self.train_radius = (float(train_radius[0]), float(train_radius[1]))
         if not 0.0 <= self.train_radius[0] <= self.train_radius[1]:
             raise ValueError(f"train_radius must be (lo, hi) with 0 <= lo <= hi, got {train_radius!r}")
-        self.rot_scale_mm = float(rot_scale_mm)
         self.iterations = int(iterations)
         self.step_rot = math.radians(float(step_rot_deg))
         self.step_trans = float(step_trans_mm)
@@ -326,6 +409,23 @@ class CDReg(PoseSystem):
         self.finish_lr_rot = math.radians(float(finish_lr_rot_deg))
         self.finish_lr_trans = float(finish_lr_trans_mm)
         self.checkpoint_render = bool(checkpoint_render)
+        self.min_feature = int(min_feature)
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_detector(self, height: int, width: int) -> tuple[int, int]:
+        """Feature-map size on an ``height × width`` detector; ``ValueError`` when a side is below
+        ``min_feature`` (a 2×2 map leaves the low/high decomposition nothing to decompose)."""
+        fs = feature_size(height, width, self.net.strides)
+        if min(fs) < self.min_feature:
+            raise ValueError(f"cdreg: strides {list(self.net.strides)} give a {fs[0]}x{fs[1]} feature map on the "
+                             f"{height}x{width} detector (need >= {self.min_feature}x{self.min_feature}): use smaller strides")
+        return fs
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        geom = getattr(dm, "geometry", None)
+        if geom is not None:
+            self.check_detector(geom.height, geom.width)
 
     # ---- similarity -------------------------------------------------------------------------
     def similarity(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, xray: torch.Tensor | None = None
@@ -334,7 +434,17 @@ class CDReg(PoseSystem):
         aff = batch["affine"][0] if x3d.shape[0] == 1 else batch["affine"]
         drr = render_pose(x3d, aff, pose, batch["base"].to(pose.dtype), batch["geometry"], self.n_samples,
                           checkpoint=self.checkpoint_render and self.training)
-        return self.net(batch["xray"] if xray is None else xray, drr)
+        # training differentiates twice (create_graph), which torch.compile does not support:
+        # the compiled network serves registration only
+        net = self._net_compiled if (self._net_compiled is not None and not self.training) else self.net
+        s, feats = net(batch["xray"] if xray is None else xray, drr)
+        return s.float(), {k: v.float() for k, v in feats.items()}  # float32 outside the network (systems.speed)
+
+    def configure_model(self) -> None:
+        """Lightning hook: with ``compile``, a compiled view of the network for registration."""
+        if self.compile_network is not False and self._net_compiled is None:
+            backend = "inductor" if self.compile_network is True else self.compile_network
+            object.__setattr__(self, "_net_compiled", torch.compile(self.net, backend=backend))
 
     def pose_gradient(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, create_graph: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -344,7 +454,26 @@ class CDReg(PoseSystem):
         (g,) = torch.autograd.grad(s.sum(), theta, create_graph=create_graph)
         return g, s, feats
 
+    def grad_toward_truth(self, batch: dict[str, Any], pose: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosines ``(B, 2)`` (rotation, translation) between the learned descent direction at
+        ``pose`` (default ``batch["pose_init"]``) and the geodesic direction to ``batch["pose_true"]``."""
+        with torch.inference_mode(False), torch.enable_grad():
+            clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            theta = (clean["pose_init"] if pose is None else pose.clone()).float()
+            with torch.no_grad():
+                x3d = self.residual(clean["volume"])
+            g, _, _ = self.pose_gradient(clean, x3d, theta)
+            return toward_truth_cosines(g.detach(), theta, clean["pose_true"].float())
+
     # ---- training ---------------------------------------------------------------------------
+    def loss_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounded ``(log σ1², log σ2²)`` of the learned weighting (zeros with fixed weights)."""
+        if self.loss_weighting != "learned":
+            z = torch.zeros((), device=self.device)
+            return z, z
+        lv = self.log_var_bound * torch.tanh(self.log_var_raw)
+        return lv[0], lv[1]
+
     def training_loss(self, batch: dict[str, Any], theta: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss at poses ``theta (B, 6)`` (default: the true pose plus ``u · N(0, train_*)`` per axis,
         ``u ~ U(train_radius)`` per sample)."""
@@ -359,15 +488,40 @@ class CDReg(PoseSystem):
         theta = theta.detach().float().clone().requires_grad_(True)
         x3d = self.residual(batch["volume"])
         g, _, f = self.pose_gradient(batch, x3d, theta, create_graph=True)
-        r = geodesic_grad(theta.detach().double(), true.double(), self.rot_scale_mm).float()
+        r = geodesic_grad(theta.detach().double(), true.double()).float()
         l_appro = ((_unit(g[:, :3]) - _unit(r[:, :3])) ** 2).sum(-1) + ((_unit(g[:, 3:]) - _unit(r[:, 3:])) ** 2).sum(-1)
         l_appro = l_appro.mean()
         l_decomp = (cc(f["low_x"], f["low_d"]) ** 2 / (1.01 + cc(f["high_x"], f["high_d"]))).mean()
-        s1, s2 = self.log_var[0], self.log_var[1]
-        loss = 0.5 * torch.exp(-s1) * l_appro + 0.5 * torch.exp(-s2) * l_decomp + s1 + s2
-        cos_rot = (_unit(g[:, :3]) * _unit(r[:, :3])).sum(-1).mean()
-        cos_tr = (_unit(g[:, 3:]) * _unit(r[:, 3:])).sum(-1).mean()
-        return loss, {"appro": l_appro.detach(), "decomp": l_decomp.detach(), "cos_rot": cos_rot.detach(), "cos_trans": cos_tr.detach()}
+        if self.loss_weighting == "learned":
+            s1, s2 = self.loss_weights()
+            loss = 0.5 * torch.exp(-s1) * l_appro + s1
+            if self.decomp_loss:
+                loss = loss + 0.5 * torch.exp(-s2) * l_decomp + s2
+        else:
+            loss = l_appro + (self.decomp_weight * l_decomp if self.decomp_loss else 0.0)
+        cos = toward_truth_cosines(g.detach(), theta.detach(), true)
+        return loss, {"appro": l_appro.detach(), "decomp": l_decomp.detach(), "cos_rot": cos[:, 0].mean(), "cos_trans": cos[:, 1].mean()}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Held-out pose-gradient direction at the starting pose: ``val/toward_rot``,
+        ``val/toward_trans`` (share of cases whose learned descent points toward the truth),
+        ``val/cos_rot``, ``val/cos_trans`` (mean cosines). No registration (cheap)."""
+        cos = self.grad_toward_truth(batch)
+        bs = cos.shape[0]
+        self.log("val/toward_rot", (cos[:, 0] > 0).float().mean(), sync_dist=True, batch_size=bs)
+        self.log("val/toward_trans", (cos[:, 1] > 0).float().mean(), sync_dist=True, batch_size=bs, prog_bar=True)
+        self.log("val/cos_rot", cos[:, 0].mean(), sync_dist=True, batch_size=bs)
+        self.log("val/cos_trans", cos[:, 1].mean(), sync_dist=True, batch_size=bs)
+
+    def case_records(self, batch: dict[str, Any], pose: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
+        """The shared records plus ``grad_toward_truth_rot`` / ``grad_toward_truth_trans``: cosines
+        of the learned descent direction at the starting pose with the geodesic direction to the truth."""
+        out = super().case_records(batch, pose, runtime_s, peak_mem_mb)
+        cos = self.grad_toward_truth(batch).cpu()
+        for b, rec in enumerate(out):
+            rec["grad_toward_truth_rot"] = float(cos[b, 0])
+            rec["grad_toward_truth_trans"] = float(cos[b, 1])
+        return out
 
     # ---- registration ------------------------------------------------------------------------
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
