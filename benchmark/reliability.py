@@ -243,22 +243,23 @@ class ResumableLoaderMixin:
     batches per epoch}``. After ``load_state_dict`` the next iteration skips the consumed
     index batches; a state taken at the end of an epoch (consumed == length) skips nothing.
     Counting happens where batches leave the loader, so prefetching workers do not inflate it.
+
+    The methods are copied into a one-base subclass of the loader's own class (see
+    :func:`make_resumable`), so that ``__class__`` can be swapped on a live loader; they reach
+    the loader's own behaviour through ``super(type(self), self)``.
     """
 
-    _rb_consumed: int = 0
-    _rb_skip: int = 0
+    __slots__ = ()
 
     @property
     def _index_sampler(self):  # type: ignore[override]
-        from torch.utils.data import DataLoader
-
-        base = DataLoader._index_sampler.fget(self)  # type: ignore[attr-defined]
+        base = super(type(self), self)._index_sampler  # type: ignore[misc]
         skip = getattr(self, "_rb_skip", 0)
         return _SkipFirst(base, skip) if skip else base
 
     def __iter__(self):  # type: ignore[override]
         skip = int(getattr(self, "_rb_skip", 0))
-        it = super().__iter__()  # type: ignore[misc]
+        it = super(type(self), self).__iter__()  # type: ignore[misc]
         self._rb_skip = 0
         self._rb_consumed = skip
         return _CountingIter(it, self)
@@ -273,6 +274,7 @@ class ResumableLoaderMixin:
 
 
 _RESUMABLE: dict[type, type] = {}
+_MIXIN_NAMES = ("_index_sampler", "__iter__", "state_dict", "load_state_dict")
 
 
 def make_resumable(loader: Any) -> Any:
@@ -289,7 +291,10 @@ def make_resumable(loader: Any) -> Any:
         return loader
     cls = type(loader)
     if cls not in _RESUMABLE:
-        _RESUMABLE[cls] = type(f"Resumable{cls.__name__}", (ResumableLoaderMixin, cls), {})
+        ns = {name: ResumableLoaderMixin.__dict__[name] for name in _MIXIN_NAMES}
+        ns["__slots__"] = ()
+        ns["__doc__"] = ResumableLoaderMixin.__doc__
+        _RESUMABLE[cls] = type(f"Resumable{cls.__name__}", (cls,), ns)
     loader.__class__ = _RESUMABLE[cls]
     return loader
 
@@ -335,7 +340,10 @@ class FitStateCallback(_lightning_callback()):  # type: ignore[misc]
         import numpy as np
         import torch
 
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # plain ints and tensors only: the checkpoint stays loadable with weights_only=True
+        rng = {"python": random.getstate(), "numpy": [str(kind), keys.tolist(), int(pos), int(has_gauss), float(cached)],
+               "torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["regbench"] = {"rng": rng, "fit_seconds": self.seconds, "fit_cpu_seconds": self.cpu_seconds}
@@ -355,7 +363,8 @@ class FitStateCallback(_lightning_callback()):  # type: ignore[misc]
 
         rng, self._pending_rng = self._pending_rng, None
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -251,6 +251,46 @@ def _check_dataset_values(init_args: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.init_args.{key}: expected an integer >= 0, got {v!r}")
 
 
+def _check_budget_conflicts(blk: Block, top: dict[str, Any] | None, trainer: dict[str, Any]) -> None:
+    """A budget and a trainer limit of the same kind on one learned method is ambiguous: refuse it."""
+    if not getattr(blk.cls, "learns", True):
+        return
+    budget = blk.budget if blk.budget is not None else top
+    if budget is None:
+        return
+    where_budget = f"{blk.where}.budget" if blk.budget is not None else "budget"
+    for bkey, tkey in (("max_steps", "max_steps"), ("max_time_s", "max_time")):
+        if budget.get(bkey) is None:
+            continue
+        for src, where in ((blk.trainer, f"{blk.where}.trainer"), (trainer, "trainer")):
+            if tkey in src:
+                raise ConfigError(f"{where}.{tkey}: conflicts with {where_budget}.{bkey}; set the training length in one "
+                                  f"place (a method's own budget goes in {blk.where}.budget)")
+
+
+def effective_budget(cfg: GridConfig, blk: Block | None) -> tuple[dict[str, Any] | None, bool]:
+    """``(budget, overridden)`` of a method: its own ``budget`` block, else the top-level one;
+    ``None`` for methods that do not learn or when no budget is configured."""
+    if blk is None or not getattr(blk.cls, "learns", True):
+        return None, False
+    if blk.budget is not None:
+        return dict(blk.budget), True
+    return (dict(cfg.budget), False) if cfg.budget is not None else (None, False)
+
+
+def apply_budget(trainer_kwargs: dict[str, Any], budget: dict[str, Any] | None) -> dict[str, Any]:
+    """Trainer arguments with a budget applied: ``max_steps`` (and ``max_epochs = -1`` so that
+    the budget, not an epoch count, ends training) and ``max_time`` (seconds)."""
+    kw = dict(trainer_kwargs)
+    if budget is None or (budget.get("max_steps") is None and budget.get("max_time_s") is None):
+        return kw
+    kw["max_epochs"] = -1
+    kw["max_steps"] = budget["max_steps"] if budget.get("max_steps") is not None else -1
+    if budget.get("max_time_s") is not None:
+        kw["max_time"] = {"seconds": float(budget["max_time_s"])}
+    return kw
+
+
 def _parse_block(name: str, raw: Any, where: str) -> Block:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with class_path/init_args, got {type(raw).__name__}")
@@ -334,8 +374,14 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None, overrid
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, not a config file (give the YAML file, e.g. benchmark/configs/quickstart.yaml)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (expected a YAML grid config)") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
@@ -353,6 +399,11 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None, overrid
         raise ConfigError(f"{p}: 'seeds' must be a list of integers")
     trainer = raw.get("trainer") or {}
     _check_trainer_args(trainer, "trainer")
+    _check_trainer_values(trainer, "trainer")
+    budget = _check_budget(raw.get("budget"), "budget")
+    ckpt_every = raw.get("checkpoint_every_n_steps", 50)
+    if not _is_int(ckpt_every) or ckpt_every < 1:
+        raise ConfigError(f"checkpoint_every_n_steps: expected a positive integer, got {ckpt_every!r}")
     loggers = raw.get("loggers") or ["csv"]
     for lg in loggers:
         if lg not in KNOWN_LOGGERS:
@@ -370,9 +421,15 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None, overrid
         methods[n].variant_of, methods[n].variant = base, var
     if "initial" in methods:
         raise ConfigError("methods.initial: the name 'initial' is reserved for the no-registration row")
+    for name, blk in datasets.items():
+        if blk.budget is not None:
+            raise ConfigError(f"datasets.{name}.budget: a budget belongs to a method block (or the top level)")
+        _check_dataset_values(blk.init_args, f"datasets.{name}")
+    for name, blk in methods.items():
+        _check_budget_conflicts(blk, budget, trainer)
     out = Path(output or raw.get("output") or Path("results") / suite)
     cfg = GridConfig(str(p), suite, out, seeds, bool(raw.get("include_initial", True)), trainer, list(loggers),
-                     dict(raw.get("wandb") or {}), datasets, methods)
+                     dict(raw.get("wandb") or {}), datasets, methods, budget=budget, checkpoint_every_n_steps=ckpt_every)
     # Datasets check their inputs (paths, files) now, before any work.
     for name, blk in datasets.items():
         try:
@@ -472,8 +529,9 @@ class ResultsWriter(_make_callback_base()):
         self.computed = 0
 
         def sink(rec: dict[str, Any]) -> None:
-            self._log.append({**self.ids, **rec})
-            self.computed += 1
+            with critical():  # a SIGTERM waits until the finished case is on disk
+                self._log.append({**self.ids, **rec})
+                self.computed += 1
 
         pl_module.record_sink = sink
         dm = getattr(trainer, "datamodule", None)
@@ -484,6 +542,8 @@ class ResultsWriter(_make_callback_base()):
                 pl_module.panel_sink = self._save_panel
         if hasattr(pl_module, "field_sink") and dm is not None and getattr(dm, "export_fields", False):
             pl_module.field_sink = self._save_fields
+            # The data module's record of each field's grids (written beside it as JSON).
+            self._field_record = getattr(dm, "field_record", None)
 
     def _save_panel(self, case_id: str, arrays: dict[str, Any]) -> None:
         import tempfile
@@ -507,7 +567,12 @@ class ResultsWriter(_make_callback_base()):
         for b in range(disp.shape[0]):
             name = f"disp_{batch['fixed_id'][b]}_{batch['moving_id'][b]}.nii.gz"
             affine = batch["fixed_affine"][b].detach().cpu().numpy() if "fixed_affine" in batch else None
-            write_displacement(self.exp_dir / "fields" / name, disp[b].detach().float().cpu().numpy(), affine)
+            path = write_displacement(self.exp_dir / "fields" / name, disp[b].detach().float().cpu().numpy(), affine)
+            record = getattr(self, "_field_record", None)
+            if callable(record):
+                from benchmark.io import field_sidecar_path
+
+                atomic_write_json(field_sidecar_path(path), record(batch, b))
 
     def on_test_end(self, trainer, pl_module) -> None:
         pl_module.record_sink = None
@@ -605,34 +670,103 @@ def _resolved(cfg: GridConfig, exp: Experiment, trainer_kwargs: dict[str, Any]) 
     }
 
 
+def lock_path(cfg: GridConfig, exp: Experiment) -> Path:
+    """``<output>/.locks/<dataset>/<method>/seed<k>.lock`` (outside the experiment folder, which a
+    redo swaps)."""
+    return Path(cfg.output) / ".locks" / exp.dataset.name / exp.method_name / f"seed{int(exp.seed)}.lock"
+
+
+def _multi_process(cfg: GridConfig, exp: Experiment) -> bool:
+    """Whether the experiment runs on several processes (DDP), so that one rank cannot skip alone."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return True
+    kw = {**cfg.trainer, **(exp.method.trainer if exp.method else {})}
+    d = kw.get("devices", 1)
+    many = (_is_int(d) and (d > 1 or d == -1)) or (isinstance(d, list) and len(d) > 1) \
+        or (isinstance(d, str) and ("," in d.strip(", ") or d.strip() == "-1"))
+    return bool(many or int(kw.get("num_nodes", 1) or 1) > 1)
+
+
 def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
-    """Fit (if the method learns) and test one experiment; returns its final status."""
+    """Fit (if the method learns) and test one experiment; returns its final status.
+
+    Rank 0 holds the experiment's lock (:func:`lock_path`) while it works; when another live
+    process holds it, :class:`benchmark.reliability.LockHeld` is raised before anything is
+    touched.
+    """
+    lock = ExperimentLock(lock_path(cfg, exp))
+    if _is_zero() and not lock.acquire():
+        raise LockHeld(lock.path, lock.holder())
+    try:
+        return _run_experiment_locked(cfg, exp, log)
+    finally:
+        lock.release()
+
+
+def _fit_stats_start(device) -> Any:
+    """Start measuring training memory: CUDA peak counters, else an RSS sampler thread."""
+    import torch
+
+    if device is not None and getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+        return None
+    from benchmark.timing import _RssSampler
+
+    return _RssSampler(0.05).__enter__()
+
+
+def _fit_stats_end(device, sampler) -> tuple[float, str]:
+    import torch
+
+    if sampler is None:
+        return float(torch.cuda.max_memory_allocated(device)) / 2**20, "cuda_max_allocated"
+    sampler.__exit__(None, None, None)
+    return float(sampler.peak), "rss_sampled_50ms"
+
+
+def _median(values: list[float]) -> float | None:
+    vals = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    if not vals:
+        return None
+    n = len(vals)
+    return float(vals[n // 2]) if n % 2 else float(0.5 * (vals[n // 2 - 1] + vals[n // 2]))
+
+
+def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     import lightning as L
     import torch
 
     from benchmark.timing import device_description
     from systems.base import DivergenceError, NoRegistration
 
-    exp_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
-    trainer_kwargs = {**cfg.trainer, **(exp.method.trainer if exp.method else {})}
+    final_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
+    exp_dir = final_dir
+    budget, overridden = effective_budget(cfg, exp.method)
+    trainer_kwargs = apply_budget({**cfg.trainer, **(exp.method.trainer if exp.method else {})}, budget)
     resolved = _resolved(cfg, exp, trainer_kwargs)
+    if budget is not None:
+        resolved["budget"] = {**budget, "overridden": overridden}
     chash = config_hash(resolved)
-    prev = read_run_json(exp_dir)
-    if prev and prev.get("status") == "complete" and (exp_dir / "cases.csv").exists():
+    prev = read_run_json(final_dir)
+    replaces: str | None = None  # config hash of a complete result that this run recomputes aside
+    if prev and prev.get("status") == "complete" and (final_dir / "cases.csv").exists():
         if prev.get("config_hash") == chash:
-            log(f"[skip] {exp_dir} is complete")
+            log(f"[skip] {final_dir} is complete")
             return "complete"
-        log(f"[redo] {exp_dir}: config changed (hash {prev.get('config_hash')} -> {chash}); recomputing")
-        if _is_zero():
-            shutil.rmtree(exp_dir / "partial", ignore_errors=True)
-            (exp_dir / "cases.csv").unlink(missing_ok=True)
-        _barrier()
+        # Never delete a complete result before its replacement is complete: recompute in a
+        # staging folder next to it and swap when done (a half-done redo resumes there).
+        replaces = str(prev.get("config_hash"))
+        exp_dir = final_dir.parent / f".{final_dir.name}.redo-{chash}"
+        log(f"[redo] {final_dir}: config changed (hash {replaces} -> {chash}); recomputing in {exp_dir.name}, "
+            "the previous result stays in place until the new one is complete")
+        prev = read_run_json(exp_dir)
     elif prev and prev.get("config_hash") not in (None, chash):
         # A half-done run of another config: its partial records do not belong to this one.
         if _is_zero():
             shutil.rmtree(exp_dir / "partial", ignore_errors=True)
             shutil.rmtree(exp_dir / "ckpt", ignore_errors=True)
         _barrier()
+    same = bool(prev and prev.get("config_hash") == chash)
 
     L.seed_everything(exp.seed, workers=True, verbose=False)
     dm = exp.dataset.build()
@@ -653,17 +787,23 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
         "git_revision": _git_revision(),
         "packages": _package_versions(),
         "host": platform.node(),
+        "pid": os.getpid(),
+        "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
         "started": _now(),
         "ended": None,
         "status": "running",
         "error": None,
-        "fit": (prev or {}).get("fit") if prev and prev.get("config_hash") == chash else None,
-        "attempts": ((prev or {}).get("attempts") or []) if prev and prev.get("config_hash") == chash else [],
+        "fit": (prev or {}).get("fit") if same else None,
+        "fit_resumes": ((prev or {}).get("fit_resumes") or []) if same else [],
+        "attempts": ((prev or {}).get("attempts") or []) if same else [],
     }
+    if replaces:
+        run["replaces_config_hash"] = replaces
 
     def save_run() -> None:
         if _is_zero():
-            atomic_write_json(exp_dir / "run.json", run)
+            with critical():
+                atomic_write_json(exp_dir / "run.json", run)
 
     exp_dir.mkdir(parents=True, exist_ok=True)
     save_run()
@@ -677,19 +817,39 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
         if system.learns and not (run["fit"] or {}).get("done"):
             from lightning.pytorch.callbacks import ModelCheckpoint
 
-            ckpt_cb = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=50)
-            trainer = L.Trainer(**{**kw, "logger": loggers or False, "callbacks": [ckpt_cb]})
+            ckpt_cb = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                                      every_n_train_steps=cfg.checkpoint_every_n_steps)
+            state_cb = FitStateCallback()
+            trainer = L.Trainer(**{**kw, "logger": loggers or False, "callbacks": [ckpt_cb, state_cb]})
             last = ckpt_dir / "last.ckpt"
-            t0 = time.perf_counter()
-            trainer.fit(system, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            # The training stream is resumable: the loader's position is saved in every checkpoint.
+            orig_train_dataloader = dm.train_dataloader
+            dm.train_dataloader = lambda: make_resumable(orig_train_dataloader())
+            sampler = _fit_stats_start(trainer.strategy.root_device)
+            try:
+                trainer.fit(system, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            finally:
+                peak_mb, peak_src = _fit_stats_end(trainer.strategy.root_device, sampler)
             if trainer.interrupted:
                 raise KeyboardInterrupt("training interrupted")
+            if state_cb.resumed_from_step is not None:
+                run["fit_resumes"].append({"from_step": state_cb.resumed_from_step, "at": _now(), "checkpoint": "ckpt/last.ckpt"})
+                log(f"[resume] {exp_dir}: fit continued from step {state_cb.resumed_from_step} (ckpt/last.ckpt)")
             trainer.save_checkpoint(str(ckpt_dir / "final.ckpt"), weights_only=False)  # resumable, says so
-            run["fit"] = {"done": True, "steps": int(trainer.global_step), "seconds": time.perf_counter() - t0,
-                          "checkpoint": str(ckpt_dir / "final.ckpt")}
+            eff = budget if budget is not None else {"max_steps": trainer_kwargs.get("max_steps"),
+                                                     "max_time_s": None}
+            run["fit"] = {"done": True, "steps": int(trainer.global_step), "seconds": state_cb.seconds,
+                          "cpu_seconds": state_cb.cpu_seconds,
+                          "params": int(sum(p.numel() for p in system.parameters() if p.requires_grad)),
+                          "peak_train_mem_mb": peak_mb, "peak_train_mem_source": peak_src,
+                          "budget": {**eff, "overridden": overridden,
+                                     "source": ("method budget" if overridden else "budget") if budget is not None else "trainer"},
+                          "resumes": list(run["fit_resumes"]),
+                          "checkpoint": "ckpt/final.ckpt"}
             save_run()
         elif system.learns:
-            final = Path((run["fit"] or {}).get("checkpoint") or ckpt_dir / "final.ckpt")
+            final = Path((run["fit"] or {}).get("checkpoint") or "ckpt/final.ckpt")
+            final = final if final.is_absolute() else exp_dir / final
             state = torch.load(final, map_location="cpu", weights_only=False)["state_dict"]
             system.load_state_dict(state)
             log(f"[resume] {exp_dir}: fit already done, weights from {final}")
@@ -700,7 +860,8 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
         if hasattr(dm, "skip_cases"):
             dm.skip_cases = set(done_ids)
         writer = ResultsWriter(exp_dir, {"dataset": exp.dataset.name, "method": exp.method_name, "seed": exp.seed})
-        test_kw = {k: v for k, v in kw.items() if k not in ("max_steps", "max_epochs", "min_steps", "min_epochs", "val_check_interval", "check_val_every_n_epoch")}
+        test_kw = {k: v for k, v in kw.items() if k not in ("max_steps", "max_epochs", "min_steps", "min_epochs", "max_time",
+                                                            "val_check_interval", "check_val_every_n_epoch")}
         trainer = L.Trainer(**{**test_kw, "logger": loggers or False, "callbacks": [writer], "enable_checkpointing": False})
         dev = trainer.strategy.root_device
         trainer.test(system, datamodule=dm, verbose=False)
@@ -710,6 +871,9 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
         run.update(device_description(dev))
         run["world_size"] = trainer.world_size
         run["warmup_runtime_s"] = list(system.warmup_seconds)
+        run["registration_s_median"] = _median([r.get("runtime_s") for r in records])
+        if isinstance(run.get("fit"), dict):
+            run["fit"]["registration_s_median"] = run["registration_s_median"]
         run["attempts"].append({"started": run["started"], "cases_resumed": len(done_ids),
                                 "cases_computed": len(records) - len(done_ids), "seconds": time.perf_counter() - t_start})
         run["cases_total"] = len(expected) if expected is not None else len(records)
@@ -721,17 +885,20 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
         run["status"] = "failed"
         run["error"] = f"diverged: {exc}"
         log(f"[failed] {exp_dir}: {exc}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted, SystemExit) as exc:
         run["status"] = "interrupted"
+        run["error"] = str(exc) or type(exc).__name__
         run["ended"] = _now()
+        run["attempts"].append({"started": run["started"], "interrupted": run["error"], "seconds": time.perf_counter() - t_start})
         save_run()
         _finish_loggers(loggers)
         raise
     except Exception as exc:  # one broken experiment must not stop the grid
         run["status"] = "failed"
-        run["error"] = f"{type(exc).__name__}: {exc}"
+        run["error"] = one_line_error(exc)
         run["traceback"] = traceback.format_exc()
-        log(f"[failed] {exp_dir}: {type(exc).__name__}: {exc}")
+        log(f"[failed] {exp_dir}: {run['error']}" + (f" (the previous result, config hash {replaces}, stays in {final_dir})"
+                                                       if replaces else ""))
     run["ended"] = _now()
     save_run()
     if _is_zero() and run["status"] == "complete" and loggers:
@@ -741,6 +908,14 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
     _finish_loggers(loggers)
     if run["status"] == "complete" and _is_zero():
         shutil.rmtree(exp_dir / "partial", ignore_errors=True)
+        if replaces:  # the new result is complete: swap it in, then drop the old one
+            with critical():
+                old = final_dir.parent / f".{final_dir.name}.old-{replaces}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final_dir, old)
+                os.replace(exp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            log(f"[redo] {final_dir}: replaced (config hash {replaces} -> {chash})")
     _barrier()
     return run["status"]
 
@@ -751,7 +926,8 @@ def experiments(cfg: GridConfig) -> list[Experiment]:
         if cfg.include_initial:
             out.append(Experiment(dblk, None, "initial", cfg.seeds[0]))
         for mname, mblk in cfg.methods.items():
-            for seed in cfg.seeds:
+            # a method that does not learn is deterministic: its first seed stands for all
+            for seed in (cfg.seeds if getattr(mblk.cls, "learns", True) else cfg.seeds[:1]):
                 out.append(Experiment(dblk, mblk, mname, seed))
     return out
 
@@ -766,6 +942,50 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*weights_only.*")
+
+
+def _check_output_writable(out: Path) -> None:
+    """The results folder can be created and written, or a :class:`ConfigError` naming it."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        probe = Path(out) / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--output {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _run_or_defer(cfg: GridConfig, exp: Experiment, log, deferred: list[Experiment]) -> str:
+    """:func:`run_experiment`, or ``"held"`` (and the experiment queued in ``deferred``) when
+    another live process holds it. Under DDP a held experiment is an error (all ranks must
+    take the same path). An interrupt carries the results folder for the CLI's leaderboard."""
+    try:
+        return run_experiment(cfg, exp, log=log)
+    except LockHeld as held:
+        who = describe_holder(held.holder)
+        if _multi_process(cfg, exp):
+            raise ConfigError(f"{experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)}: in use by {who}; "
+                              "a multi-process run does not share a results folder (wait for it, or use another --output)") from None
+        log(f"[held] {exp.dataset.name}/{exp.method_name}/seed{exp.seed} is being computed by {who}; coming back to it at the end")
+        deferred.append(exp)
+        return "held"
+    except RunInterrupted as stop:
+        stop.output = cfg.output  # type: ignore[attr-defined]
+        raise
+
+
+def _run_deferred(cfg: GridConfig, deferred: list[Experiment], statuses: dict[str, str], log) -> None:
+    """Wait for each experiment another process held, then run it (a no-op skip when that
+    process completed it; a resume when it stopped half-way)."""
+    for exp in deferred:
+        d = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
+        lock = ExperimentLock(lock_path(cfg, exp))
+        log(f"[wait] {d}: waiting for {describe_holder(lock.holder())}")
+        try:
+            lock.acquire(blocking=True)
+        finally:
+            lock.release()
+        statuses[str(d)] = _run_or_defer(cfg, exp, log, [])
 
 
 def run_grid(config: str | os.PathLike, output: str | None = None, methods: list[str] | None = None, leaderboard: bool = True,
@@ -785,6 +1005,7 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
             user_log(msg)
 
     cfg = load_grid_config(config, output, overrides)
+    _check_output_writable(cfg.output)
     if methods:
         unknown = set(methods) - set(cfg.methods) - {"initial"}
         if unknown:
@@ -792,6 +1013,7 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
     statuses: dict[str, str] = {}
     todo = [exp for exp in experiments(cfg) if not methods or exp.method_name in methods]
     progress = GridProgress(len(todo), log)
+    deferred: list[Experiment] = []  # held by another live process: run (or skip) once it lets go
     for exp in todo:
         d = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
         progress.start(exp.method_name, exp.dataset.name, exp.seed)
@@ -802,8 +1024,9 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
             _skipped.append(msg.startswith("[skip]"))
             log(msg)
 
-        statuses[str(d)] = run_experiment(cfg, exp, log=exp_log)
+        statuses[str(d)] = _run_or_defer(cfg, exp, exp_log, deferred)
         progress.finish("skipped" if any(skipped) else statuses[str(d)])
+    _run_deferred(cfg, deferred, statuses, log)
     if statuses:
         log(f"[results] {len(statuses)} experiment folder(s) under {cfg.output}/ (cases.csv, run.json, panel.npz each)")
     if leaderboard and _is_zero():
@@ -822,13 +1045,63 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
 # CLI
 
 
+def set_threads(n: int | None) -> None:
+    """``--threads N``: torch intra-op and inter-op threads (inter-op only before torch's pool starts)."""
+    if n is None:
+        return
+    import torch
+
+    torch.set_num_threads(int(n))
+    try:
+        torch.set_interop_threads(int(n))
+    except RuntimeError:  # the inter-op pool already runs: keep its size
+        pass
+
+
 def _cmd_run(args) -> int:
+    # `regbench --debug` is taken off the line by benchmark.cli before parsing
+    debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        print(f"regbench run: --threads: expected a positive integer, got {threads}", file=sys.stderr)
+        return 2
+    set_threads(threads)
+    restore = install_signal_handlers()
     try:
         statuses = run_grid(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None,
                             overrides=args.set)
     except ConfigError as exc:
         print(f"regbench run: config error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        out = getattr(stop, "output", None)
+        if out is not None and _is_zero():
+            try:
+                from leaderboard.table import write_leaderboard
+
+                md = write_leaderboard(out)
+                print(f"[leaderboard] wrote {md} (complete experiments only)", file=sys.stderr)
+            except Exception as exc:  # the interrupt's exit code matters more than the report
+                print(f"regbench run: could not write the leaderboard: {one_line_error(exc)}", file=sys.stderr)
+        if _is_zero():
+            print(f"regbench run: {stop}; the experiment in flight is marked interrupted (run the same command to resume)",
+                  file=sys.stderr)
+        return stop.exit_code
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"regbench run: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except DataError:
+        raise  # one line from benchmark.cli
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"regbench run: error: {one_line_error(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        restore()
     bad = {k: v for k, v in statuses.items() if v != "complete"}
     if bad and _is_zero():
         print(f"regbench run: {len(bad)} experiment(s) did not complete: {bad}", file=sys.stderr)
@@ -842,6 +1115,8 @@ def add_cli_commands(sub) -> None:
     r.add_argument("--methods", help="comma-separated subset of the config's methods (and/or 'initial')")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. datasets.lumir.init_args.root=/data/LUMIR (repeatable; value read as YAML)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op and inter-op threads (default: torch's); recorded in run.json")
     r.set_defaults(func=_cmd_run)
 
 
