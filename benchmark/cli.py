@@ -42,6 +42,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         fixed_image=args.fixed_image,
         resample_labels=args.resample_labels,
         hd95_voxel=args.hd95_voxel,
+        resample_field=args.resample_field,
+        landmark_units=args.landmark_units,
     )
     if args.out:
         atomic_write_json(args.out, res)
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resample label maps that lie on another grid through the affines (nearest) instead of refusing",
     )
+    e.add_argument("--resample-field", action="store_true",
+                   help="a field on another grid than the fixed image (e.g. a run's preprocessed grid) is mapped "
+                   "through the affines onto the fixed and moving images' grids instead of refused")
+    e.add_argument("--landmark-units", choices=["voxel", "mm"], default="voxel",
+                   help="landmark CSV rows are voxel indices of their image (default) or world mm (RAS)")
     e.add_argument("--hd95-voxel", action="store_true", help="HD95 in voxels (Learn2Reg's voxel variant) instead of mm")
     e.add_argument("--out", help="write JSON here instead of printing a table")
     e.set_defaults(func=_cmd_evaluate)

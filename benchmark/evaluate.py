@@ -5,11 +5,23 @@ segmentation defines that grid. The moving segmentation must lie on the moving i
 grid, which is the fixed grid unless ``moving_image`` is given. Labels on another grid are
 refused (the message names the file and the fix) unless ``resample_labels`` is set, in
 which case they are resampled through the affines with nearest neighbour.
+
+The field's own grid is checked too. A NIfTI field carries its affine (the fixed grid it was
+computed on); a field exported by ``regbench run`` also has a JSON record beside it
+(``disp_a_b.json``: the grids of the fixed and moving images the field maps between, the
+original files, and the output→input voxel maps of the preprocessing). When that grid is
+not the fixed image's (e.g. a run reoriented, resampled or cropped the images), the field is
+refused with one line naming both files, or, with ``resample_field``, mapped back onto the
+original grids through the affines (:func:`map_field_to_grid`): the field's voxel map
+``v_f → v_f + u(v_f)`` becomes, in world terms, ``y → B_p (A_p⁻¹ y + u(A_p⁻¹ y))`` and is
+written again in voxels of the original fixed and moving grids.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -17,10 +29,96 @@ import numpy as np
 import torch
 
 from benchmark import metrics
-from benchmark.io import DataError, Volume, load_segmentation, load_volume, read_displacement, read_landmarks_csv
+from benchmark.io import (
+    GRID_ATOL_MM,
+    DataError,
+    Volume,
+    field_sidecar_path,
+    grid_text,
+    load_landmarks,
+    load_segmentation,
+    load_volume,
+    read_displacement,
+    read_displacement_grid,
+)
 from benchmark.spatial import warp
 
-__all__ = ["evaluate_files", "format_table"]
+__all__ = ["evaluate_files", "format_table", "map_field_to_grid", "read_field_record"]
+
+
+def map_field_to_grid(
+    u: np.ndarray,
+    field_affine: np.ndarray,
+    field_moving_affine: np.ndarray,
+    fixed_affine: np.ndarray,
+    fixed_shape: tuple[int, ...],
+    moving_affine: np.ndarray,
+    chunk: int = 1 << 20,
+) -> tuple[np.ndarray, float]:
+    """Map a displacement field onto other fixed and moving grids through the affines.
+
+    The field ``u`` (voxels of its grid ``A_p``, pull) maps fixed voxel ``p`` to moving voxel
+    ``p + u(p)`` of the moving grid ``B_p`` it was computed with. On the target grids
+    (fixed ``A_f`` of shape ``fixed_shape``, moving ``B_m``), voxel ``v`` maps to
+    ``B_m⁻¹ B_p (p + u(p))`` with ``p = A_p⁻¹ A_f v`` (``u`` sampled trilinearly, edge values
+    outside its grid); the returned field is that minus ``v``. Exact for reorientations and
+    integer crops/pads, and for any field affine in the voxel index (trilinear reproduces it).
+
+    Args:
+        u: ``(3, X, Y, Z)`` float displacement in voxels of ``field_affine``'s grid.
+        field_affine, field_moving_affine: ``(4, 4)`` voxel→world of the fixed and moving grids
+            the field was computed on (mm).
+        fixed_affine, fixed_shape: the target fixed grid.
+        moving_affine: ``(4, 4)`` the target moving grid.
+        chunk: voxels per pass (bounds the memory).
+
+    Returns:
+        ``(3, *fixed_shape)`` float32 displacement in voxels of the target fixed grid, and the
+        share (in %) of target voxels whose sample point fell outside the field's grid.
+    """
+    from scipy.ndimage import map_coordinates
+
+    u = np.asarray(u, dtype=np.float64)
+    m_in = np.linalg.inv(np.asarray(field_affine, np.float64)) @ np.asarray(fixed_affine, np.float64)
+    m_out = np.linalg.inv(np.asarray(moving_affine, np.float64)) @ np.asarray(field_moving_affine, np.float64)
+    shape = tuple(int(n) for n in fixed_shape)
+    n = int(np.prod(shape))
+    hi = np.asarray(u.shape[1:], dtype=np.float64) - 1
+    out = np.empty((3, n), dtype=np.float32)
+    outside = 0
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(n, start + chunk))
+        v = np.stack(np.unravel_index(idx, shape)).astype(np.float64)
+        p = m_in[:3, :3] @ v + m_in[:3, 3:4]
+        outside += int(((p < -1e-6) | (p > hi[:, None] + 1e-6)).any(0).sum())
+        up = np.stack([map_coordinates(u[c], p, order=1, mode="nearest") for c in range(3)])
+        q = p + up
+        out[:, start : start + len(idx)] = (m_out[:3, :3] @ q + m_out[:3, 3:4] - v).astype(np.float32)
+    return out.reshape(3, *shape), 100.0 * outside / max(n, 1)
+
+
+def read_field_record(disp: str | Path) -> dict | None:
+    """The JSON record ``regbench run`` writes beside an exported field (``None`` if absent)."""
+    p = field_sidecar_path(disp)
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+    except ValueError as exc:
+        raise DataError(p, f"is not valid JSON ({exc})", "delete it or write it again with the run") from exc
+    if not isinstance(rec, dict):
+        raise DataError(p, "must hold a JSON object (the field's grids)")
+    for key in ("field_affine", "moving_affine"):
+        if key in rec:
+            a = np.asarray(rec[key], dtype=np.float64)
+            if a.shape != (4, 4) or not np.isfinite(a).all():
+                raise DataError(p, f"{key!r} is not a 4x4 affine")
+    return rec
+
+
+def _meta_volume(affine: np.ndarray, shape: tuple[int, ...], path: str) -> Volume:
+    """A grid without voxels (for grid checks and affines): data is a zero-size broadcast view."""
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), tuple(int(n) for n in shape)), np.asarray(affine, np.float64), path)
 
 
 def _parse_labels(labels: str | Sequence[int] | None, fixed: np.ndarray) -> list[int]:
@@ -47,12 +145,23 @@ def evaluate_files(
     fixed_image: str | Path | None = None,
     resample_labels: bool = False,
     hd95_voxel: bool = False,
+    resample_field: bool = False,
+    landmark_units: str = "voxel",
 ) -> dict:
     """Evaluate a displacement file; returns the metrics dict (JSON-ready).
 
     Keys: ``dice``, ``dice_per_label``, ``hd95``, ``hd95_per_label``, ``tre`` (None without
     landmarks), ``fold_pct``, ``sdlogj``, ``sdlogj_l2r``, ``ndv_pct``, plus ``labels``,
-    ``shape``, ``spacing_mm``, ``n_landmarks``.
+    ``shape``, ``spacing_mm``, ``n_landmarks``, ``field_resampled`` (and
+    ``field_outside_pct`` when it was).
+
+    The field's grid (its NIfTI affine, or the run's JSON record beside it) must be the fixed
+    grid (fixed image, else fixed labels, else mask); with a run's record, the moving grid it
+    names must be the moving image's. Otherwise a :class:`DataError` names both files, unless
+    ``resample_field`` maps the field onto those grids (:func:`map_field_to_grid`).
+    ``landmark_units`` (``"voxel"`` or ``"mm"``) says how the landmark CSVs are read; either
+    way every point must fall inside its image's grid
+    (:func:`benchmark.io.check_landmarks_on_grid`).
     """
     if (fixed_seg is None) != (moving_seg is None):
         raise DataError(None, "give both --fixed-seg and --moving-seg, or neither")
@@ -69,6 +178,11 @@ def evaluate_files(
         fseg = load_segmentation(fixed_seg, reference=ref, on_grid_mismatch=on_mismatch)
         ref = ref or Volume(fseg.data, fseg.affine, fseg.path)
     mvol: Volume | None = load_volume(moving_image) if moving_image is not None else None
+    record = read_field_record(disp)
+    if mvol is None and record is not None and record.get("moving_original_affine") is not None:
+        # The run recorded the original moving image's grid: the moving labels and landmarks lie there.
+        mvol = _meta_volume(record["moving_original_affine"], tuple(record["moving_original_shape"]),
+                            f"{record.get('moving_image', 'the moving image')} (from {field_sidecar_path(disp).name})")
     if moving_seg is not None:
         mseg = load_segmentation(moving_seg, reference=mvol or ref, on_grid_mismatch=on_mismatch)
     mvol = mvol or ref
@@ -78,11 +192,60 @@ def evaluate_files(
         mask_vol = load_segmentation(mask, reference=ref, on_grid_mismatch="error") if ref else load_segmentation(mask)
         ref = ref or mask_vol
 
-    shape = ref.shape if ref is not None else None
-    u = read_displacement(disp, shape=shape)
+    # The field's grid: its header, else the run's record; the moving grid it was computed with.
+    f_aff, f_shape = read_displacement_grid(disp)
+    if f_aff is None and record is not None and record.get("field_affine") is not None:
+        f_aff, f_shape = np.asarray(record["field_affine"], np.float64), tuple(record.get("field_shape") or ()) or None
+    fm_aff = np.asarray(record["moving_affine"], np.float64) if record is not None and "moving_affine" in record else f_aff
+    resampled, outside_pct = False, 0.0
+    reg_u: np.ndarray | None = None  # the field for the regularity metrics, when not ``u`` itself
+    if ref is not None and f_aff is not None:
+        # Same affine, other shape: a wrong file rather than another grid (read_displacement says so).
+        fixed_ok = np.allclose(f_aff, ref.affine, atol=GRID_ATOL_MM, rtol=0)
+        mref = mvol or ref
+        moving_ok = record is None or fm_aff is None or np.allclose(fm_aff, mref.affine, atol=GRID_ATOL_MM, rtol=0)
+        if not (fixed_ok and moving_ok):
+            if fixed_ok:
+                detail = (f"was computed with a moving image on another grid ({grid_text(fm_aff, f_shape or ref.shape)}) "
+                          f"than {mref.path} ({grid_text(mref.affine, mref.shape)})")
+            else:
+                detail = (f"lies on another grid ({grid_text(f_aff, f_shape or ())}) than the fixed {ref.path} "
+                          f"({grid_text(ref.affine, ref.shape)})")
+            if not resample_field:
+                raise DataError(disp, detail, "pass --resample-field to map it through the affines onto these images' "
+                                              "grids, or evaluate it against the images it was computed on")
+            raw = read_displacement(disp, shape=f_shape)
+            fm = fm_aff if fm_aff is not None else f_aff
+            u, outside_pct = map_field_to_grid(raw, f_aff, fm, ref.affine, ref.shape, mref.affine)
+            resampled = True
+            # Regularity (fold %, SDlogJ, NDV) in the field's own frame, as the run measured it:
+            # the moving point written in the field's moving voxels, read as offsets of the field's
+            # fixed frame and carried to the fixed voxels (a fixed and a moving grid of opposite
+            # handedness would otherwise fold every voxel). Without a run record (moving frame =
+            # fixed frame) this is the physical map written in fixed voxels.
+            k = np.linalg.inv(ref.affine) @ f_aff @ np.linalg.inv(fm) @ mref.affine
+            vox = np.indices(ref.shape, dtype=np.float32)
+            reg_u = (np.einsum("de,e...->d...", k[:3, :3].astype(np.float32), vox + u)
+                     + k[:3, 3].astype(np.float32)[:, None, None, None] - vox).astype(np.float32)
+            del vox
+            if outside_pct > 0:
+                warnings.warn(f"{disp}: {outside_pct:.2f}% of the fixed grid {ref.path} lies outside the field's grid; "
+                              "the field's edge values are used there", UserWarning, stacklevel=2)
+        else:
+            u = read_displacement(disp, shape=ref.shape)
+    else:
+        u = read_displacement(disp, shape=ref.shape if ref is not None else f_shape)
     spatial = tuple(u.shape[1:])
-    affine = ref.affine if ref is not None else np.eye(4)
-    moving_affine = mvol.affine if mvol is not None else affine
+    if ref is not None:
+        affine = ref.affine
+    elif f_aff is not None:
+        affine = f_aff
+    else:
+        affine = np.eye(4)
+    if mvol is not None:
+        moving_affine, moving_shape = mvol.affine, mvol.shape
+    else:
+        moving_affine, moving_shape = (fm_aff if fm_aff is not None and ref is None else affine), spatial
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
 
     disp_t = torch.from_numpy(u)
@@ -98,13 +261,12 @@ def evaluate_files(
 
     fpts = mpts = None
     if fixed_landmarks is not None:
-        fpts = read_landmarks_csv(fixed_landmarks)
-        mpts = read_landmarks_csv(moving_landmarks)
+        fpts = load_landmarks(fixed_landmarks, affine, spatial, landmark_units,
+                              ref.path if ref is not None else None)
+        mpts = load_landmarks(moving_landmarks, moving_affine, moving_shape, landmark_units,
+                              mvol.path if mvol is not None else (ref.path if ref is not None else None))
         if len(fpts) != len(mpts):
             raise DataError(moving_landmarks, f"has {len(mpts)} landmarks, {fixed_landmarks} has {len(fpts)}")
-        for pts, path in ((fpts, fixed_landmarks), (mpts, moving_landmarks)):
-            if (pts < -0.5).any() or (pts > np.asarray(spatial) - 0.5).any():
-                raise DataError(path, f"landmarks fall outside the grid {spatial} (they must be voxel indices, not mm)")
 
     res = metrics.deformable_metrics(
         disp_t,
@@ -119,10 +281,20 @@ def evaluate_files(
         hd95_voxel=hd95_voxel,
     )
     out.update(res)
+    if reg_u is not None:
+        jac = metrics.jacobian_determinant(torch.from_numpy(reg_u))
+        msk = None if mask_vol is None else mask_vol.data > 0
+        out["fold_pct"] = metrics.fold_pct(jac, msk)
+        out["sdlogj"] = metrics.sdlogj(jac, msk)
+        out["sdlogj_l2r"] = metrics.sdlogj_l2r(jac, msk)
+        out["ndv_pct"] = metrics.ndv_pct(torch.from_numpy(reg_u), msk)
     out["labels"] = label_list
     out["shape"] = list(spatial)
     out["spacing_mm"] = list(spacing)
     out["n_landmarks"] = 0 if fpts is None else int(len(fpts))
+    out["field_resampled"] = resampled
+    if resampled:
+        out["field_outside_pct"] = outside_pct
     return out
 
 

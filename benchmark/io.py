@@ -36,6 +36,13 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "GRID_ATOL_MM",
+    "LANDMARK_UNITS",
+    "landmarks_to_voxels",
+    "check_landmarks_on_grid",
+    "load_landmarks",
+    "read_displacement_grid",
+    "field_sidecar_path",
+    "grid_text",
 ]
 
 #: Two affines describe the same grid when every entry agrees within this many mm.
@@ -361,3 +368,126 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return _json_safe(obj.tolist())
     return obj
+
+
+# ----------------------------------------------------------------------------- landmark units
+#: How a landmark CSV's rows are read: voxel indices of their own image, or world mm (RAS).
+LANDMARK_UNITS = ("voxel", "mm")
+
+
+def landmarks_to_voxels(points: np.ndarray, affine: np.ndarray, units: str, path: str | os.PathLike | None = None) -> np.ndarray:
+    """Landmarks ``(N, 3)`` in ``units`` → voxel indices ``(N, 3)`` float64 of the image with ``affine``.
+
+    ``"voxel"`` rows are returned as they are; ``"mm"`` rows are world (RAS, mm) points taken
+    through the inverse affine.
+    """
+    if units not in LANDMARK_UNITS:
+        raise DataError(path, f"landmark_units {units!r} is not one of {', '.join(LANDMARK_UNITS)}")
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if units == "voxel":
+        return pts
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    return pts @ inv[:3, :3].T + inv[:3, 3]
+
+
+def check_landmarks_on_grid(voxels: np.ndarray, shape: Sequence[int], path: str | os.PathLike | None,
+                            units: str = "voxel", image: str | os.PathLike | None = None) -> None:
+    """The one rule every entry point (``evaluate``, ``data check``, the data modules, ``run``)
+    applies to landmarks: each point, as voxel indices of its image, lies inside that image's
+    grid, ``-0.5 <= p_d <= N_d - 0.5`` on every axis.
+
+    A CSV of world-mm coordinates read as voxel indices (or the reverse) almost always breaks
+    it, so the message says which units were assumed and how to declare the other.
+
+    Args:
+        voxels: ``(N, 3)`` voxel indices (after any mm → voxel conversion).
+        shape: the image's spatial shape.
+        path: the landmark file (named in the message).
+        units: the units the file was read in (``"voxel"`` or ``"mm"``).
+        image: the image whose grid is meant (named in the message), when known.
+
+    Raises:
+        DataError: one line naming the file, the first offending row and the fix.
+    """
+    v = np.asarray(voxels, dtype=np.float64).reshape(-1, 3)
+    hi = np.asarray(shape, dtype=np.float64)[:3] - 0.5
+    bad = np.flatnonzero(((v < -0.5) | (v > hi)).any(axis=1) | ~np.isfinite(v).all(axis=1))
+    if bad.size == 0:
+        return
+    other = "mm" if units == "voxel" else "voxel"
+    read_as = "voxel indices" if units == "voxel" else "world mm (RAS)"
+    row = bad[0]
+    where = f" of {image}" if image is not None else ""
+    pt = ", ".join(f"{c:.4g}" for c in v[row])
+    raise DataError(
+        path,
+        f"{bad.size} of {len(v)} landmarks fall outside the voxel grid {tuple(int(n) for n in shape[:3])}{where} "
+        f"when read as {read_as} (landmark_units: {units}); first: row {row + 1} -> voxel ({pt})",
+        f"if the file holds {'world mm' if other == 'mm' else 'voxel indices'}, declare landmark_units: {other} "
+        f"in the data module or pass --landmark-units {other} to evaluate",
+    )
+
+
+def load_landmarks(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int], units: str = "voxel",
+                   image: str | os.PathLike | None = None) -> np.ndarray:
+    """Read a landmark CSV (see :func:`read_landmarks_csv`) in ``units``, convert it to voxel
+    indices of the image (``affine``, ``shape``) and check it with :func:`check_landmarks_on_grid`.
+
+    Returns:
+        ``(N, 3)`` float64 voxel indices.
+    """
+    pts = landmarks_to_voxels(read_landmarks_csv(path), affine, units, path)
+    check_landmarks_on_grid(pts, shape, path, units, image)
+    return pts
+
+
+# ----------------------------------------------------------------------------- field grids
+def read_displacement_grid(path: str | os.PathLike) -> tuple[np.ndarray | None, tuple[int, int, int] | None]:
+    """The grid a displacement file says it lies on: ``(affine (4, 4) float64, spatial shape)``.
+
+    NIfTI fields carry it in their header (``[X, Y, Z, 3]``: the first three axes; a LUMIR-style
+    ``[3, X, Y, Z]`` NIfTI: the last three). ``.npz`` files carry it when they hold an
+    ``affine`` array. Otherwise ``(None, None)``: the grid is unknown (see
+    :func:`field_sidecar_path` for the run's JSON record).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "displacement file not found", "check the path")
+    name = p.name.lower()
+    try:
+        if name.endswith(".nii") or name.endswith(".nii.gz"):
+            img = nib.load(str(p))
+            shp = tuple(int(n) for n in img.shape)
+            if len(shp) == 5 and shp[3] == 1:
+                shp = shp[:3] + shp[4:]
+            spatial = shp[:3] if shp[-1] == 3 else shp[1:4]
+            return np.asarray(img.affine, dtype=np.float64), tuple(spatial)  # type: ignore[return-value]
+        if name.endswith(".npz"):
+            with np.load(p) as z:
+                if "affine" in z.files:
+                    arr = z["disp"] if "disp" in z.files else None
+                    spatial = None if arr is None else (tuple(arr.shape[:3]) if arr.shape[-1] == 3 else tuple(arr.shape[1:]))
+                    return np.asarray(z["affine"], dtype=np.float64), spatial
+    except Exception as exc:
+        raise DataError(p, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+    return None, None
+
+
+def field_sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON record written beside an exported field: ``disp_a_b.nii.gz`` → ``disp_a_b.json``."""
+    p = Path(path)
+    n = p.name
+    for ext in (".nii.gz", ".nii", ".npz", ".npy"):
+        if n.lower().endswith(ext):
+            n = n[: -len(ext)]
+            break
+    return p.with_name(n + ".json")
+
+
+def grid_text(affine: np.ndarray, shape: Sequence[int]) -> str:
+    """Short description of a grid for messages: shape, spacing, orientation codes, origin."""
+    a = np.asarray(affine, dtype=np.float64)
+    sp = "×".join(f"{s:.4g}" for s in np.linalg.norm(a[:3, :3], axis=0))
+    org = ", ".join(f"{o:.4g}" for o in a[:3, 3])
+    codes = "".join(nib.aff2axcodes(a))
+    return f"shape {tuple(int(n) for n in shape)}, spacing {sp} mm, {codes}, origin ({org}) mm"

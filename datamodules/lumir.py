@@ -110,6 +110,7 @@ class LUMIRDataModule(RealPairDataModule):
         landmarks_dir: folder of landmark label volumes (or ``.csv``) named like the images (optional).
         val_pairs: validation pairs = the first this many JSON validation pairs.
         label_ids: Dice label list (default: from the labels, see the module docstring).
+        export_fields: write every test field (default: when there are no labels).
         **kwargs: :class:`datamodules.real_base.RealPairDataModule` options (default
             ``normalize="range"``, ``intensity_range=(0, 255)``).
     """
@@ -123,6 +124,7 @@ class LUMIRDataModule(RealPairDataModule):
         landmarks_dir: str | None = None,
         val_pairs: int | None = 4,
         label_ids: list[int] | None = None,
+        export_fields: bool | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("normalize", "range")
@@ -141,7 +143,7 @@ class LUMIRDataModule(RealPairDataModule):
         self.landmarks_dir = None if landmarks_dir is None else self._under_root(landmarks_dir)
         self.uses_labels = self.labels_dir is not None
         #: The runner exports every test field (Learn2Reg format) when True: no labels to score here.
-        self.export_fields = self.labels_dir is None
+        self.export_fields = self.labels_dir is None if export_fields is None else bool(export_fields)
         self.val_pairs = val_pairs
         self._label_ids = None if label_ids is None else [int(v) for v in label_ids]
         self._pairs: dict[str, list[tuple[int, int]]] = {}

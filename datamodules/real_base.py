@@ -12,8 +12,10 @@
 * :class:`RealPairDataModule` — splits, loaders (workers, pinned memory, DDP shards of random
   training pairs, exact evaluation splits), ``check_inputs``.
 
-Landmarks: a ``.csv`` (one ``x,y,z`` row of voxel indices of the subject's image per point;
-points correspond by row) or a NIfTI label volume (LUMIR style: the landmark of id ``k`` is
+Landmarks: a ``.csv`` (one ``x,y,z`` row per point, voxel indices of the subject's image, or
+world mm with ``landmark_units="mm"``; points correspond by row; every point must fall inside
+its image's grid, :func:`benchmark.io.check_landmarks_on_grid`, checked by ``check_inputs``
+before a run starts) or a NIfTI label volume (LUMIR style: the landmark of id ``k`` is
 the centroid of the voxels labelled ``k``; points correspond by id). Samples of a pair carry
 the points both subjects have, in id order.
 """
@@ -32,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark import metrics
-from benchmark.io import DataError, Volume, load_segmentation, load_volume, read_landmarks_csv
+from benchmark.io import DataError, Volume, load_landmarks, load_segmentation, load_volume
 from datamodules.base import PairDataModule, RandomPairSampler
 from datamodules.batch import collate_pairs
 from datamodules.cache import ArrayCache
@@ -105,7 +107,8 @@ class SubjectLoader:
         on_label_grid_mismatch: ``"resample"`` (labels on another grid than their image are
             resampled through the affines, nearest neighbour, with a warning) or ``"error"``.
         label_map: label id → new id applied after reading (e.g. stray ids → 0).
-        image_dtype: dtype the image file is read as before normalisation.
+        landmark_units: ``"voxel"`` (CSV rows are voxel indices of the image) or ``"mm"``
+            (world RAS mm, taken through the image's inverse affine).
     """
 
     def __init__(
@@ -114,13 +117,17 @@ class SubjectLoader:
         cache: ArrayCache | None = None,
         on_label_grid_mismatch: str = "resample",
         label_map: Mapping[int, int] | None = None,
+        landmark_units: str = "voxel",
     ) -> None:
+        if landmark_units not in ("voxel", "mm"):
+            raise ValueError(f"landmark_units must be 'voxel' or 'mm', got {landmark_units!r}")
         if on_label_grid_mismatch not in ("resample", "error"):
             raise ValueError(f"on_label_grid_mismatch must be 'resample' or 'error', got {on_label_grid_mismatch!r}")
         self.preprocess = preprocess
         self.cache = cache
         self.on_label_grid_mismatch = on_label_grid_mismatch
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
+        self.landmark_units = landmark_units
         self._warned: set[str] = set()
 
     def settings(self, with_seg: bool, with_landmarks: bool) -> dict[str, Any]:
@@ -131,6 +138,7 @@ class SubjectLoader:
             "landmarks": with_landmarks,
             "on_label_grid_mismatch": self.on_label_grid_mismatch,
             "label_map": sorted(self.label_map.items()),
+            "landmark_units": self.landmark_units,
         }
 
     def load(self, s: SubjectFiles, with_seg: bool = True, with_landmarks: bool = True) -> dict[str, np.ndarray]:
@@ -189,7 +197,7 @@ class SubjectLoader:
                 else:
                     points, ids = landmark_centroids(lm_vol)
             else:
-                points = read_landmarks_csv(lm_path)
+                points = load_landmarks(lm_path, img.affine, img.shape, self.landmark_units, s.image)
                 ids = np.arange(points.shape[0], dtype=np.int64)
         out = preprocess_subject(img.data, img.affine, self.preprocess, seg=seg_arr, landmarks=points, path=str(s.image))
         arrays: dict[str, np.ndarray] = {"image": out.image, "affine": out.affine}
@@ -373,6 +381,12 @@ class RealPairDataModule(PairDataModule):
         normalize, percentiles, intensity_range, canonical, spacing, shape, multiple_of:
             :class:`datamodules.preprocess.PreprocessConfig`.
         on_label_grid_mismatch: ``"resample"`` or ``"error"`` (labels not on their image's grid).
+        label_map: label id → new id applied after reading.
+        landmark_units: ``"voxel"`` or ``"mm"``: how landmark CSVs are read (see :class:`SubjectLoader`).
+        export_fields: the runner writes every test field as ``fields/disp_{fixed}_{moving}.nii.gz``
+            (Learn2Reg layout, with the affine of the grid it lies on: the preprocessed fixed
+            grid) and a JSON record beside it (:meth:`field_record`), so that
+            ``regbench evaluate --resample-field`` can score it against the original files.
     """
 
     collate_fn = staticmethod(functools.partial(collate_pairs, copy=False))
@@ -399,6 +413,8 @@ class RealPairDataModule(PairDataModule):
         multiple_of: int | None = None,
         on_label_grid_mismatch: str = "resample",
         label_map: Mapping[int, int] | None = None,
+        landmark_units: str = "voxel",
+        export_fields: bool = False,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1 or int(num_workers) < 0 or int(train_pairs_per_epoch) < 1:
@@ -414,7 +430,9 @@ class RealPairDataModule(PairDataModule):
             canonical=canonical, spacing=spacing, shape=shape, multiple_of=multiple_of,
         )
         self.cache = ArrayCache(cache_dir, hash_mode=cache_hash) if use_cache else None
-        self.loader = SubjectLoader(self.preprocess_config, self.cache, on_label_grid_mismatch, label_map)
+        self.loader = SubjectLoader(self.preprocess_config, self.cache, on_label_grid_mismatch, label_map, landmark_units)
+        #: The runner exports every test field (and its JSON record) when True.
+        self.export_fields = bool(export_fields)
         self.subjects: dict[str, list[SubjectFiles]] = {}
         self._datasets: dict[str, Dataset] = {}
         self._train_sampler: RandomPairSampler | None = None
@@ -440,6 +458,68 @@ class RealPairDataModule(PairDataModule):
         self._ensure_discovered()
         if not self.subjects.get("test"):
             raise DataError(getattr(self, "root", None), "no test subjects found", "check the folder and the split options")
+        self.check_landmark_files()
+
+    def check_landmark_files(self) -> None:
+        """Every landmark CSV of the evaluation subjects against its image's grid (headers only),
+        with the rule and message of ``regbench evaluate`` (:func:`benchmark.io.check_landmarks_on_grid`),
+        so a CSV of mm read as voxels stops ``regbench run`` before any work."""
+        import nibabel as nib
+
+        seen: set[Path] = set()
+        for split in ("val", "test"):
+            for s in self.subjects.get(split, []):
+                if s.landmarks is None or is_nifti(s.landmarks) or s.landmarks in seen:
+                    continue
+                seen.add(s.landmarks)
+                try:
+                    img = nib.load(str(s.image))
+                except Exception as exc:  # nibabel raises several types
+                    raise DataError(s.image, f"cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
+                load_landmarks(s.landmarks, np.asarray(img.affine, np.float64), tuple(img.shape[:3]),
+                               self.loader.landmark_units, s.image)
+
+    def field_record(self, batch: Mapping[str, Any], b: int) -> dict[str, Any]:
+        """What an exported field needs to be scored against the original files: the JSON
+        written beside ``disp_{fixed}_{moving}.nii.gz``.
+
+        Keys: ``fixed_image`` / ``moving_image`` (original files), ``field_affine`` and
+        ``field_shape`` (the preprocessed fixed grid the field lies on; also in the NIfTI
+        header), ``moving_affine`` (the preprocessed moving grid that ``x + u(x)`` indexes),
+        ``{fixed,moving}_original_affine`` / ``_shape``, ``{fixed,moving}_voxel_map``
+        (preprocessed voxel → original voxel, ``(4, 4)``), ``preprocess`` (the settings), and
+        ``convention``.
+        """
+        import nibabel as nib
+
+        self._ensure_discovered()
+        by_id: dict[str, SubjectFiles] = {}
+        for split in ("train", "val", "test"):
+            for s in self.subjects.get(split, []):
+                by_id[s.subject_id] = s
+        fa = np.asarray(batch["fixed_affine"][b].detach().cpu().numpy(), np.float64)
+        ma = np.asarray(batch["moving_affine"][b].detach().cpu().numpy(), np.float64)
+        rec: dict[str, Any] = {
+            "convention": "displacement u in voxels of the field grid (channel d = array axis d), pull: "
+                          "fixed voxel p maps to moving voxel p + u(p) of the moving grid 'moving_affine'",
+            "fixed_id": str(batch["fixed_id"][b]),
+            "moving_id": str(batch["moving_id"][b]),
+            "field_affine": fa.tolist(),
+            "field_shape": [int(n) for n in batch["fixed"].shape[2:]],
+            "moving_affine": ma.tolist(),
+            "preprocess": self.preprocess_config.as_dict(),
+        }
+        for role, aff in (("fixed", fa), ("moving", ma)):
+            s = by_id.get(rec[f"{role}_id"])
+            if s is None:
+                continue
+            hdr = nib.load(str(s.image))
+            orig = np.asarray(hdr.affine, np.float64)
+            rec[f"{role}_image"] = str(Path(s.image).resolve())
+            rec[f"{role}_original_affine"] = orig.tolist()
+            rec[f"{role}_original_shape"] = [int(n) for n in hdr.shape[:3]]
+            rec[f"{role}_voxel_map"] = (np.linalg.inv(orig) @ aff).tolist()
+        return rec
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (``fit`` → train + val, ``test``/``predict`` → test)."""
