@@ -1,11 +1,19 @@
 """The ``regbench`` command.
 
-Subcommands:
-  evaluate     metrics of a displacement field produced by any tool
+Subcommands (``regbench --help`` lists them all):
   run          a grid of methods × datasets × seeds from a YAML config (resumable)
-  fit / test   one experiment through LightningCLI
-  leaderboard  aggregate a results folder into tables
-  perf         the performance harness (``metrics``, ``systems``)
+  fit / test / validate   one experiment through LightningCLI
+  evaluate     metrics of a displacement field produced by any tool
+  leaderboard  aggregate a results folder into tables and the HTML report
+  data         dataset tools (``data check``)
+  sweep        Optuna studies over a method's search space
+  perf         the performance harness
+
+Start-up: a subcommand's module is imported only when that subcommand runs, so
+``regbench --help`` and ``regbench <cmd> --help`` never import torch (tested). Global
+options: ``-v`` / ``-vv`` (more of Lightning's and the libraries' messages; default
+quiet, see :mod:`benchmark.progress`) and ``--debug`` (a traceback instead of the one-line
+error on bad input). Every command that writes files ends by naming them.
 """
 
 from __future__ import annotations
@@ -13,17 +21,36 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # OpenMP threads that spin while waiting make 2-thread runs many times slower on a shared
 # machine (measured: up to 40x on small tensors); they sleep instead unless the user chose.
-# Set before torch (imported lazily below) starts its OpenMP runtime.
+# Set before torch (imported lazily) starts its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from benchmark.io import DataError
+#: name → (module whose ``add_cli_commands(sub)`` registers it, or None for this module;
+#: the one-line help shown by ``regbench --help`` without importing the module).
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "run": ("benchmark.runner", "run a grid of methods x datasets x seeds (resumable)"),
+    "fit": (None, "train one experiment through LightningCLI (--model, --data, --trainer.*; see `regbench fit --help`)"),
+    "test": (None, "test one experiment through LightningCLI (--ckpt_path, --model, --data)"),
+    "validate": (None, "validate one experiment through LightningCLI"),
+    "evaluate": (None, "metrics of a Learn2Reg-format displacement field"),
+    "leaderboard": ("leaderboard.cli", "tables, rank scores, significance and the HTML report of a results folder"),
+    "data": ("benchmark.datacheck", "dataset tools (check a dataset folder)"),
+    "sweep": ("sweeps.cli", "Optuna study over a method's search space (TPE / NSGA-II, pruning, many workers)"),
+    "arc": ("benchmark.arc", "accuracy-regularity curves: each method at K log-spaced regularisation weights (resumable)"),
+    "perf": (None, "performance harness (JSON out)"),
+}
+#: Subcommands handed to LightningCLI with the rest of the line untouched.
+LIGHTNING_COMMANDS = ("fit", "test", "validate")
+#: Subcommands that train or test with Lightning (its warning filters are installed for them).
+_USES_LIGHTNING = {"run", "sweep", "arc", *LIGHTNING_COMMANDS}
+
+_GLOBAL_FLAGS = {"-v": 1, "--verbose": 1, "-vv": 2, "-vvv": 2, "--debug": 0}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -63,6 +90,8 @@ def _cmd_perf(args: argparse.Namespace) -> int:
         from benchmark.perf_data import main_perf_data
 
         main_perf_data(args)
+        if args.out:  # perf_data writes it without saying so
+            print(f"wrote {args.out}")
         return 0
     if args.what == "patchmorph":
         from benchmark.perf_patchmorph import main_perf_patchmorph
@@ -86,11 +115,8 @@ def _cmd_perf(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="regbench", description="Medical image registration benchmark suite.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    e = sub.add_parser("evaluate", help="metrics of a Learn2Reg-format displacement field")
+def _add_evaluate(sub: Any) -> None:
+    e = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1])
     e.add_argument("--disp", required=True, help="displacement .nii.gz/.npz/.npy, [X,Y,Z,3] or [3,X,Y,Z], voxels, pull")
     e.add_argument("--fixed-seg", help="fixed label map (defines the fixed grid)")
     e.add_argument("--moving-seg", help="moving label map (on the moving image's grid)")
@@ -114,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write JSON here instead of printing a table")
     e.set_defaults(func=_cmd_evaluate)
 
-    pf = sub.add_parser("perf", help="performance harness (JSON out)")
+
+def _add_perf(sub: Any) -> None:
+    pf = sub.add_parser("perf", help=COMMANDS["perf"][1])
     pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr", "patchmorph"],
                     help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair, "
                     "MSFF vs VoxelMorph training step; training: VoxelMorph training step vs the voxelmorph and MONAI "
@@ -131,27 +159,144 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--loss", default="mse", choices=["mse", "ncc"], help="training: similarity used side by side with the peers")
     pf.set_defaults(func=_cmd_perf)
 
-    from benchmark.runner import add_cli_commands as add_runner_commands
 
-    add_runner_commands(sub)
-    for module in ("leaderboard.cli", "benchmark.datacheck", "sweeps.cli"):
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).add_cli_commands(sub)
+def _add_global_options(p: argparse.ArgumentParser) -> None:
+    """Show ``-v`` / ``--debug`` in a parser's help (``main`` takes them off the line before
+    parsing and puts them on the namespace); a subcommand that declares them already keeps its own."""
+    taken = {o for a in p._actions for o in a.option_strings}
+    if not {"-v", "--verbose"} & taken:
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more output: -v Lightning's info lines, -vv every warning too")
+    if "--debug" not in taken:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show a traceback instead of a one-line error")
+
+
+def _available(name: str) -> bool:
+    module = COMMANDS[name][0]
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``regbench`` parser. Every subcommand is listed; only ``only`` (when given) is
+    registered with its real arguments, which imports its module (the others are
+    placeholders whose help line comes from :data:`COMMANDS`, so listing them is cheap).
+    ``only="*"`` registers every subcommand for real."""
+    p = argparse.ArgumentParser(
+        prog="regbench",
+        description="Medical image registration benchmark suite. `regbench COMMAND --help` for a command's options.",
+        epilog="quickstart: regbench run benchmark/configs/quickstart.yaml",
+    )
+    _add_global_options(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    registered: set[str] = set()
+    for name, (module, help_) in COMMANDS.items():
+        if not _available(name):
+            continue
+        if only in (name, "*") and name not in LIGHTNING_COMMANDS:
+            if name == "evaluate":
+                _add_evaluate(sub)
+            elif name == "perf":
+                _add_perf(sub)
+            else:
+                importlib.import_module(module).add_cli_commands(sub)
+            registered.add(name)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
+    for name in registered:
+        _add_global_options(sub.choices[name])
     return p
+
+
+def _split_global(argv: list[str]) -> tuple[list[str], int, bool]:
+    """Take ``-v``/``-vv``/``--verbose``/``--debug`` out of the line (before ``--``)."""
+    level, debug, rest = 0, False, []
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            rest += argv[i:]
+            break
+        if tok in _GLOBAL_FLAGS:
+            if tok == "--debug":
+                debug = True
+            else:
+                level = max(level, _GLOBAL_FLAGS[tok]) if tok != "--verbose" else level + 1
+            continue
+        rest.append(tok)
+    return rest, min(level, 2), debug
+
+
+def _command_of(argv: list[str]) -> str | None:
+    for tok in argv:
+        if not tok.startswith("-"):
+            return tok if tok in COMMANDS else None
+    return None
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    """``regbench fit|test|validate ...``: one experiment through LightningCLI.
+
+    Takes the same ``model`` / ``data`` ``class_path`` blocks as a grid config. The line is
+    given to LightningCLI as the program's own argv (so it does not warn that both ``args``
+    and a command line were given); the seed defaults to 0 (``--seed_everything`` changes
+    it) rather than a random one. At the end it names what it wrote: the log folder (with
+    the resolved ``config.yaml``) and the checkpoints.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    import datamodules  # noqa: F401  (registers the subclasses for class_path lookup)
+    import lightning as L
+    import systems  # noqa: F401
+    from systems.base import RegistrationSystem
+
+    saved = sys.argv
+    sys.argv = ["regbench", *argv]
+    try:
+        cli = LightningCLI(
+            RegistrationSystem,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"inference_mode": False},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
+    finally:
+        sys.argv = saved
+    trainer = getattr(cli, "trainer", None)
+    if trainer is not None and trainer.is_global_zero:
+        written = []
+        if trainer.log_dir and Path(trainer.log_dir).exists():
+            written.append(f"{trainer.log_dir}/ (config.yaml, logs)")
+        ck = trainer.checkpoint_callback
+        if argv[0] == "fit" and ck is not None:
+            paths = [p for p in (getattr(ck, "last_model_path", ""), getattr(ck, "best_model_path", "")) if p]
+            written += list(dict.fromkeys(paths))
+        if written:
+            print("wrote " + ", ".join(written), file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `fit` / `test` hand the rest of the line to LightningCLI untouched.
-    if argv and argv[0] in ("fit", "test", "validate", "predict"):
-        from benchmark.runner import lightning_cli_main
+    argv, level, debug = _split_global(argv)
+    cmd = _command_of(argv)
+    from benchmark.progress import set_verbosity
 
-        return lightning_cli_main(argv)
-    parser = build_parser()
+    set_verbosity(level, lightning=cmd in _USES_LIGHTNING and not ("-h" in argv or "--help" in argv))
+    if cmd in LIGHTNING_COMMANDS and argv and argv[0] == cmd:
+        return _lightning_cli(argv)
+    parser = build_parser(only=cmd)
     args = parser.parse_args(argv)
+    args.debug, args.verbose = debug, level
+    if not hasattr(args, "func"):  # a placeholder: its module could not register it
+        parser.error(f"{args.command}: not available in this installation")
     try:
         return int(args.func(args) or 0)
-    except DataError as exc:
+    except Exception as exc:
+        from benchmark.io import DataError
+
+        if debug or not isinstance(exc, DataError):
+            raise
         print(f"regbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

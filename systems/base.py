@@ -112,6 +112,14 @@ class RegistrationSystem(L.LightningModule):
             return None
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
+    def configure_callbacks(self) -> list:
+        """Lightning hook: progress as ``train step k/total`` over the whole fit and
+        ``test case k/N`` (case id, Dice) in test, in place of Lightning's default bar (a
+        bar the user chose, or none, is left alone). See :mod:`benchmark.progress_bar`."""
+        from benchmark.progress_bar import StepProgressBar, wants_step_bar
+
+        return [StepProgressBar()] if self._trainer is not None and wants_step_bar(self.trainer) else []
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.training_loss(batch)
         return checked_loss(self, loss, parts, batch_size=batch["fixed"].shape[0])
