@@ -26,6 +26,19 @@ def parse_rank_metrics(items: list[str] | None) -> dict[str, list[str]] | None:
     return out
 
 
+def check_results_folder(root: Path) -> list[str]:
+    """Problems of every ``<dataset>/<method>/seed<k>/cases.csv`` under ``root`` (truncated
+    rows, non-numeric metric cells, fewer rows than the experiment's ``run.json`` records)."""
+    from benchmark.results import check_cases_csv, read_run_json
+
+    problems: list[str] = []
+    for cases in sorted(Path(root).glob("*/*/seed*/cases.csv")):
+        run = read_run_json(cases.parent) or {}
+        total = run.get("cases_total") if run.get("status") == "complete" else None
+        problems += check_cases_csv(cases, expected_rows=total if isinstance(total, int) else None)
+    return problems
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard.table import ALL_FORMATS, write_leaderboard
 
@@ -37,6 +50,12 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     root = Path(args.results_dir)
     if not root.is_dir():
         print(f"regbench leaderboard: {root}: not a folder (give the results folder of `regbench run`)", file=sys.stderr)
+        return 2
+    problems = check_results_folder(root)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        print(f"regbench leaderboard: {problems[0]}{more}; fix or re-run that experiment (`regbench run` recomputes "
+              "missing cases) before ranking", file=sys.stderr)
         return 2
     md = write_leaderboard(root, formats, rank_metrics=parse_rank_metrics(args.rank_metrics), view=args.view)
     if not args.quiet:

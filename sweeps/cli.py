@@ -52,6 +52,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from benchmark.runner import ConfigError
     from sweeps.study import _resolve, run_sweep, run_worker
 
+    # `regbench --debug` is taken off the line by benchmark.cli before parsing
+    debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
     try:
         spec = _spec(args)
         if args.worker_index is not None:  # a local worker started by run_sweep
@@ -59,8 +61,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             return 0
         run_sweep(spec)
     except (ConfigError, ValueError) as exc:
+        if debug:
+            raise
         print(f"regbench sweep: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"regbench sweep: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("regbench sweep: interrupted (run the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        from benchmark.reliability import one_line_error
+
+        print(f"regbench sweep: error: {one_line_error(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

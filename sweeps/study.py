@@ -102,6 +102,12 @@ def _resolve(spec: SweepSpec) -> _Resolved:
         raise ConfigError(f"--objectives: expected one of {sorted(OBJECTIVES)}, got {spec.objectives!r}")
     if spec.n_trials is None and spec.timeout is None:
         raise ConfigError("--n-trials or --timeout: at least one is needed")
+    if spec.n_trials is not None and (isinstance(spec.n_trials, bool) or int(spec.n_trials) != spec.n_trials or spec.n_trials < 1):
+        raise ConfigError(f"--n-trials: expected a positive number of trials, got {spec.n_trials}")
+    if spec.timeout is not None and not spec.timeout > 0:
+        raise ConfigError(f"--timeout: expected a positive number of seconds, got {spec.timeout}")
+    if not spec.heartbeat > 0:
+        raise ConfigError(f"--heartbeat: expected a positive number of seconds, got {spec.heartbeat}")
     if spec.workers < 1:
         raise ConfigError("--workers must be >= 1")
     cfg = load_grid_config(spec.config)
@@ -130,6 +136,47 @@ def _resolve(spec: SweepSpec) -> _Resolved:
 # storage and study
 
 
+class StorageError(ValueError):
+    """The study storage cannot be used; the message (one line) names the URL, password masked."""
+
+
+def _first_line(exc: BaseException) -> str:
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip()
+    return (text.splitlines()[0] if text else type(inner).__name__)[:300]
+
+
+def resolve_storage_driver(url: str) -> str:
+    """A storage URL with an explicit, installed PostgreSQL driver.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` (and ``postgres://``) as psycopg 3; the
+    suite's ``postgres`` extra installs psycopg2. A bare URL gets whichever driver is
+    installed (psycopg, else psycopg2); a URL that names a driver keeps it, and a missing
+    driver is a :class:`StorageError` saying what to install.
+    """
+    import importlib.util
+
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    dialect, _, driver = scheme.partition("+")
+    if dialect not in ("postgresql", "postgres"):
+        return url
+    if not driver:
+        for module, name in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+            if importlib.util.find_spec(module) is not None:
+                driver = name
+                break
+        else:
+            raise StorageError(f"--storage {storage_url(url)}: no PostgreSQL driver is installed "
+                               "(pip install 'regbench[postgres]', which brings psycopg2-binary)")
+    module = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pg8000": "pg8000", "asyncpg": "asyncpg"}.get(driver, driver)
+    if importlib.util.find_spec(module) is None:
+        raise StorageError(f"--storage {storage_url(url)}: the driver {driver!r} is not installed "
+                           f"(pip install {'psycopg2-binary' if driver == 'psycopg2' else driver})")
+    return f"postgresql+{driver}://{rest}"
+
+
 def storage_url(url: str) -> str:
     """The URL with any password masked (for reports and logs)."""
     if "://" in url and "@" in url.split("://", 1)[1]:
@@ -156,7 +203,8 @@ def _make_storage(url: str, heartbeat: float):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if "://" not in url:
-        raise ValueError(f"--storage: expected an Optuna storage URL (sqlite:///…, postgresql://…, journal:PATH), got {url!r}")
+        raise StorageError(f"--storage: expected an Optuna storage URL (sqlite:///…, postgresql://…, journal:PATH), got {url!r}")
+    url = resolve_storage_driver(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -172,24 +220,54 @@ def _make_storage(url: str, heartbeat: float):
         return RDBStorage(url, heartbeat_interval=hb, grace_period=2 * hb + 1, **{cb_key: Retry(max_retry=2)}, **kwargs)
 
 
-def open_study(res: _Resolved, worker: int = 0):
-    """Create or load the study, with the sampler and pruner of this worker."""
+def _sampler(res: _Resolved, seed: int):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _make_storage(res.storage, res.spec.heartbeat)
-    seed = res.spec.seed + worker
     if len(res.directions) == 1:
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(2, (res.spec.n_trials or 20) // 3)))
     else:
         pop = max(4, min(50, (res.spec.n_trials or 100) // 2))
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
+    return sampler
+
+
+def open_study(res: _Resolved, worker: int = 0):
+    """Create or load the study, with the sampler and pruner of this worker.
+
+    The sampler's seed is ``seed + worker`` for a new study and also depends on the number
+    of trials already in it: a resumed study continues with a fresh random stream instead
+    of replaying the first invocation's (which repeated completed parameter sets). Storage
+    problems (driver, connection, permissions) raise :class:`StorageError` (one line).
+    """
+    try:
+        return _open_study(res, worker)
+    except StorageError:
+        raise
+    except Exception as exc:
+        mod = type(exc).__module__ or ""
+        import optuna
+
+        if isinstance(exc, (ImportError, OSError, optuna.exceptions.StorageInternalError)) or mod.startswith("sqlalchemy") \
+                or "storages" in mod:
+            raise StorageError(f"--storage {storage_url(res.storage)}: {_first_line(exc)}") from exc
+        raise
+
+
+def _open_study(res: _Resolved, worker: int = 0):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _make_storage(res.storage, res.spec.heartbeat)
+    sampler = _sampler(res, res.spec.seed + worker)
     if res.spec.prune and len(res.directions) == 1:
         pruner: optuna.pruners.BasePruner = optuna.pruners.MedianPruner(n_startup_trials=res.spec.prune_startup, n_warmup_steps=0)
     else:
         pruner = optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage, study_name=res.study_name, directions=res.directions, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
+    n_before = len(study.get_trials(deepcopy=False))
+    if n_before:
+        study.sampler = _sampler(res, res.spec.seed + worker + 7919 * n_before)
     have = [d.name.lower() for d in study.directions]
     if have != res.directions:
         raise ValueError(f"study {res.study_name!r} exists with directions {have}, not {res.directions} "
@@ -428,7 +506,10 @@ def run_sweep(spec: SweepSpec, log=print) -> dict[str, Any]:
         log(f"[sweep] worker exit codes: {codes}")
     summary = write_reports(res, open_study(res))
     log(f"[sweep] best: {summary.get('best')}")
-    log(f"[sweep] wrote {res.output / 'best.yaml'} and {len(summary['plots'])} plot(s) in {res.output / 'plots'}")
+    if summary.get("best") is not None:
+        log(f"[sweep] wrote {res.output / 'best.yaml'} and {len(summary['plots'])} plot(s) in {res.output / 'plots'}")
+    else:
+        log(f"[sweep] no complete trial: no best.yaml; trials.csv and summary.json in {res.output}")
     return summary
 
 
