@@ -6,7 +6,16 @@ problem found, each naming its file; the exit code is 1 when there are problems,
 
 Problems: unreadable or corrupt files, non-3D arrays, NaN/Inf, singular affines, missing
 label files, empty label maps, labels on another grid than their image (unless
-``--resample-labels``), malformed dataset JSON, pairs whose images end on different grids.
+``--resample-labels``), malformed dataset JSON, pairs whose images end on different grids,
+landmark CSVs whose points fall outside their image's grid in the declared units
+(``--landmark-units voxel|mm``; the rule and message of ``regbench evaluate``,
+:func:`benchmark.io.check_landmarks_on_grid`).
+
+``--dataset spine`` checks a folder of CTs for :class:`datamodules.spine.SpineDRRDataModule`
+(:func:`check_spine`): readable CTs and label maps, the vertebra labels each map would give
+(all of a map's ids unless ``--vertebra-labels`` names them; a note when more than
+:data:`datamodules.spine.MAX_AUTO_VERTEBRAE` would be used), landmarks per CT, and a note
+when training and testing would share a CT.
 Notes (reported, not problems): stray MindBoggle labels mapped to background, labels
 resampled through the affines, mixed orientations or spacings (the preprocessing handles them).
 """
@@ -25,7 +34,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from benchmark.io import DataError, load_segmentation, load_volume, read_landmarks_csv
+from benchmark.io import DataError, load_landmarks, load_segmentation, load_volume
 
 __all__ = ["DataReport", "check_dataset", "add_cli_commands", "format_report"]
 
@@ -56,7 +65,7 @@ def _codes(affine: np.ndarray) -> str:
 
 
 def _check_subjects(subjects: list[Any], report: DataReport, resample_labels: bool, stray: tuple[int, ...] = (),
-                    headers_only: bool = False) -> dict[str, tuple[int, ...]]:
+                    headers_only: bool = False, landmark_units: str = "voxel") -> dict[str, tuple[int, ...]]:
     """Read every subject; fill shape/spacing/orientation/label statistics; return id → shape of the readable ones."""
     shapes: Counter = Counter()
     spacings: Counter = Counter()
@@ -101,10 +110,10 @@ def _check_subjects(subjects: list[Any], report: DataReport, resample_labels: bo
                 labels |= ids
             except DataError as exc:
                 report.problems.append(str(exc))
-        if s.landmarks is not None and not headers_only:
+        if s.landmarks is not None and (not headers_only or str(s.landmarks).lower().endswith(".csv")):
             try:
                 if str(s.landmarks).lower().endswith(".csv"):
-                    n = read_landmarks_csv(s.landmarks).shape[0]
+                    n = load_landmarks(s.landmarks, affine, shape, landmark_units, s.image).shape[0]
                 else:
                     lm = _guarded(s.landmarks, load_volume, dtype=np.int64)
                     n = int(np.count_nonzero(np.unique(lm.data)))
@@ -148,11 +157,15 @@ def check_dataset(dataset: str, root: str | Path, resample_labels: bool = False,
         resample_labels: labels on another grid are a note (resampled) rather than a problem.
         headers_only: read NIfTI headers only (fast; no label statistics, no corrupt-data check).
         **options: the data module's own options (``space``, ``label_set``, ``labels_dir``,
-            ``landmarks_dir``, ``pairs_csv``, ``label_suffix``, ``images``, ``shape``).
+            ``landmarks_dir``, ``pairs_csv``, ``label_suffix``, ``images``, ``shape``,
+            ``landmark_units``; spine: ``vertebra_labels``, ``test_ids``).
     """
     root = Path(root)
     report = DataReport(dataset, str(root))
     shape = options.get("shape")
+    landmark_units = options.get("landmark_units") or "voxel"
+    if dataset == "spine":
+        return check_spine(root, report, vertebra_labels=options.get("vertebra_labels"), test_ids=options.get("test_ids"))
     try:
         if dataset == "mindboggle":
             from datamodules.mindboggle import STRAY_LABELS, MindBoggle101DataModule, find_mindboggle_subjects
@@ -163,7 +176,7 @@ def check_dataset(dataset: str, root: str | Path, resample_labels: bool = False,
             report.problems.extend(problems)
             report.summary["subjects"] = len(subs)
             report.summary["cohorts"] = dict(Counter(s.group for s in subs))
-            grid = _check_subjects(subs, report, resample_labels, STRAY_LABELS, headers_only)
+            grid = _check_subjects(subs, report, resample_labels, STRAY_LABELS, headers_only, landmark_units)
             dm = MindBoggle101DataModule(str(root), space=space, label_set=label_set, use_cache=False, num_workers=0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -201,7 +214,7 @@ def check_dataset(dataset: str, root: str | Path, resample_labels: bool = False,
                     report.problems.append(str(exc))
                     subs.append(SubjectFiles(p.name, p))
             report.summary["subjects"] = len(subs)
-            grid = _check_subjects(subs, report, resample_labels, (), headers_only)
+            grid = _check_subjects(subs, report, resample_labels, (), headers_only, landmark_units)
             by_path = {s.image: s for s in subs}
             _check_pairs(report, "test", [(by_path[f], by_path[m]) for f, m in val if f in by_path and m in by_path],
                          grid, shape)
@@ -218,8 +231,9 @@ def check_dataset(dataset: str, root: str | Path, resample_labels: bool = False,
                 for s in subs:
                     if s.seg is None:
                         report.problems.append(f"{s.image}: no label file (the other images have one)")
-            grid = _check_subjects(subs, report, resample_labels, (), headers_only)
-            dm = NiftiPairsDataModule(str(root), pairs_csv=options.get("pairs_csv"), use_cache=False, num_workers=0, **kw)
+            grid = _check_subjects(subs, report, resample_labels, (), headers_only, landmark_units)
+            dm = NiftiPairsDataModule(str(root), pairs_csv=options.get("pairs_csv"), use_cache=False, num_workers=0,
+                                      landmark_units=landmark_units, **kw)
             try:
                 dm.check_inputs()
             except DataError as exc:
@@ -230,7 +244,66 @@ def check_dataset(dataset: str, root: str | Path, resample_labels: bool = False,
                 sl = dm.subjects[split]
                 _check_pairs(report, split, [(sl[a], sl[b]) for a, b in dm.eval_pairs(split)], grid, shape)
         else:
-            raise ValueError(f"unknown dataset kind {dataset!r}; use mindboggle, lumir or nifti")
+            raise ValueError(f"unknown dataset kind {dataset!r}; use mindboggle, lumir, nifti or spine")
+    except DataError as exc:
+        report.problems.append(str(exc))
+    return report
+
+
+def check_spine(root: str | Path, report: DataReport | None = None, vertebra_labels: Any = None,
+                test_ids: list[str] | None = None) -> DataReport:
+    """Check a spine CT folder the way :class:`datamodules.spine.SpineDRRDataModule` reads it.
+
+    Problems: no CTs, unreadable or non-3D CTs and label maps, empty label maps, named
+    ``vertebra_labels`` absent from a map, unreadable centroid JSON, CTs without landmarks,
+    unknown ``test_ids``. Notes: maps whose every id would become a landmark although they
+    hold more than :data:`datamodules.spine.MAX_AUTO_VERTEBRAE` labels (a multi-organ map?),
+    and a split that trains and tests on the same CT.
+    """
+    from datamodules.spine import SpineDRRDataModule, parse_vertebra_labels, vertebra_ids_of
+
+    root = Path(root)
+    report = report or DataReport("spine", str(root))
+    try:
+        wanted = parse_vertebra_labels(vertebra_labels)
+        dm = SpineDRRDataModule(str(root), vertebra_labels=vertebra_labels, test_ids=test_ids)
+        items = dm._folder_items()
+    except (DataError, ValueError) as exc:
+        report.problems.append(str(exc))
+        return report
+    report.summary["cts"] = len(items)
+    per_ct: dict[str, int] = {}
+    for cid, ct, lab, ctd in items:
+        try:
+            img = nib.load(str(ct))
+            if len(img.shape) != 3:
+                raise DataError(ct, f"expected a 3D CT, got shape {img.shape}")
+            n = 0
+            if lab is not None:
+                lvol = _guarded(lab, load_volume, dtype=np.int64)
+                found = [int(v) for v in np.unique(lvol.data) if v != 0]
+                if not found:
+                    raise DataError(lab, "the label map is empty (no vertebra labels)")
+                ids, note = vertebra_ids_of(found, wanted, lab)
+                if note:
+                    report.notes.append(note)
+                n = len(ids)
+            elif ctd is not None:
+                n = len(dm._read_ctd(ctd, np.asarray(img.affine)))
+            if n == 0:
+                report.problems.append(f"{ct}: no landmarks (mTRE needs them; add {cid}_vertebrae.nii.gz labels or "
+                                       f"{cid}_ctd.json centroids)")
+            per_ct[cid] = n
+        except DataError as exc:
+            report.problems.append(str(exc))
+    report.summary["landmarks_per_ct"] = per_ct
+    try:
+        train, test = dm.split_ids([i[0] for i in items])
+        report.summary["train_cts"], report.summary["test_cts"] = train, test
+        shared = sorted(set(train) & set(test))
+        if shared:
+            report.notes.append(f"{root}: training and testing share CT(s) {shared}: test poses are rendered from a CT the "
+                                "method trained on (add CTs, or list test_ids)")
     except DataError as exc:
         report.problems.append(str(exc))
     return report
@@ -253,7 +326,7 @@ def format_report(r: DataReport) -> str:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) for k in ("space", "label_set", "labels_dir", "landmarks_dir", "pairs_csv",
-                                          "label_suffix", "images")}
+                                          "label_suffix", "images", "landmark_units", "vertebra_labels", "test_ids")}
     rep = check_dataset(args.dataset, args.root, resample_labels=args.resample_labels,
                         headers_only=args.headers_only, **opts)
     print(format_report(rep))
@@ -271,7 +344,7 @@ def add_cli_commands(sub: Any) -> None:
     dsub = d.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="summary and every problem of a dataset folder (exit 1 on problems)")
     c.add_argument("root", help="dataset folder")
-    c.add_argument("--dataset", required=True, choices=["mindboggle", "lumir", "nifti"])
+    c.add_argument("--dataset", required=True, choices=["mindboggle", "lumir", "nifti", "spine"])
     c.add_argument("--space", choices=["mni152", "native"], default=None, help="mindboggle: which files (default mni152)")
     c.add_argument("--label-set", choices=["dkt31", "dkt31+aseg"], default=None, help="mindboggle label files")
     c.add_argument("--labels-dir", default=None, help="lumir / nifti: folder of label maps named like the images")
@@ -279,6 +352,12 @@ def add_cli_commands(sub: Any) -> None:
     c.add_argument("--pairs-csv", default=None, help="nifti: fixed,moving[,split] CSV")
     c.add_argument("--label-suffix", default=None, help="nifti: label file = <id><suffix>.nii.gz (default _seg)")
     c.add_argument("--images", default=None, help="nifti: sub-folder of the images")
+    c.add_argument("--landmark-units", choices=["voxel", "mm"], default="voxel",
+                   help="landmark CSV rows are voxel indices of their image (default) or world mm")
+    c.add_argument("--vertebra-labels", type=lambda t: [int(v) for v in t.split(",") if v.strip()], default=None,
+                   help="spine: comma-separated label ids that are vertebrae (default: every id of each map)")
+    c.add_argument("--test-ids", type=lambda t: [v.strip() for v in t.split(",") if v.strip()], default=None,
+                   help="spine: comma-separated CT ids used for testing")
     c.add_argument("--resample-labels", action="store_true",
                    help="labels on another grid than their image are resampled (a note), not a problem")
     c.add_argument("--headers-only", action="store_true", help="read headers only (fast, fewer checks)")

@@ -11,6 +11,14 @@ Folder layout: ``<root>/<id>.nii.gz`` (or ``.nii``) CTs; labels ``<id>_vertebrae
 leading ``{"direction": …}`` entry is skipped) with X, Y, Z in mm along the array axes
 (voxel index × spacing, the VerSe convention), converted to world through the affine.
 
+Which labels are vertebrae: ``vertebra_labels`` (ids, or a map between names and ids such
+as ``{"L1": 20, "L2": 21}``) picks them from a multi-structure map (e.g. TotalSegmentator's);
+without it every non-zero id of each map is a landmark, with a warning when a map holds more
+than :data:`MAX_AUTO_VERTEBRAE` ids (a whole-body map would put the isocentre, the landmark
+centroid, in the middle of the organs). A split that tests on a CT it also trains on (a
+folder with one CT) is warned about too. ``regbench data check --dataset spine ROOT``
+reports all of this before a run.
+
 Batch (a dict; ``B`` cases, ``H × W`` detector, ``N`` landmarks, CT ``(X, Y, Z)``):
 
 ==================  ==================  =========  ===========================================
@@ -43,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,7 +68,68 @@ from benchmark.io import DataError
 from datamodules.base import UnpaddedDistributedSampler
 from datamodules.synthetic_spine import label_centroids, make_spine_ct
 
-__all__ = ["SpineCT", "SpineDRRDataModule", "collate_pose", "normalise_xray", "domain_randomise", "sample_poses"]
+__all__ = ["SpineCT", "SpineDRRDataModule", "collate_pose", "normalise_xray", "domain_randomise", "sample_poses",
+           "parse_vertebra_labels", "vertebra_ids_of", "MAX_AUTO_VERTEBRAE"]
+
+#: A label map with more ids than this is probably not (only) vertebrae: the human spine has
+#: 24–26 vertebrae (plus sacrum / coccyx labels in VerSe: ids up to 28).
+MAX_AUTO_VERTEBRAE = 30
+
+
+def parse_vertebra_labels(spec: Any) -> list[int] | None:
+    """The vertebra label ids named by ``spec``: ``None`` (every id of the map), a list of ids,
+    a comma-separated string of ids, or a mapping between names and ids in either direction
+    (``{"L1": 20}`` or ``{20: "L1"}``). Returns sorted unique ids, or ``None``.
+
+    Raises:
+        ValueError: anything else, or no id at all.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = [t for t in spec.replace(" ", "").split(",") if t]
+    if isinstance(spec, dict):
+        vals = []
+        for k, v in spec.items():
+            for cand in (v, k):
+                try:
+                    vals.append(int(cand))
+                    break
+                except (TypeError, ValueError):
+                    continue
+            else:
+                raise ValueError(f"vertebra_labels: neither {k!r} nor {v!r} is a label id")
+        spec = vals
+    try:
+        ids = sorted({int(v) for v in spec})
+    except (TypeError, ValueError):
+        raise ValueError(f"vertebra_labels must be label ids or a name ↔ id map, got {spec!r}") from None
+    if not ids or min(ids) < 1:
+        raise ValueError(f"vertebra_labels must name positive label ids, got {spec!r}")
+    return ids
+
+
+def vertebra_ids_of(found: Sequence[int], wanted: list[int] | None, path: Any) -> tuple[list[int], str | None]:
+    """The ids of a label map (``found``, non-zero) used as vertebra landmarks, and a warning
+    text or ``None``: with ``wanted`` the named ids present in the map (a CT need not show every
+    vertebra); without it every id, with a warning above :data:`MAX_AUTO_VERTEBRAE`.
+
+    Raises:
+        DataError: ``wanted`` names no id of the map.
+    """
+    found = sorted(int(v) for v in found)
+    if wanted is not None:
+        ids = [i for i in wanted if i in set(found)]
+        if not ids:
+            shown = ", ".join(map(str, found[:12])) + (" …" if len(found) > 12 else "")
+            raise DataError(path, f"none of the vertebra_labels {wanted} occur in the label map (it holds {shown})",
+                            "check the ids against the map's label table")
+        return ids, None
+    if len(found) > MAX_AUTO_VERTEBRAE:
+        return found, (f"{path}: all {len(found)} label ids become vertebra landmarks (more than {MAX_AUTO_VERTEBRAE}: "
+                       "a multi-structure map?) and their centroid becomes the isocentre; name the vertebrae with "
+                       "vertebra_labels (ids or a name map)")
+    return found, None
 
 _LABEL_SUFFIXES = ("_vertebrae", "_seg", "_msk")
 _CTD_SUFFIXES = ("_ctd", "_centroids")
@@ -205,6 +275,8 @@ class SpineDRRDataModule(L.LightningDataModule):
         n_samples: samples per ray when rendering X-rays.
         mu_water, bone_hu, bone_scale: HU → attenuation (see :func:`benchmark.drr.hu_to_mu`).
         batch_size, test_batch_size, num_workers, seed.
+        vertebra_labels: the label ids that are vertebrae (ids, a comma-separated string or a
+            name ↔ id map; see :func:`parse_vertebra_labels`); ``None`` uses every id of each map.
     """
 
     name = "spine"
@@ -243,8 +315,10 @@ class SpineDRRDataModule(L.LightningDataModule):
         test_batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
+        vertebra_labels: Any = None,
     ) -> None:
         super().__init__()
+        self.vertebra_labels = parse_vertebra_labels(vertebra_labels)
         self.root = None if root in (None, "") else Path(root)
         self.test_ids = list(test_ids) if test_ids else None
         self.n_train_cts, self.n_test_cts = int(n_train_cts), int(n_test_cts)
@@ -287,6 +361,17 @@ class SpineDRRDataModule(L.LightningDataModule):
         if not items:
             raise DataError(self.root, "no CT NIfTI files (*.nii.gz) found", "put <id>.nii.gz CTs in the folder")
         return items
+
+    def split_ids(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        """``(train, test)`` CT ids of a folder (validation CTs, if any, come out of ``train``):
+        ``test_ids`` or the last ``n_test_cts`` sorted ids for testing, the others for training
+        (the test CTs themselves when nothing is left)."""
+        for t in self.test_ids or []:
+            if t not in ids:
+                raise DataError(self.root, f"test_ids: {t!r} is not a CT here", f"choose from {', '.join(ids)}")
+        test = list(self.test_ids or ids[-min(self.n_test_cts, len(ids)):])
+        train = [i for i in ids if i not in test] or list(test)
+        return train, test
 
     def check_inputs(self) -> None:
         """Check that the CT folder exists, its files are readable 3D volumes with matching
@@ -383,9 +468,14 @@ class SpineDRRDataModule(L.LightningDataModule):
             labels = np.asarray(limg.dataobj)
             if labels.ndim != 3:
                 raise DataError(lab, f"expected a 3D label map, got shape {labels.shape}")
-            _, pts = label_centroids(np.rint(labels).astype(np.int64), limg.affine)
-            if not len(pts):
+            labels = np.rint(labels).astype(np.int64)
+            found = [int(v) for v in np.unique(labels) if v != 0]
+            if not found:
                 raise DataError(lab, "the label map is empty (no vertebra labels)")
+            ids, note = vertebra_ids_of(found, self.vertebra_labels, lab)
+            if note:
+                warnings.warn(note, UserWarning, stacklevel=2)
+            _, pts = label_centroids(labels, limg.affine, ids)
         elif ctd is not None:
             pts = self._read_ctd(ctd, img.affine)
         else:
@@ -406,9 +496,11 @@ class SpineDRRDataModule(L.LightningDataModule):
                          "test": [synth("test", k) for k in range(self.n_test_cts)]}
         else:
             items = self._folder_items()
-            ids = [i[0] for i in items]
-            test = self.test_ids or ids[-min(self.n_test_cts, len(ids)):]
-            train = [i for i in ids if i not in test] or list(test)
+            train, test = self.split_ids([i[0] for i in items])
+            shared = sorted(set(train) & set(test))
+            if shared:
+                warnings.warn(f"{self.root}: training and testing share CT(s) {shared}: the test poses are rendered "
+                              "from a CT the method trained on (add CTs, or list test_ids)", UserWarning, stacklevel=2)
             nv = self.n_val_cts if len(train) > self.n_val_cts and not set(train) & set(test) else 0
             val, train = train[len(train) - nv :], train[: len(train) - nv]
             loaded = {i[0]: self._load_folder_ct(*i) for i in items if i[0] in set(test) | set(train) | set(val)}

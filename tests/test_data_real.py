@@ -383,3 +383,43 @@ def test_example_configs_check_against_fake_layouts(tmp_path, monkeypatch):
         cfg = load_grid_config(configs / f"{name}.yaml", output=str(tmp_path / "out"))
         (blk,) = cfg.datasets.values()
         assert blk.cls.__name__ == cls and set(cfg.methods) == {"voxelmorph", "syn"}
+
+
+def test_mm_landmarks_flagged_by_data_check_and_run_and_read_when_declared(tmp_path, capsys):
+    """Landmark CSVs of world mm read as voxel indices are a problem for `data check` and stop
+    `run` before any work (the rule and message of `evaluate`); declared as mm they are read
+    through the affine onto the same voxel indices as the voxel CSVs."""
+    import yaml
+
+    from benchmark.cli import main
+    from benchmark.runner import ConfigError, load_grid_config
+
+    root = build_nifti_folder(tmp_path / "nf", n=2, mixed=True, seed=3)
+    vox = {s: np.loadtxt(root / f"{s}_landmarks.csv", delimiter=",", skiprows=1) for s in ("subj0", "subj1")}
+    for s in vox:  # the same points written in world mm (RAS)
+        np.savetxt(root / f"{s}_landmarks.csv", WORLD_POINTS, delimiter=",", header="x,y,z", comments="")
+    assert main(["data", "check", "--dataset", "nifti", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "subj0_landmarks.csv: " in out and "fall outside the voxel grid" in out and "landmark_units: mm" in out
+    assert main(["data", "check", "--dataset", "nifti", str(root), "--landmark-units", "mm"]) == 0
+    capsys.readouterr()
+
+    cfg = {"suite": "lm", "datasets": {"nf": {"class_path": "datamodules.nifti_pairs.NiftiPairsDataModule",
+                                              "init_args": {"root": str(root), "num_workers": 0, "shape": 16,
+                                                            "cache_dir": str(tmp_path / "cache")}}},
+           "methods": {"syn": {"class_path": "systems.SyN", "init_args": {"preset": "fast"}}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"datasets\.nf: .*subj0_landmarks\.csv: .*fall outside the voxel grid"):
+        load_grid_config(path)
+    assert main(["run", str(path), "--output", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "subj0_landmarks.csv" in err[0]
+    cfg["datasets"]["nf"]["init_args"]["landmark_units"] = "mm"
+    path.write_text(yaml.safe_dump(cfg))
+    load_grid_config(path)
+    dm = NiftiPairsDataModule(str(root), landmark_units="mm", use_cache=False, num_workers=0, canonical=False)
+    dm.setup("test")
+    for s in dm.subjects["test"]:
+        pts = dm.loader.load(s, with_seg=False)["landmarks"]
+        np.testing.assert_allclose(pts, vox[s.subject_id], atol=1e-6)

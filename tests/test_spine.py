@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
+from benchmark.io import DataError
 from benchmark.drr import CArmGeometry, pose_transform, project_points, reference_transform
 from benchmark.metrics_pose import aggregate_pose, pose_metrics
 from benchmark.se3 import so3_exp, so3_log
@@ -172,3 +174,68 @@ def test_initial_and_baselines_records_and_improvement() -> None:
     m0 = np.mean([r["mtre_mm"] for r in init])
     assert np.mean([r["mtre_mm"] for r in cma]) < m0
     assert np.mean([r["mtre_mm"] for r in gd]) < m0
+
+
+def _multi_structure_folder(root: Path, n_cts: int = 2, n_organs: int = 35) -> tuple[np.ndarray, list[int]]:
+    """CTs whose label maps hold the vertebrae (ids 1…n) and ``n_organs`` more structures (ids
+    100+, small blocks away from the spine), like a whole-body segmentation. Returns the last
+    CT's affine and its vertebra ids."""
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(n_cts):
+        ct = make_spine_ct(24, 6.0, seed=3 + k)
+        lab = ct.labels.astype(np.int16)
+        vert = sorted(int(v) for v in np.unique(lab) if v != 0)
+        free = np.argwhere(lab == 0)
+        rng = np.random.default_rng(k)
+        for j, idx in enumerate(rng.choice(len(free), n_organs, replace=False)):
+            lab[tuple(free[idx])] = 100 + j
+        nib.save(nib.Nifti1Image(ct.hu, ct.affine), str(root / f"ct{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, ct.affine), str(root / f"ct{k}_seg.nii.gz"))
+    return ct.affine, vert
+
+
+def test_vertebra_labels_pick_landmarks_from_a_multi_structure_map(tmp_path: Path) -> None:
+    aff, vert = _multi_structure_folder(tmp_path)
+    assert len(vert) + 35 > 30
+    kw = dict(test_ids=["ct1"], poses_per_ct=1, height=16, width=16, pixel_mm=16.0, n_samples=16)
+    with pytest.warns(UserWarning, match=r"ct1_seg\.nii\.gz: all \d+ label ids become vertebra landmarks.*vertebra_labels"):
+        every = SpineDRRDataModule(root=str(tmp_path), **kw)._load()["test"][0]
+    assert every.landmarks.shape[0] == len(vert) + 35
+    # Named as ids, or through a name map: only the vertebrae, at their centres of mass
+    # (scipy's, through the affine), and the isocentre at their centroid.
+    lab = np.asarray(nib.load(str(tmp_path / "ct1_seg.nii.gz")).dataobj)
+    com = np.array(ndi.center_of_mass(np.ones_like(lab), lab, vert))
+    expect = com @ aff[:3, :3].T + aff[:3, 3]
+    for spec in (vert, {f"V{i}": i for i in vert}, ",".join(map(str, vert))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no label-count warning now
+            dm = SpineDRRDataModule(root=str(tmp_path), vertebra_labels=spec, **kw)
+            ct = dm._load()["test"][0]
+        np.testing.assert_allclose(ct.landmarks.numpy(), expect, atol=1e-3)
+        np.testing.assert_allclose(ct.base[:3, :3].numpy() @ expect.mean(0) + ct.base[:3, 3].numpy(), 0.0, atol=1e-3)
+    with pytest.raises(DataError, match=r"ct\d_seg\.nii\.gz: none of the vertebra_labels \[500\]"):
+        SpineDRRDataModule(root=str(tmp_path), vertebra_labels=[500], **kw)._load()
+
+
+def test_one_ct_folder_warns_and_spine_data_check(tmp_path: Path, capsys) -> None:
+    from benchmark.cli import main
+
+    _multi_structure_folder(tmp_path / "one", n_cts=1)
+    dm = SpineDRRDataModule(root=str(tmp_path / "one"), vertebra_labels=list(range(1, 30)), poses_per_ct=1,
+                            height=16, width=16, pixel_mm=16.0, n_samples=16)
+    with pytest.warns(UserWarning, match=r"training and testing share CT\(s\) \['ct0'\]"):
+        dm._load()
+    # data check: the label count and the shared CT are notes; a CT without landmarks is a problem.
+    _, vert = _multi_structure_folder(tmp_path / "two", n_cts=2)
+    assert main(["data", "check", "--dataset", "spine", str(tmp_path / "two"), "--test-ids", "ct1"]) == 0
+    out = capsys.readouterr().out
+    assert "ct0_seg.nii.gz: all" in out and "ct1_seg.nii.gz: all" in out and "share" not in out
+    assert main(["data", "check", "--dataset", "spine", str(tmp_path / "two"), "--test-ids", "ct1",
+                 "--vertebra-labels", ",".join(map(str, vert))]) == 0
+    out = capsys.readouterr().out
+    assert "become vertebra landmarks" not in out and f"'ct1': {len(vert)}" in out
+    assert main(["data", "check", "--dataset", "spine", str(tmp_path / "one")]) == 0
+    assert "share CT(s) ['ct0']" in capsys.readouterr().out
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / "two" / "ct2.nii.gz"))
+    assert main(["data", "check", "--dataset", "spine", str(tmp_path / "two")]) == 1
+    assert "ct2.nii.gz: no landmarks" in capsys.readouterr().out
