@@ -27,6 +27,7 @@ import torch
 from benchmark import metrics
 from benchmark.spatial import spacing_from_affine, warp
 from benchmark.timing import timed_call
+from systems.speed import CompileSpec, check_compile, compile_modules
 
 __all__ = ["RegistrationSystem", "DivergenceError", "NoRegistration", "checked_loss"]
 
@@ -61,6 +62,9 @@ class RegistrationSystem(L.LightningModule):
             like every other: one-off start-up costs are small against their runtime).
         compute_hd95: HD95 per case (costly for many labels on big volumes).
         compute_ndv: NDV % per case.
+        compile: ``torch.compile`` the network(s) (:meth:`networks`) when Lightning configures
+            the model; ``True`` (inductor) or a backend name (:mod:`systems.speed`, which also
+            says what stays float32 under ``precision: bf16-mixed`` / ``16-mixed``).
 
     Class attributes:
         learns: whether ``fit`` trains it.
@@ -77,8 +81,10 @@ class RegistrationSystem(L.LightningModule):
         warmup_calls: int | None = None,
         compute_hd95: bool = True,
         compute_ndv: bool = True,
+        compile: CompileSpec = False,
     ) -> None:
         super().__init__()
+        self.compile_network: CompileSpec = check_compile(compile)
         self.lambda_ = float(lambda_)
         self.lr = float(lr)
         self.warmup_calls = (1 if self.learns else 0) if warmup_calls is None else int(warmup_calls)
@@ -107,6 +113,20 @@ class RegistrationSystem(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} learns, so it must define training_loss(batch)")
 
     # ---- Lightning hooks ----------------------------------------------------------------
+    def networks(self) -> list[torch.nn.Module]:
+        """The learned network(s) that ``compile`` compiles: ``self.net``, or each of ``self.nets``."""
+        for name in ("net", "nets"):
+            m = getattr(self, name, None)
+            if isinstance(m, torch.nn.ModuleList):
+                return list(m)
+            if isinstance(m, torch.nn.Module):
+                return [m]
+        return []
+
+    def configure_model(self) -> None:
+        """Lightning hook (before fit / test): compile the networks when ``compile`` asks."""
+        compile_modules(self.networks(), self.compile_network)
+
     def configure_optimizers(self):
         if not any(p.requires_grad for p in self.parameters()):
             return None

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from benchmark.drr import MU_WATER_PER_MM, render_pose
 from benchmark.se3 import geodesic_grad
 from systems.pose_base import PoseSystem
-from systems.speed import check_compile
+from systems.speed import check_compile, float32_only
 
 __all__ = ["Residual3D", "PoolFormerEncoder", "FFCBranch", "InvertibleBranch", "GatedHead", "FlatHead", "CDRegNet", "CDReg", "cc",
            "feature_size", "toward_truth_cosines"]
@@ -338,7 +338,8 @@ class CDReg(PoseSystem):
         min_feature: smallest feature-map side accepted at the data's detector size.
         compile: ``torch.compile`` the network for registration (``True`` or a backend name;
             training differentiates twice, which compiled graphs do not support, so it runs
-            eager); mixed precision is the trainer's ``precision`` (:mod:`systems.speed`).
+            eager). Under a mixed-precision trainer (``precision: bf16-mixed``) training and
+            registration stay float32 (comment at :meth:`training_loss`; :mod:`systems.speed`).
 
     ``rot_scale_mm`` (ρ of the geodesic) is gone: the loss compares the rotation and the
     translation directions separately, on which ρ has no effect.
@@ -437,8 +438,7 @@ class CDReg(PoseSystem):
         # training differentiates twice (create_graph), which torch.compile does not support:
         # the compiled network serves registration only
         net = self._net_compiled if (self._net_compiled is not None and not self.training) else self.net
-        s, feats = net(batch["xray"] if xray is None else xray, drr)
-        return s.float(), {k: v.float() for k, v in feats.items()}  # float32 outside the network (systems.speed)
+        return net(batch["xray"] if xray is None else xray, drr)
 
     def configure_model(self) -> None:
         """Lightning hook: with ``compile``, a compiled view of the network for registration."""
@@ -474,6 +474,11 @@ class CDReg(PoseSystem):
         lv = self.log_var_bound * torch.tanh(self.log_var_raw)
         return lv[0], lv[1]
 
+    # float32 even under a mixed-precision trainer (systems.speed.float32_only): what cdreg
+    # learns and follows is the direction of dS/dtheta, which 16-bit convolutions change
+    # (measured, untrained net at 32x32: translation components flipped sign; training loss
+    # 3.84 under bf16 autocast vs 5.88 in float32)
+    @float32_only
     def training_loss(self, batch: dict[str, Any], theta: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss at poses ``theta (B, 6)`` (default: the true pose plus ``u · N(0, train_*)`` per axis,
         ``u ~ U(train_radius)`` per sample)."""
@@ -524,6 +529,7 @@ class CDReg(PoseSystem):
         return out
 
     # ---- registration ------------------------------------------------------------------------
+    @float32_only
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
             x3d = self.residual(batch["volume"])

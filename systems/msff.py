@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from benchmark.losses import LocalNCC, diffusion
 from benchmark.spatial import compose, integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
+from systems.speed import conv3d_float32_if_unsafe
 from systems.voxelmorph import _up_conv_weight
 
 __all__ = ["ConvAct", "UpCatConv", "SharedEncoder", "AuxiliaryDecoder", "FusionBlock", "MSFFNet", "MSFF"]
@@ -90,6 +91,8 @@ def _conv(x: torch.Tensor, conv: nn.Conv3d, channels_last: bool = True) -> torch
     The function computed is the plain convolution's.
     """
     w = conv.weight
+    if (safe := conv3d_float32_if_unsafe(x, w, conv.bias, padding=conv.padding)) is not None:
+        return safe  # a CPU bf16 bug at depth <= 2 (systems.speed)
     if channels_last:
         cin = w.shape[1]
         want = _fast_in_channels(x.shape)

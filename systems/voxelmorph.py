@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from benchmark.losses import MSE, LocalNCC, diffusion
 from benchmark.spatial import integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
+from systems.speed import conv3d_float32_if_unsafe
 
 __all__ = ["VxmUNet", "VoxelMorphNet", "VoxelMorph"]
 
@@ -100,6 +101,8 @@ def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_
     directly for those was measured: no gain.)
     """
     nd = w.dim() - 2
+    if nd == 3 and (safe := conv3d_float32_if_unsafe(x, w, b, padding=1)) is not None:
+        return safe  # a CPU bf16 bug at depth <= 2 (systems.speed)
     if channels_last:
         x = x.contiguous(memory_format=_memory_format(nd))
     return (F.conv3d if nd == 3 else F.conv2d)(x, w, b, padding=1)
@@ -311,8 +314,9 @@ class VoxelMorphNet(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
         full = fixed.shape[2:]
         feats = self.unet(torch.cat([moving, fixed], dim=1))
-        # the field ops of benchmark.spatial get the default layout back
-        flow = _conv_nd(feats, self.flow.weight, self.flow.bias, self.unet.channels_last).contiguous()
+        # the field ops of benchmark.spatial get the default layout back, and float32 under
+        # mixed precision (integration and resampling stay float32: systems.speed)
+        flow = _conv_nd(feats, self.flow.weight, self.flow.bias, self.unet.channels_last).contiguous().float()
         if self.int_steps == 0:
             return {"disp": flow, "velocity": flow}
         if self.int_downsize > 1:
@@ -338,6 +342,8 @@ class VoxelMorph(RegistrationSystem):
             neither the parameters nor (beyond float rounding) the function.
         similarity: ``"ncc"`` (local NCC, ``ncc_window``³, the default) or ``"mse"``
             (mean squared intensity difference, as in the MSE variant of the paper).
+        compile: ``torch.compile`` the network (:mod:`systems.speed`; mixed precision is the
+            trainer's ``precision``).
     """
 
     learns: ClassVar[bool] = True
@@ -360,8 +366,10 @@ class VoxelMorph(RegistrationSystem):
         channels_last: bool = True,
         fused_levels: int = 2,
         similarity: str = "ncc",
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv)
+        super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv,
+                         compile=compile)
         self.save_hyperparameters()
         self.net = VoxelMorphNet(
             tuple(enc), tuple(dec), int_steps, int_downsize, channels_last=channels_last, fused_levels=fused_levels

@@ -1,0 +1,119 @@
+"""Mixed precision and ``torch.compile`` for the learned systems.
+
+Mixed precision is Lightning's: set ``trainer: {precision: bf16-mixed}`` (CPU or CUDA) or
+``16-mixed`` (CUDA; Lightning adds the gradient scaler) in a config or on the command line
+(``--trainer.precision bf16-mixed``). Lightning runs ``training_step``, ``validation_step``
+and ``test_step`` under :func:`torch.autocast`; autocast lowers only convolutions, linear
+layers and matrix products to 16 bits. What every learned system keeps in float32
+explicitly (the networks' field and pose heads cast their outputs with ``.float()``):
+
+* displacement, velocity and residual fields, and everything computed from them: scaling
+  and squaring, composition, resampling, warping (``grid_sample`` is float32 under CPU and
+  CUDA autocast anyway) — a 16-bit field has 8 significant bits, 0.05 voxel of error at a
+  12-voxel displacement, compounded by every squaring step;
+* the similarity and regularisation losses (their inputs are then float32; local NCC's
+  variance is a difference of two near-equal sums, which 16 bits would cancel to noise);
+* DiffOp-net's FFT operators (float64 already) and cdreg's spectral blocks (their FFT in
+  float32; ``torch.complex`` has no bfloat16);
+* metrics (the suite computes them on ``disp.float()`` after the registration call).
+
+``compile: true`` (an init argument of every learned system) compiles its network(s) with
+:func:`torch.compile` (``nn.Module.compile``: in place, so parameter names and checkpoints
+are unchanged) when Lightning configures the model (``configure_model``: before fit, test
+or validate). A string names the ``torch.compile`` backend instead of the default
+``"inductor"`` (``"aot_eager"``, for instance, traces without generating code). Only the
+network is compiled; the field operations around it stay eager.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable, ParamSpec, TypeVar
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CompileSpec", "check_compile", "compile_modules", "cpu_bf16_conv_unsafe", "conv3d_float32_if_unsafe", "float32_only"]
+
+#: ``False`` (eager), ``True`` (``torch.compile``, inductor) or a ``torch.compile`` backend name.
+CompileSpec = bool | str
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def check_compile(spec: CompileSpec) -> CompileSpec:
+    """Validate a ``compile`` argument; raise ``ValueError`` naming the value when it is bad."""
+    if isinstance(spec, bool):
+        return spec
+    if isinstance(spec, str):
+        name = spec.strip()
+        if name.lower() in ("true", "false"):
+            return name.lower() == "true"
+        if name not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile: unknown torch.compile backend {spec!r} (use true, false or one of "
+                f"{', '.join(sorted(torch._dynamo.list_backends()))})"
+            )
+        return name
+    raise ValueError(f"compile must be true, false or a torch.compile backend name, got {spec!r}")
+
+
+def compile_modules(modules: Iterable[nn.Module], spec: CompileSpec) -> int:
+    """Compile each module's ``forward`` in place (``nn.Module.compile``); returns how many.
+
+    Modules already compiled are left alone, so calling this again (Lightning calls
+    ``configure_model`` before every fit and test) costs nothing.
+    """
+    spec = check_compile(spec)
+    if spec is False:
+        return 0
+    backend = "inductor" if spec is True else spec
+    n = 0
+    for m in modules:
+        if getattr(m, "_regbench_compiled", None) == backend:
+            continue
+        m.compile(backend=backend)
+        m._regbench_compiled = backend  # type: ignore[assignment]
+        n += 1
+    return n
+
+
+def cpu_bf16_conv_unsafe(x: torch.Tensor) -> bool:
+    """Whether a 3D convolution of ``x (B, C, D, H, W)`` would run in bfloat16 on the CPU with
+    a depth of at most 2 voxels.
+
+    There, torch 2.13's CPU bfloat16 ``conv3d`` returns a weight gradient with NaN / inf
+    entries in some calls (uninitialised memory; measured: 3–4 of 30 calls at 2×2×2 and
+    2×8×8, channels-last or not; none at depth 3 or more). Only the coarsest levels of toy
+    volumes get there (a 32³ input to a 5-level pyramid); callers run such convolutions in
+    float32 (:func:`conv3d_float32_if_unsafe`).
+    """
+    if x.dim() != 5 or x.device.type != "cpu" or x.shape[2] > 2:
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def conv3d_float32_if_unsafe(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs
+) -> torch.Tensor | None:
+    """``conv3d(x, weight, bias, **kwargs)`` in float32 outside autocast where
+    :func:`cpu_bf16_conv_unsafe` says so; ``None`` otherwise (the caller convolves as usual)."""
+    if not cpu_bf16_conv_unsafe(x):
+        return None
+    with torch.autocast("cpu", enabled=False):
+        b = None if bias is None else bias.float()
+        return torch.nn.functional.conv3d(x.float(), weight.float(), b, **kwargs)
+
+
+def float32_only(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: run ``fn`` with autocast off (CPU and CUDA), i.e. in float32 even under a
+    mixed-precision trainer — for methods whose result 16-bit arithmetic changes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
