@@ -28,20 +28,24 @@ class KillAtStep(VoxelMorph):
 
 
 class SlowZero(RegistrationSystem):
-    """A zero field that takes ``seconds`` per case and announces each case on stderr
-    (``case-start``), so a test can signal a run while a case is in flight."""
+    """A zero field that takes ``seconds`` per case (and, with ``gate``, waits until that file
+    exists) and announces each case on stderr (``case-start``), so a test can act while a
+    case is in flight."""
 
     learns: ClassVar[bool] = False
 
-    def __init__(self, seconds: float = 0.5) -> None:
+    def __init__(self, seconds: float = 0.5, gate: str | None = None) -> None:
         super().__init__(warmup_calls=0, compute_hd95=False)
         self.seconds = float(seconds)
+        self.gate = gate
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         import sys
 
         print("case-start", file=sys.stderr, flush=True)
         time.sleep(self.seconds)
+        while self.gate and not os.path.exists(self.gate):  # hold the case until the test opens the gate
+            time.sleep(0.05)
         f = batch["fixed"]
         return torch.zeros(f.shape[0], 3, *f.shape[2:], dtype=f.dtype, device=f.device)
 

@@ -99,29 +99,42 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
             holder.kill()
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_end_complete_without_duplicates(tmp_path):
-    slow = {"class_path": "reliability_helpers.SlowZero", "init_args": {"seconds": 0.4}}
+    gate = tmp_path / "gate"
+    slow = {"class_path": "reliability_helpers.SlowZero", "init_args": {"seconds": 0.05, "gate": str(gate)}}
     cfg = _write(tmp_path / "g.yaml", _cfg({"slow": slow, "zero": ZERO}))
     out = tmp_path / "out"
-    first = subprocess.Popen(_cmd("run", str(cfg), "--output", str(out)), env=_env(), cwd=str(ROOT),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    popen = {"env": _env(), "cwd": str(ROOT), "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    first = subprocess.Popen(_cmd("run", str(cfg), "--output", str(out)), **popen)
+    second = None
     try:
         run_json = out / "synth" / "slow" / "seed0" / "run.json"
         t0 = time.time()
-        while time.time() - t0 < 120:  # the first run is inside the slow experiment
-            if run_json.exists() and '"running"' in run_json.read_text() and read_partial_records(run_json.parent):
-                break
+        while not (run_json.exists() and '"running"' in run_json.read_text()):  # first is inside the slow one
+            assert time.time() - t0 < 120 and first.poll() is None, "the first run never started its slow experiment"
             time.sleep(0.05)
-        else:
-            pytest.fail("the first run never started its slow experiment")
-        second = _regbench("run", str(cfg), "--output", str(out))
+        second = subprocess.Popen(_cmd("run", str(cfg), "--output", str(out)), **popen)
+        import threading
+
+        threading.Timer(120, lambda: gate.write_text("open")).start()  # never hang when no "[wait]" comes
+        lines = []
+        for line in second.stdout:  # the second run goes past the held experiment, then waits for it
+            lines.append(line)
+            if line.startswith("[wait]"):
+                break
+        gate.write_text("open")
+        b_out, b_err = second.communicate(timeout=300)
         a_out, a_err = first.communicate(timeout=300)
     finally:
-        if first.poll() is None:
-            first.kill()
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+    b_out = "".join(lines) + b_out
     assert first.returncode == 0, a_err[-2000:]
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "[held]" in second.stdout and f"pid {first.pid}" in second.stdout, second.stdout
+    assert second.returncode == 0, b_err[-2000:]
+    assert "[held]" in b_out and f"pid {first.pid}" in b_out, b_out
+    assert b_out.index("[held]") < b_out.index("/zero/seed0") < b_out.index("[wait]"), b_out
     for method in ("initial", "slow", "zero"):
         exp = out / "synth" / method / "seed0"
         assert _run_json(exp)["status"] == "complete", method
