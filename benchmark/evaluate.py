@@ -121,6 +121,20 @@ def _meta_volume(affine: np.ndarray, shape: tuple[int, ...], path: str) -> Volum
     return Volume(np.broadcast_to(np.zeros((), np.uint8), tuple(int(n) for n in shape)), np.asarray(affine, np.float64), path)
 
 
+def _check_npz_key(disp: str | Path) -> None:
+    """An ``.npz`` field must hold its array under ``disp`` (Learn2Reg); another array is not guessed."""
+    if not str(disp).lower().endswith(".npz") or not Path(disp).is_file():
+        return
+    try:
+        with np.load(disp, allow_pickle=False) as z:
+            keys = list(z.files)
+    except (OSError, ValueError) as exc:
+        raise DataError(disp, f"not a readable .npz archive ({exc})") from None
+    if "disp" not in keys:
+        raise DataError(disp, f"has no array named 'disp' (it holds: {', '.join(keys) or 'nothing'})",
+                        "save the field with np.savez(path, disp=field), as Learn2Reg does")
+
+
 def _parse_labels(labels: str | Sequence[int] | None, fixed: np.ndarray) -> list[int]:
     if labels is None:
         found = np.unique(fixed)
@@ -165,6 +179,7 @@ def evaluate_files(
     """
     if (fixed_seg is None) != (moving_seg is None):
         raise DataError(None, "give both --fixed-seg and --moving-seg, or neither")
+    _check_npz_key(disp)
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise DataError(None, "give both --fixed-landmarks and --moving-landmarks, or neither")
     on_mismatch = "resample" if resample_labels else "error"
@@ -189,7 +204,14 @@ def evaluate_files(
 
     mask_vol = None
     if mask is not None:
-        mask_vol = load_segmentation(mask, reference=ref, on_grid_mismatch="error") if ref else load_segmentation(mask)
+        try:
+            mask_vol = load_segmentation(mask, reference=ref, on_grid_mismatch="error") if ref else load_segmentation(mask)
+        except DataError as exc:
+            if ref is None or exc.path != str(mask):
+                raise
+            # load_segmentation's hint (--resample-labels) is for label maps; it does not apply to the mask
+            raise DataError(mask, exc.problem, f"a mask must lie on the fixed grid of {ref.path}: resample it onto that "
+                                               "grid first (nearest neighbour); --resample-labels applies to label maps only") from None
         ref = ref or mask_vol
 
     # The field's grid: its header, else the run's record; the moving grid it was computed with.
@@ -256,6 +278,13 @@ def evaluate_files(
         label_list = _parse_labels(labels, fseg.data)
         if not label_list:
             raise DataError(fseg.path, "no foreground labels to evaluate", "pass --labels")
+        if labels is not None:  # named labels that neither map holds would score as silent NaNs
+            present = {int(v) for v in np.unique(fseg.data)} | {int(v) for v in np.unique(mseg.data)}
+            absent = [lab for lab in label_list if lab not in present]
+            if absent:
+                have = sorted(present - {0})
+                raise DataError(None, f"--labels {','.join(map(str, absent))}: not in {fseg.path} nor in {mseg.path} "
+                                      f"(labels present: {','.join(map(str, have[:20]))}{' …' if len(have) > 20 else ''})")
         mt = torch.from_numpy(mseg.data)[None, None]
         warped = warp(mt, disp_t[None], mode="nearest")[0, 0].numpy()
 
