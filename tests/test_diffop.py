@@ -484,3 +484,32 @@ def test_each_ablation_switch_changes_the_module_and_trains_one_step(switch):
             grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
         assert float((grads[0] - grads[1]).norm()) > 1e-3 * float(grads[0].norm())
     _one_step(ablated)
+
+
+# ---------------------------------------------------------------- the real-data config
+@pytest.mark.slow
+def test_mindboggle_config_runs_a_smoke_step_on_a_fake_layout(tmp_path, monkeypatch):
+    """``diffop_mindboggle.yaml`` on a fake MindBoggle-101 release: one training step, two test
+    pairs, every case scored."""
+    import sys
+    from pathlib import Path
+
+    from benchmark.results import read_cases_csv
+    from benchmark.runner import run_grid
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    from fake_layouts import build_mindboggle
+
+    root = build_mindboggle(tmp_path / "mb", stray=False)
+    monkeypatch.setenv("MINDBOGGLE_ROOT", str(root))
+    monkeypatch.setenv("REGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    cfg = here.parent / "benchmark" / "configs" / "diffop_mindboggle.yaml"
+    statuses = run_grid(cfg, output=str(out), log=lambda *_: None, leaderboard=False,
+                        overrides=["datasets.mindboggle.init_args.num_workers=0", "datasets.mindboggle.init_args.test_pairs=2",
+                                   "methods.diffop.init_args.width=2", "methods.diffop.trainer.max_steps=1",
+                                   "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"])
+    assert statuses and all(s == "complete" for s in statuses.values()), statuses
+    rows = read_cases_csv(next(out.glob("mindboggle/diffop/seed0/cases.csv")))
+    assert len(rows) == 2 and all(0.0 <= r["dice"] <= 1.0 for r in rows)
