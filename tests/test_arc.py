@@ -141,3 +141,18 @@ def test_learned_points_equal_separate_runs_at_the_same_weight(tmp_path):
                 assert a[c][k] == pytest.approx(b[c][k], rel=1e-6, abs=1e-9), (name, c, k)
     # different weights did train different networks
     assert rows["vm-lambda_0.1"]["sdlogj"] != rows["vm-lambda_10"]["sdlogj"]
+
+
+def test_shipped_arc_config_has_five_points_per_method_and_loads(tmp_path):
+    from benchmark.arc import build_arc_config
+
+    raw = yaml.safe_load((ROOT / "benchmark" / "configs" / "arc_brain.yaml").read_text())
+    pts = arc_points(raw)
+    assert {"syn", "voxelmorph", "msff", "patchmorph"} <= set(pts)
+    for name, p in pts.items():
+        assert len(p) >= 5 and sum(q["is_default"] for q in p) == 1
+        vals = [q["value"] for q in p if not q["is_default"]] + [q["value"] for q in p if q["is_default"]]
+        assert len(set(vals)) == len(vals)
+    gen = build_arc_config(raw, pts, "arc_brain", tmp_path / "out")  # (the config itself loads in test_configs)
+    assert len(gen["methods"]) == sum(len(p) for p in pts.values()) and "arc" not in gen
+    assert gen["methods"]["syn-smooth_warp_sigma0.15"]["init_args"]["smooth_warp_sigma"] == pytest.approx(0.15)
