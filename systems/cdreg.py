@@ -232,6 +232,21 @@ class FlatHead(nn.Module):
         return v * torch.sigmoid(g)
 
 
+class MetricHead(nn.Module):
+    """A learned metric: ``mean over space and channels of (P d)²`` with ``P`` a 1×1 convolution
+    (initialised to the identity): ``(B, C, h, w)`` feature difference → ``(B,)``, ``≥ 0`` and
+    ``0`` where the features agree, so the true pose is a minimum by construction."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(c, c, 1, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(c)[:, :, None, None])
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return (self.proj(d) ** 2).mean((1, 2, 3))
+
+
 def cc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Pearson correlation per sample of ``(B, ...)`` tensors → ``(B,)``."""
     a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
@@ -264,8 +279,9 @@ class CDRegNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), ffc_blocks: int = 2, inv_blocks: int = 3,
                  strides: Sequence[int] = (2, 2, 2, 2), head: str = "local", flat_pool: int = 4) -> None:
         super().__init__()
-        if head not in ("local", "flat"):
-            raise ValueError(f"head must be 'local' or 'flat', got {head!r}")
+        if head not in ("local", "flat", "metric"):
+            raise ValueError(f"head must be 'local', 'flat' or 'metric', got {head!r}")
+        self.head = head
         c = int(widths[-1])
         self.strides = tuple(int(v) for v in strides)
         self.encoder = PoolFormerEncoder(widths, strides)
@@ -274,6 +290,12 @@ class CDRegNet(nn.Module):
         if head == "local":
             self.head_high: nn.Module = GatedHead(2 * c, c)
             self.head_low: nn.Module = GatedHead(c, c)
+        elif head == "metric":
+            self.head_high, self.head_low = MetricHead(c), MetricHead(c)
+            # the DRR branches start as copies of the X-ray branches: identical images give
+            # identical features, S = 0, so the untrained field already descends toward alignment
+            self.low_d.load_state_dict(self.low_x.state_dict())
+            self.high_d.load_state_dict(self.high_x.state_dict())
         else:
             self.head_high = FlatHead(2 * c, c, flat_pool)
             self.head_low = FlatHead(c, c, flat_pool)
@@ -286,7 +308,10 @@ class CDRegNet(nn.Module):
         lx, ld = self.low_x(fx), self.low_d(fd)
         hx, hd = self.high_x(fx), self.high_d(fd)
         dh = hd - hx
-        s = self.head_high(torch.cat([dh, dh * dh], 1)) + self.head_low(ld - lx)
+        if self.head == "metric":
+            s = self.head_high(dh) + self.head_low(ld - lx)
+        else:
+            s = self.head_high(torch.cat([dh, dh * dh], 1)) + self.head_low(ld - lx)
         return s, {"low_x": lx, "low_d": ld, "high_x": hx, "high_d": hd}
 
 

@@ -205,3 +205,36 @@ def test_case_records_carry_grad_toward_truth(tiny_batch) -> None:
     for b, rec in enumerate(recs):
         assert -1.0 <= rec["grad_toward_truth_rot"] <= 1.0 and -1.0 <= rec["grad_toward_truth_trans"] <= 1.0
         np.testing.assert_allclose([rec["grad_toward_truth_rot"], rec["grad_toward_truth_trans"]], cos[b].numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_improves_the_pose_gradient_on_held_out_cts() -> None:
+    """Generalisation, not memorisation: train on 8 synthetic CTs, measure on 2 CTs never seen
+    in training (24 seeded poses): the share of cases whose learned descent direction points
+    toward the true pose (rotation and translation parts, cosine with the geodesic > 0) rises
+    above the untrained network's."""
+    dm = SpineDRRDataModule(n_train_cts=8, n_val_cts=0, n_test_cts=2, synthetic_size=24, synthetic_spacing=6.0, height=32,
+                            width=32, pixel_mm=8.0, n_samples=16, poses_per_ct=12, rot_std_deg=8, trans_std_mm=12,
+                            depth_std_mm=24, domain_randomization=False, seed=0)
+    assert not set(dm.ct_ids("train")) & set(dm.ct_ids("test"))
+    held_out = collate_pose([dm.dataset("test")[i] for i in range(24)])
+    assert set(held_out["moving_id"]) == set(dm.ct_ids("test"))
+    torch.manual_seed(0)
+    model = CDReg(widths=(4, 8, 8, 16, 16), n_samples=16, strides=(1, 1, 2, 2), train_rot_deg=8, train_trans_mm=12, train_depth_mm=24)
+
+    def accuracy() -> float:
+        return float((model.grad_toward_truth(held_out) > 0).float().mean())
+
+    before = accuracy()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train = dm.dataset("train")
+    for _ in range(20):
+        batch = collate_pose([train[i] for i in range(4)])
+        assert not set(batch["moving_id"]) & set(dm.ct_ids("test"))
+        loss, _ = model.training_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = accuracy()
+    print(f"held-out toward-truth share (rotation and translation parts): untrained {before:.3f}, trained {after:.3f}")
+    assert after > before, (before, after)
