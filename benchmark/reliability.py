@@ -377,9 +377,17 @@ class FitStateCallback(_lightning_callback()):  # type: ignore[misc]
 def one_line_error(exc: BaseException) -> str:
     """``Type: message`` on one line. An exception re-raised from a DataLoader worker carries
     the worker's whole traceback in its message; its last line (the original error) is kept."""
+    import re
+
     msg = str(exc)
     if "Original Traceback" in msg:
-        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-        return lines[-1] if lines else type(exc).__name__
-    first = msg.strip().splitlines()[0] if msg.strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        lines = msg.split("Original Traceback", 1)[1].splitlines()
+        # the original "module.Type: message" is the last unindented line after the frames;
+        # its message may run over several lines
+        starts = [i for i, ln in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(: |$)", ln)]
+        if starts:
+            head, _, text = lines[starts[-1]].partition(": ")
+            text = " ".join([text.strip(), *(ln.strip() for ln in lines[starts[-1] + 1:])]).strip()
+            return f"{head.rsplit('.', 1)[-1]}: {text}" if text else head.rsplit(".", 1)[-1]
+    text = " ".join(ln.strip() for ln in msg.strip().splitlines() if ln.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -884,7 +884,8 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     except DivergenceError as exc:
         run["status"] = "failed"
         run["error"] = f"diverged: {exc}"
-        log(f"[failed] {exp_dir}: {exc}")
+        log(f"[failed] {exp_dir}: {exc}" + (f" (the previous result, config hash {replaces}, stays in {final_dir})"
+                                            if replaces else ""))
     except (KeyboardInterrupt, RunInterrupted, SystemExit) as exc:
         run["status"] = "interrupted"
         run["error"] = str(exc) or type(exc).__name__
@@ -915,6 +916,8 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
                 os.replace(final_dir, old)
                 os.replace(exp_dir, final_dir)
             shutil.rmtree(old, ignore_errors=True)
+            for stale in final_dir.parent.glob(f".{final_dir.name}.redo-*"):  # unfinished redos of other configs
+                shutil.rmtree(stale, ignore_errors=True)
             log(f"[redo] {final_dir}: replaced (config hash {replaces} -> {chash})")
     _barrier()
     return run["status"]
