@@ -1,8 +1,13 @@
 """One self-contained HTML page: the tables and the figures, PNGs embedded as base64.
 
 No script, stylesheet, font or image is fetched from anywhere: the page opens offline and
-the only links are in-page anchors. Every section is present for every dataset; where a
-part has no data the section says so.
+the only links are in-page anchors. A section appears only when at least one dataset has
+data for it, and within it only those datasets (a one-line note names the others and why).
+
+Layout: tables fit a 1,280-px window without horizontal scrolling (headers wrap, a
+``mean ± std`` or ``median / worst 30 %`` cell puts its second value on a second line;
+a scroll box is the last resort on narrower windows); per-case distributions are box +
+strip plots side by side; each experiment's provenance (run.json) is a table.
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html as _html
+import json
+import re
 import struct
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from leaderboard import plots
 from leaderboard.table import (
@@ -31,25 +39,30 @@ __all__ = ["SECTIONS", "html_page", "img_tag", "png_size"]
 #: (id, title) of the page's sections, in order.
 SECTIONS: list[tuple[str, str]] = [
     ("tables", "Tables"),
-    ("dice-boxplots", "Dice per method"),
+    ("distributions", "Per-case distributions"),
     ("dice-vs-fold", "Dice vs fold %"),
     ("runtime", "Runtime"),
     ("per-label-dice", "Dice per label"),
     ("qualitative", "Qualitative panels"),
     ("mtre-percentiles", "2D/3D: mTRE percentiles"),
+    ("provenance", "Provenance"),
     ("left-out", "Experiments left out"),
 ]
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:16px 24px;color:#222;max-width:1600px}
 h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:2em}h3{margin-bottom:.3em}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
-th,td{padding:3px 8px;text-align:right;border-bottom:1px solid #e5e5e5;white-space:nowrap}
-th{border-bottom:2px solid #999;background:#fafafa}td:first-child,th:first-child{text-align:left}
+th,td{padding:3px 7px;text-align:right;border-bottom:1px solid #e5e5e5;vertical-align:top}
+td{white-space:nowrap}th{white-space:normal;min-width:3.5em;max-width:9em;border-bottom:2px solid #999;background:#fafafa;font-weight:600}
+td:first-child,th:first-child{text-align:left}td .second{color:#666;font-size:11px}
 tr.initial td{color:#666;font-style:italic}
+table.prov td{white-space:normal;max-width:16em;overflow-wrap:anywhere}table.prov code{font-size:12px}
 .nodata{color:#8a6d3b;background:#fcf8e3;padding:6px 10px;border-radius:4px;display:inline-block}
-.note{color:#555;font-size:12px}nav a{margin-right:12px}
+.note{color:#555;font-size:12px}nav a{margin-right:12px;white-space:nowrap}
 img{max-width:100%;height:auto;display:block;margin:6px 0 14px}
+.figrow{display:flex;flex-wrap:wrap;gap:8px 16px;align-items:flex-start}.figrow img{margin:4px 0}
+@media (max-width:1100px){table{font-size:12px}th,td{padding:2px 4px}}
 """
 
 
@@ -72,14 +85,28 @@ def _nodata(text: str) -> str:
     return f'<p class="nodata">{_html.escape(text)}</p>'
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
+#: "0.720 ± 0.013", "0.716 / 0.708" (possibly inside <b>…</b>, followed by <sup>*</sup>).
+_TWO_VALUES = re.compile(r"^(<b>)?([^<>±/]*?\S) (±|/) ([^<>]*?)(</b>)?(<sup>.*</sup>)?$")
+
+
+def _stack(cell: str) -> str:
+    """Put the second value of a two-value cell on its own line (narrower columns)."""
+    m = _TWO_VALUES.match(cell)
+    if not m:
+        return cell
+    b0, first, sep, second, b1, sup = (g or "" for g in m.groups())
+    return f'{b0}{first}{sup}{b1}<br><span class="second">{b0}{sep} {second}{b1}</span>'
+
+
+def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     # Cells come from summary_cells(style="html") etc.: plain text plus <b>/<sup> markup that
     # we produce ourselves; method names are escaped.
-    out = ['<div class="scroll"><table>', "<tr>" + "".join(f"<th>{_html.escape(h)}</th>" for h in head) + "</tr>"]
+    attr = f' class="{cls}"' if cls else ""
+    out = [f'<div class="scroll"><table{attr}>', "<tr>" + "".join(f"<th>{_html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
-        cls = ' class="initial"' if r and r[0] == "initial" else ""
-        cells = [_html.escape(r[0])] + [c for c in r[1:]]
-        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        rcls = ' class="initial"' if r and r[0] == "initial" else ""
+        cells = [_html.escape(r[0])] + [_stack(c) for c in r[1:]]
+        out.append(f"<tr{rcls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</table></div>")
     return "\n".join(out)
 
@@ -115,27 +142,49 @@ def _safe(fn: Callable[..., bytes | None], *args, **kw) -> tuple[bytes | None, s
         return None, f"This figure could not be drawn ({type(exc).__name__}: {exc})."
 
 
-def _figure(fn: Callable[[DatasetReport], bytes | None], ds: DatasetReport, alt: str, missing: str) -> str:
+#: A block of a section for one dataset: (HTML, None), or (None, why there is nothing).
+Block = tuple["str | None", "str | None"]
+
+
+def _figure(fn: Callable[[DatasetReport], bytes | None], ds: DatasetReport, alt: str, missing: str) -> Block:
     png, err = _safe(fn, ds)
-    return img_tag(png, alt) if png else _nodata(err or missing)
+    if png:
+        return img_tag(png, alt), None
+    return (_nodata(err), None) if err else (None, missing)
 
 
-def _qualitative(ds: DatasetReport, view: int) -> str:
+def _distributions(ds: DatasetReport) -> Block:
+    """Box + strip plots of every per-case metric with values (Dice, HD95, TRE, EPE)."""
+    imgs, errs = [], []
+    for key, ylabel, title in plots.BOX_METRICS:
+        png, err = _safe(plots.metric_boxplot, ds, key, ylabel, title)
+        if png:
+            imgs.append(img_tag(png, f"{ds.name}: {title} box plots"))
+        elif err:
+            errs.append(_nodata(f"{title}: {err}"))
+    if not imgs and not errs:
+        return None, "no per-case Dice, HD95, TRE or EPE values"
+    note = ('<p class="note">Boxes: quartiles, whiskers at 1.5 IQR; dots: every case (seeds pooled). '
+            "↑ higher is better, ↓ lower is better.</p>")
+    return '<div class="figrow">' + "".join(imgs) + "</div>" + "".join(errs) + note, None
+
+
+def _qualitative(ds: DatasetReport, view: int) -> Block:
     panels = plots.method_panels(ds)
     missing = [ms.method for ms in ds.methods if ms.method not in panels]
     note = f'<p class="note">No panel.npz for: {_html.escape(", ".join(missing))}.</p>' if missing and panels else ""
     if not panels:
-        return _nodata("No qualitative panel saved (panel.npz) for any method of this dataset.")
+        return None, "no qualitative panel saved (panel.npz)"
     if ds.kind == "pose":
         png, err = _safe(plots.pose_panel, panels)
-        return (img_tag(png, f"{ds.name}: X-ray and DRRs") if png else _nodata(err or "Panels lack the X-ray / DRR arrays.")) + note
+        return (img_tag(png, f"{ds.name}: X-ray and DRRs") if png else _nodata(err or "Panels lack the X-ray / DRR arrays.")) + note, None
     png, err = _safe(plots.deformable_panel, panels, view=view)
-    return (img_tag(png, f"{ds.name}: qualitative panel") if png else _nodata(err or "Panels lack the slice arrays.")) + note
+    return (img_tag(png, f"{ds.name}: qualitative panel") if png else _nodata(err or "Panels lack the slice arrays.")) + note, None
 
 
-def _mtre(ds: DatasetReport) -> str:
+def _mtre(ds: DatasetReport) -> Block:
     if ds.kind != "pose":
-        return _nodata("Not a 2D/3D dataset (no mTRE).")
+        return None, "not a 2D/3D dataset"
     rows = []
     for ms in ds.methods:
         st = ms.stats.get("mtre_mm")
@@ -145,12 +194,129 @@ def _mtre(ds: DatasetReport) -> str:
     table = _table(["method", "mTRE p50 mm", "p75", "p95", "mean", "success <10 mm", "success <2 mm"], _esc_rows(rows)) if rows else ""
     note = ('<p class="note">Share of cases with mTRE at most x (log scale); dots: the 50th, 75th and 95th '
             "percentiles; dashed lines: the 2 mm and 10 mm success thresholds.</p>")
-    return table + _figure(plots.mtre_curves, ds, f"{ds.name}: mTRE", "No finite mTRE values.") + note
+    fig, why = _figure(plots.mtre_curves, ds, f"{ds.name}: mTRE", "no finite mTRE values")
+    if not table and fig is None:
+        return None, why
+    return table + (fig or "") + note, None
+
+
+def _read_run(exp_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(exp_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _budget_text(run: dict[str, Any]) -> str:
+    """The training budget an experiment ran under: the runner's budget block when there is
+    one, else the trainer's step / epoch / time limits; ``—`` for methods that do not learn."""
+    fit = run.get("fit") or {}
+    b = fit.get("budget") or (run.get("config") or {}).get("budget")
+    parts = []
+    if isinstance(b, dict):
+        if b.get("max_steps") is not None:
+            parts.append(f"{b['max_steps']} steps")
+        if b.get("max_time_s") is not None:
+            parts.append(f"{b['max_time_s']} s")
+        if b.get("source"):
+            parts.append(f"({b['source']})")
+    if not parts:
+        tr = (run.get("config") or {}).get("trainer") or {}
+        for k, unit in (("max_steps", "steps"), ("max_epochs", "epochs"), ("max_time", "")):
+            if tr.get(k) not in (None, -1) and (k != "max_epochs" or "max_steps" not in tr):
+                parts.append(f"{tr[k]} {unit}".strip())
+    if not fit:
+        return "—" if not parts else " ".join(parts) + " (not trained)"
+    done = f"; ran {fit.get('steps')} steps in {fmt(fit.get('seconds'), 0)} s" if fit.get("steps") is not None else ""
+    return (" ".join(parts) or "trainer defaults") + done
+
+
+def _provenance(ds: DatasetReport) -> Block:
+    """Each experiment's run.json: revision, package versions, device, threads, seed,
+    budget, config hash; versions common to all experiments are said once."""
+    runs = []
+    for ms in ds.methods:
+        for d in ms.exp_dirs:
+            run = _read_run(d)
+            if run is not None:
+                runs.append((ms.method, run))
+    if not runs:
+        return None, "no run.json"
+    pkgs = [run.get("packages") or {} for _, run in runs]
+    common = {k: v for k, v in pkgs[0].items() if all(p.get(k) == v for p in pkgs)}
+    rows = []
+    for m, run in runs:
+        own = {k: v for k, v in (run.get("packages") or {}).items() if k not in common}
+        dev = str(run.get("device") or "?") + (f" ({run['device_name']})" if run.get("device_name") else "")
+        if (run.get("world_size") or 1) > 1:
+            dev += f" × {run['world_size']} processes"
+        thr = run.get("torch_threads")
+        threads = f"{thr}" + (f" of {run['cpu_count']} cores" if run.get("cpu_count") else "") if thr is not None else "?"
+        rev = str(run.get("git_revision") or "unknown")
+        cells = [m, str(run.get("seed", "?")), f"<code>{_html.escape(str(run.get('config_hash') or '?'))}</code>",
+                 f"<code>{_html.escape(rev[:10] + ('+dirty' if rev.endswith('+dirty') else ''))}</code>",
+                 _html.escape(dev), _html.escape(threads), _html.escape(_budget_text(run)),
+                 _html.escape(", ".join(f"{k} {v}" for k, v in own.items()) or "as below"),
+                 _html.escape(str(run.get("ended") or run.get("started") or "?"))]
+        rows.append(cells)
+    head = ["method", "seed", "config hash", "git revision", "device", "torch threads", "training budget",
+            "other versions", "finished (UTC)"]
+    common_txt = ", ".join(f"{k} {v}" for k, v in common.items())
+    return ('<div class="provenance">'
+            + _table(head, rows, cls="prov")
+            + f'<p class="note">Package versions of every experiment: {_html.escape(common_txt or "not recorded")}. '
+            "From each experiment's run.json (the config hash identifies the resolved config).</p></div>"), None
+
+
+def _block(sid: str, ds: DatasetReport, view: int) -> Block:
+    if sid == "tables":
+        notes = ([POSE_FOOTNOTE] if ds.kind == "pose" else []) + [FOOTNOTE]
+        return _tables(ds) + "".join(
+            f'<p class="note">{_html.escape(n.replace("`", "")).replace("**Bold**", "<b>Bold</b>")}</p>' for n in notes), None
+    if sid == "distributions":
+        return _distributions(ds)
+    if sid == "dice-vs-fold":
+        return _figure(plots.dice_vs_fold, ds, f"{ds.name}: Dice vs fold %", "no cases with both Dice and fold %")
+    if sid == "runtime":
+        return _figure(plots.runtime_plot, ds, f"{ds.name}: runtime", "no runtime values (initial is not timed)")
+    if sid == "per-label-dice":
+        return _figure(plots.label_heatmap, ds, f"{ds.name}: Dice per label", "no per-label Dice (dice_per_label)")
+    if sid == "qualitative":
+        return _qualitative(ds, view)
+    if sid == "mtre-percentiles":
+        return _mtre(ds)
+    if sid == "provenance":
+        return _provenance(ds)
+    raise KeyError(sid)
 
 
 def html_page(report: Report, view: int = 2) -> str:
     """The report page (see the module docstring); ``view``: array axis the panels' slices are orthogonal to."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections: list[tuple[str, str, str]] = []  # (id, title, body)
+    for sid, title in SECTIONS:
+        if sid == "left-out":
+            if report.skipped:
+                sections.append((sid, title, "<ul>" + "".join(
+                    f"<li>{_html.escape(s['experiment'])}: {_html.escape(str(s['status']))}</li>" for s in report.skipped) + "</ul>"))
+            continue
+        if not report.datasets:
+            if sid == "tables":
+                sections.append((sid, title, _nodata("No complete experiment in this results folder.")))
+            continue
+        parts, absent = [], []
+        for ds in report.datasets:
+            body, why = _block(sid, ds, view)
+            if body is None:
+                absent.append(f"{ds.name} ({why})")
+                continue
+            kind = "2D/3D" if ds.kind == "pose" else "deformable"
+            parts.append(f'<div class="dataset" data-dataset="{_html.escape(ds.name)}"><h3>{_html.escape(ds.name)} ({kind})</h3>'
+                         + body + "</div>")
+        if parts:
+            if absent:
+                parts.append(f'<p class="note">Not shown for: {_html.escape("; ".join(absent))}.</p>')
+            sections.append((sid, title, "\n".join(parts)))
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -160,42 +326,10 @@ def html_page(report: Report, view: int = 2) -> str:
         f"<h1>regbench leaderboard — {_html.escape(report.root.name)}</h1>",
         f'<p class="note">Results folder {_html.escape(str(report.root))}; generated {now}; '
         f"datasets: {_html.escape(', '.join(d.name for d in report.datasets) or 'none')}.</p>",
-        "<nav>" + "".join(f'<a href="#{sid}">{_html.escape(t)}</a>' for sid, t in SECTIONS) + "</nav>",
+        "<nav>" + "".join(f'<a href="#{sid}">{_html.escape(t)}</a>' for sid, t, _ in sections) + "</nav>",
     ]
-    for sid, title in SECTIONS:
-        out.append(f'<section id="{sid}"><h2>{_html.escape(title)}</h2>')
-        if sid == "left-out":
-            if report.skipped:
-                out.append("<ul>" + "".join(f"<li>{_html.escape(s['experiment'])}: {_html.escape(str(s['status']))}</li>"
-                                            for s in report.skipped) + "</ul>")
-            else:
-                out.append('<p class="note">None: every experiment found is complete.</p>')
-            out.append("</section>")
-            continue
-        if not report.datasets:
-            out.append(_nodata("No complete experiment in this results folder."))
-        for ds in report.datasets:
-            kind = "2D/3D" if ds.kind == "pose" else "deformable"
-            out.append(f'<div class="dataset" data-dataset="{_html.escape(ds.name)}"><h3>{_html.escape(ds.name)} ({kind})</h3>')
-            if sid == "tables":
-                out.append(_tables(ds))
-                notes = ([POSE_FOOTNOTE] if ds.kind == "pose" else []) + [FOOTNOTE]
-                for n in notes:
-                    out.append(f'<p class="note">{_html.escape(n.replace("`", "")).replace("**Bold**", "<b>Bold</b>")}</p>')
-            elif sid == "dice-boxplots":
-                out.append(_figure(plots.dice_boxplot, ds, f"{ds.name}: Dice box plots", "No Dice values (no labels in this dataset)."))
-            elif sid == "dice-vs-fold":
-                out.append(_figure(plots.dice_vs_fold, ds, f"{ds.name}: Dice vs fold %", "No cases with both Dice and fold %."))
-            elif sid == "runtime":
-                out.append(_figure(plots.runtime_plot, ds, f"{ds.name}: runtime", "No runtime values."))
-            elif sid == "per-label-dice":
-                out.append(_figure(plots.label_heatmap, ds, f"{ds.name}: Dice per label", "No per-label Dice (dice_per_label) in the cases."))
-            elif sid == "qualitative":
-                out.append(_qualitative(ds, view))
-            elif sid == "mtre-percentiles":
-                out.append(_mtre(ds))
-            out.append("</div>")
-        out.append("</section>")
+    for sid, title, body in sections:
+        out.append(f'<section id="{sid}"><h2>{_html.escape(title)}</h2>\n{body}\n</section>')
     from leaderboard.ablation import html_sections  # ablation tables and ARC curves (when present)
 
     out.append(html_sections(report))

@@ -17,6 +17,8 @@ from leaderboard.table import DatasetReport, _num
 
 __all__ = [
     "png_bytes",
+    "BOX_METRICS",
+    "metric_boxplot",
     "dice_boxplot",
     "dice_vs_fold",
     "runtime_plot",
@@ -62,23 +64,41 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
-def dice_boxplot(ds: DatasetReport) -> bytes | None:
-    """Per-case Dice of every method (seeds pooled) as box plots with the cases as dots."""
-    vals = _method_values(ds, "dice")
+#: Per-case metrics drawn as box + strip plots when a dataset has finite values:
+#: (column of cases.csv, axis label, title).
+BOX_METRICS: list[tuple[str, str, str]] = [
+    ("dice", "Dice per case (↑)", "Dice"),
+    ("hd95", "HD95 per case, mm (↓)", "HD95"),
+    ("tre", "TRE per case, mm (↓)", "TRE"),
+    ("epe_mm", "EPE per case, mm (↓)", "EPE"),
+]
+
+
+def metric_boxplot(ds: DatasetReport, key: str, ylabel: str | None = None, title: str | None = None) -> bytes | None:
+    """Per-case values of ``key`` for every method (seeds pooled): a box (quartiles,
+    whiskers at 1.5 IQR) with every case as a dot over it. None when no method has a
+    finite value."""
+    vals = _method_values(ds, key)
     names = [m for m, v in vals.items() if v.size]
     if not names:
         return None
-    fig = _figure(max(4.0, 1.1 * len(names) + 1.5), 3.4)
+    fig = _figure(max(3.6, 0.75 * len(names) + 1.4), 3.2)
     ax = fig.add_subplot(1, 1, 1)
-    ax.boxplot([vals[m] for m in names], tick_labels=names, showfliers=False)
+    ax.boxplot([vals[m] for m in names], tick_labels=names, showfliers=False, widths=0.6)
     rng = np.random.default_rng(0)
-    for i, m in enumerate(names, start=1):
-        ax.scatter(i + rng.uniform(-0.12, 0.12, vals[m].size), vals[m], s=10, alpha=0.6, color="tab:blue", zorder=3)
-    ax.set_ylabel("Dice per case")
-    ax.set_title(f"{ds.name}: Dice")
+    for i, (m, c) in enumerate(zip(names, _colors(len(names))), start=1):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, vals[m].size), vals[m], s=10, alpha=0.7, color=c, zorder=3)
+    ax.set_ylabel(ylabel or key, fontsize=9)
+    ax.set_title(f"{ds.name}: {title or key}", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0, labelsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return png_bytes(fig)
+
+
+def dice_boxplot(ds: DatasetReport) -> bytes | None:
+    """Per-case Dice of every method (seeds pooled) as box plots with the cases as dots."""
+    return metric_boxplot(ds, "dice", BOX_METRICS[0][1], "Dice")
 
 
 def dice_vs_fold(ds: DatasetReport) -> bytes | None:
@@ -114,8 +134,9 @@ def dice_vs_fold(ds: DatasetReport) -> bytes | None:
 
 
 def runtime_plot(ds: DatasetReport) -> bytes | None:
-    """Registration time per case (log scale), one box per method."""
-    vals = {m: v[v > 0] for m, v in _method_values(ds, "runtime_s").items()}
+    """Registration time per case (log scale), one box per method; ``initial`` (no
+    registration, nothing timed) is left out."""
+    vals = {m: v[v > 0] for m, v in _method_values(ds, "runtime_s").items() if m != "initial"}
     names = [m for m, v in vals.items() if v.size]
     if not names:
         return None
@@ -137,25 +158,50 @@ def _label_sort_key(lab: str) -> tuple:
         return (1, lab)
 
 
+#: Cell values are written in the heat map up to this many cells (beyond, the colour bar alone).
+HEATMAP_MAX_ANNOTATED = 600
+
+
 def label_heatmap(ds: DatasetReport) -> bytes | None:
-    """Mean Dice per label (columns) and method (rows)."""
+    """Mean Dice per label (columns) and method (rows), with the values in the cells.
+
+    The colour scale runs from the lowest to the highest mean Dice present (data-driven,
+    not a fixed 0–1, so differences between methods are visible); the colour bar states it.
+    Labels absent for a method are grey. Values are written in the cells when there are
+    at most :data:`HEATMAP_MAX_ANNOTATED` of them.
+    """
     methods = [ms.method for ms in ds.methods if ds.per_label.get(ms.method)]
     labels = sorted({lab for m in methods for lab in ds.per_label[m]}, key=_label_sort_key)
     if not methods or not labels:
         return None
     mat = np.asarray([[ds.per_label[m].get(lab, math.nan) for lab in labels] for m in methods], dtype=np.float64)
-    w = min(16.0, max(5.0, 0.22 * len(labels) + 2.5))
-    fig = _figure(w, max(2.2, 0.45 * len(methods) + 1.4))
+    lo, hi = _finite_range(mat)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.005, hi + 0.005
+    annotate = mat.size <= HEATMAP_MAX_ANNOTATED
+    cell_w = 0.42 if annotate else 0.22
+    w = min(16.0, max(5.0, cell_w * len(labels) + 2.8))
+    fig = _figure(w, max(2.2, 0.42 * len(methods) + 1.5))
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
-    im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_yticks(range(len(methods)), methods)
-    step = max(1, len(labels) // 40)
+    im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    step = 1 if annotate else max(1, len(labels) // 40)
     ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=90, fontsize=7)
+    if annotate:
+        fs = 7 if len(labels) <= 20 else 5
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                v = mat[i, j]
+                if np.isfinite(v):
+                    r, g, b, _ = cmap((v - lo) / (hi - lo))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(j, i, f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.2f}", ha="center", va="center",
+                            fontsize=fs, color="white" if dark else "black")
     ax.set_xlabel("label")
-    ax.set_title(f"{ds.name}: Dice per label (mean over cases)")
+    ax.set_title(f"{ds.name}: Dice per label (mean over cases; scale {lo:.2f}–{hi:.2f})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     return png_bytes(fig)
@@ -223,37 +269,86 @@ def _view(panel: Mapping[str, Any], view: int) -> int | None:
     return views[0] if views else None
 
 
+def _label_contours(ax, seg: np.ndarray | None) -> None:
+    """Outline every label of a (H, W) label slice (colour by label id, tab20), drawn in the
+    same orientation as :func:`_show`."""
+    if seg is None:
+        return
+    from matplotlib import colormaps
+
+    seg = np.asarray(seg)
+    cmap = colormaps["tab20"]
+    for lab in np.unique(seg):
+        if lab == 0:
+            continue
+        mask = (seg == lab).astype(np.float32).T
+        if mask.sum() < 2:
+            continue
+        ax.contour(mask, levels=[0.5], colors=[cmap(int(lab) % 20)], linewidths=0.7, origin="lower")
+
+
+def _robust_abs_max(arrays: list[np.ndarray], q: float = 99.5) -> float:
+    v = np.concatenate([np.abs(np.asarray(a, dtype=np.float64)).ravel() for a in arrays])
+    v = v[np.isfinite(v)]
+    return float(np.percentile(v, q)) if v.size else 1.0
+
+
 def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, grid_step: int | None = None) -> bytes | None:
     """One row per method: fixed, warped moving, difference, deformed grid, Jacobian determinant.
 
     ``panels``: method → arrays of ``panel.npz`` (keys ``fixed_ax{a}``, ``warped_ax{a}``,
-    ``disp_ax{a}`` (2, H, W) in voxels along the two in-plane array axes, ``jacdet_ax{a}``).
-    The slice shown is the mid-slice orthogonal to array axis ``view`` (another when absent).
-    The grid is the image of a regular grid under ``x -> x + u(x)`` (the pull map).
+    ``disp_ax{a}`` (2, H, W) in voxels along the two in-plane array axes, ``jacdet_ax{a}``,
+    and when the data has labels ``fixed_seg_ax{a}`` / ``warped_seg_ax{a}``, outlined on the
+    fixed and warped images). The slice shown is the mid-slice orthogonal to array axis
+    ``view`` (another when absent). The grid is the image of a regular grid under
+    ``x -> x + u(x)`` (the pull map).
+
+    Every column has one colour scale shared by all rows, stated by a colour bar under it:
+    intensities (fixed and warped) from the fixed slice's range; fixed − warped symmetric
+    about 0 up to the 99.5th percentile of |difference| over all rows; det J diverging
+    about 1 up to max(2, the 99.5th percentile over all rows), folds (det J ≤ 0) black.
     """
     rows = [(m, p, _view(p, view)) for m, p in panels.items()]
     rows = [(m, p, a) for m, p, a in rows if a is not None]
     if not rows:
         return None
     from matplotlib import colormaps
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import Normalize, TwoSlopeNorm
 
-    fig = _figure(12.0, 2.5 * len(rows) + 0.3)
+    fixed0 = np.asarray(rows[0][1][f"fixed_ax{rows[0][2]}"], dtype=np.float32)
+    vmin, vmax = _finite_range(np.concatenate([np.asarray(p[f"fixed_ax{a}"], np.float32).ravel() for _, p, a in rows]))
+    diffs = [np.asarray(p[f"fixed_ax{a}"], np.float32) - np.asarray(p[f"warped_ax{a}"], np.float32) for _, p, a in rows]
+    lim = _robust_abs_max(diffs) or 1.0
+    jacs = [np.asarray(p[f"jacdet_ax{a}"], np.float32) for _, p, a in rows]
+    allj = np.concatenate([j[np.isfinite(j)].ravel() for j in jacs]) if jacs else np.ones(1)
+    jmax = max(2.0, float(np.percentile(allj, 99.5)) if allj.size else 2.0)
+    gray = Normalize(vmin=vmin, vmax=vmax)
+    dnorm = Normalize(vmin=-lim, vmax=lim)
+    jnorm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=jmax)
+    from matplotlib.colors import ListedColormap
+
+    black = ListedColormap(["black"])
+
+    H0, W0 = fixed0.shape
+    cell = 2.3
+    fig = _figure(5 * cell * max(0.6, min(1.6, H0 / max(W0, 1))) + 0.6, cell * len(rows) + 1.4)
+    fig.set_layout_engine("constrained")
+    axs = fig.subplots(len(rows), 5, squeeze=False)
+    ims: dict[int, Any] = {}
     for r, (m, p, a) in enumerate(rows):
-        fixed, warped = p[f"fixed_ax{a}"], p[f"warped_ax{a}"]
-        disp, jac = p[f"disp_ax{a}"], p[f"jacdet_ax{a}"]
-        vmin, vmax = _finite_range(fixed)
-        axs = [fig.add_subplot(len(rows), 5, 5 * r + c + 1) for c in range(5)]
-        _show(axs[0], fixed, f"{m}: fixed", cmap="gray", vmin=vmin, vmax=vmax)
-        _show(axs[1], warped, "warped moving", cmap="gray", vmin=vmin, vmax=vmax)
-        diff = fixed - warped
-        lim = max(np.abs(_finite_range(diff))) or 1.0
-        _show(axs[2], diff, "fixed − warped", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fixed, warped = np.asarray(p[f"fixed_ax{a}"]), np.asarray(p[f"warped_ax{a}"])
+        disp, jac = np.asarray(p[f"disp_ax{a}"]), jacs[r]
+        fseg, wseg = p.get(f"fixed_seg_ax{a}"), p.get(f"warped_seg_ax{a}")
+        ims[0] = _show(axs[r, 0], fixed, f"{m}: fixed" + (" + labels" if fseg is not None else ""), cmap="gray", norm=gray)
+        _label_contours(axs[r, 0], fseg)
+        _show(axs[r, 1], warped, "warped moving" + (" + labels" if wseg is not None else ""), cmap="gray", norm=gray)
+        _label_contours(axs[r, 1], wseg)
+        ims[2] = _show(axs[r, 2], diffs[r], "fixed − warped", cmap="RdBu_r", norm=dnorm)
         H, W = fixed.shape
         step = grid_step or max(2, min(H, W) // 16)
         ii, jj = np.meshgrid(np.arange(H, dtype=np.float32), np.arange(W, dtype=np.float32), indexing="ij")
         x, y = ii + disp[0], jj + disp[1]
-        ax = axs[3]
+        ax = axs[r, 3]
         for i in range(0, H, step):
             ax.plot(x[i, :], y[i, :], color="k", lw=0.6)
         for j in range(0, W, step):
@@ -264,14 +359,18 @@ def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, gri
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title("deformed grid", fontsize=9)
-        jmax = max(2.0, _finite_range(jac)[1])
-        cmap = colormaps["RdBu_r"].with_extremes(under="black")
-        im = _show(axs[4], jac, f"det J (folds black: {float(np.mean(jac <= 0)) * 100:.2f} %)", cmap=cmap,
-                   norm=TwoSlopeNorm(vmin=1e-6, vcenter=1.0, vmax=jmax))
-        fig.colorbar(im, ax=axs[4], fraction=0.046)
+        ims[4] = _show(axs[r, 4], jac, f"det J (folds black: {float(np.mean(jac <= 0)) * 100:.2f} %)", cmap="RdBu_r", norm=jnorm)
+        if (jac <= 0).any():  # folds drawn black over the scale
+            axs[r, 4].imshow(np.ma.masked_where(~(jac <= 0), np.ones_like(jac)).T, origin="lower", cmap=black,
+                             interpolation="nearest", vmin=0, vmax=1)
+    kw = {"location": "bottom", "shrink": 0.85, "aspect": 25, "pad": 0.02}
+    fig.colorbar(ims[0], ax=list(axs[:, 0]) + list(axs[:, 1]), label="intensity (fixed and warped)", **kw)
+    fig.colorbar(ims[2], ax=list(axs[:, 2]), label="fixed − warped", **kw)
+    axs[-1, 3].set_xlabel("(no colour scale)", fontsize=8, color="#666")
+    cb = fig.colorbar(ims[4], ax=list(axs[:, 4]), label="det J (black ≤ 0)", **kw)
+    cb.set_ticks([0.0, 1.0] + ([2.0] if jmax >= 2.6 else []) + [jmax], labels=["0", "1"] + (["2"] if jmax >= 2.6 else []) + [f"{jmax:.1f}"])
     case = next((str(p.get("case_id")) for _, p, _ in rows if p.get("case_id") is not None), "")
-    fig.suptitle(f"case {case}, mid-slice orthogonal to array axis {rows[0][2]}", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"case {case}, mid-slice orthogonal to array axis {rows[0][2]}; one colour scale per column", fontsize=10)
     return png_bytes(fig)
 
 

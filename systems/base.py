@@ -207,11 +207,19 @@ class RegistrationSystem(L.LightningModule):
         For each view ``a`` in 0, 1, 2, the mid-slice orthogonal to array axis ``a``:
         ``fixed_ax{a}``, ``moving_ax{a}``, ``warped_ax{a}`` (H, W) intensities,
         ``disp_ax{a}`` (2, H, W) the two in-plane displacement components in voxels (array
-        axis order), ``jacdet_ax{a}`` (H, W); plus ``kind = "deformable"``. Slices keep the
-        report small (a 160×224×192 case is about 1 MB instead of 60 MB of volumes).
+        axis order), ``jacdet_ax{a}`` (H, W); with labels, ``fixed_seg_ax{a}`` and
+        ``warped_seg_ax{a}`` (H, W) label ids for the contours; plus ``kind = "deformable"``.
+        Slices keep the report small (a 160×224×192 case is about 1 MB instead of 60 MB of
+        volumes). The warped image pads with border values (display only; the metrics warp
+        as the conventions say), so samples from outside the moving grid show no black band.
         """
         d = disp[b : b + 1].detach().float()
-        warped = warp(batch["moving"][b : b + 1].float(), d)[0, 0].cpu().numpy()
+        warped = warp(batch["moving"][b : b + 1].float(), d, padding_mode="border")[0, 0].cpu().numpy()
+        segs = {}
+        if _has_labels(batch):
+            segs["fixed_seg"] = batch["fixed_seg"][b, 0].detach().cpu().numpy()
+            segs["warped_seg"] = warp(batch["moving_seg"][b : b + 1], d.to(batch["moving_seg"].device),
+                                      mode="nearest")[0, 0].detach().cpu().numpy()
         fixed = batch["fixed"][b, 0].detach().float().cpu().numpy()
         moving = batch["moving"][b, 0].detach().float().cpu().numpy()
         jac = metrics.jacobian_determinant(d[0].cpu())
@@ -228,6 +236,8 @@ class RegistrationSystem(L.LightningModule):
             out[f"warped_ax{a}"] = warped[sl].astype(np.float32)
             out[f"disp_ax{a}"] = np.stack([dn[c][sl] for c in inplane]).astype(np.float32)
             out[f"jacdet_ax{a}"] = jac[sl].astype(np.float32)
+            for name, vol in segs.items():
+                out[f"{name}_ax{a}"] = np.asarray(vol[sl]).astype(np.int32)
         return out
 
     def case_records(self, batch: dict[str, Any], disp: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:

@@ -1,9 +1,12 @@
 """The HTML report opens in headless Chromium and its plots render.
 
 Chromium loads the page from disk (no network), a probe script injected into a copy of the
-page writes each image's decoded size and on-screen box into the DOM (``--dump-dom``), and
-a screenshot (``--screenshot``, ``--window-size``) is checked with Pillow: the right size,
-not blank, and every image's area on screen not uniform.
+page writes each image's decoded size and on-screen box, and each table's box, its last
+column's right edge and its scroll width into the DOM (``--dump-dom``), and a screenshot
+(``--screenshot``, ``--window-size``) is checked with Pillow: the right size, not blank,
+and every image's area on screen not uniform. At 1,280 px every column of every table is
+inside the window (no table wider than the viewport or its box), and the provenance block
+lists every experiment with its config hash, revision, device and threads from run.json.
 
 Needs a Chromium binary (Debian: ``apt-get install chromium``; CI runs ``.ci/chromium.sh``);
 ``REGBENCH_CHROMIUM`` may name one. Set ``REGBENCH_REPORT_DIR`` to also check the report of a
@@ -56,7 +59,14 @@ window.addEventListener('load', function () {
   });
   var pre = document.createElement('pre');
   pre.id = 'probe';
-  pre.textContent = JSON.stringify({images: out, height: document.documentElement.scrollHeight});
+  var tables = [];
+  document.querySelectorAll('table').forEach(function (t) {
+    var r = t.getBoundingClientRect(), cells = t.rows[0].cells, last = cells[cells.length - 1].getBoundingClientRect();
+    tables.push({head: t.rows[0].innerText.slice(0, 60), right: r.right, lastRight: last.right, scrollW: t.scrollWidth,
+                 boxW: t.parentElement.clientWidth, rows: t.rows.length, prov: !!t.closest('.provenance')});
+  });
+  pre.textContent = JSON.stringify({images: out, tables: tables, viewport: document.documentElement.clientWidth,
+                                    height: document.documentElement.scrollHeight});
   document.body.appendChild(pre);
 });
 </script>"""
@@ -68,7 +78,7 @@ def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def _check_page(page: Path, tmp: Path) -> None:
+def _check_page(page: Path, tmp: Path, n_experiments: int | None = None) -> None:
     html = page.read_text()
     expected = []
     for alt, b64 in re.findall(r'<img alt="([^"]*)" width="\d+" height="\d+" src="data:image/png;base64,([^"]+)"', html):
@@ -78,12 +88,22 @@ def _check_page(page: Path, tmp: Path) -> None:
 
     probed = tmp / "probed.html"
     probed.write_text(html.replace("</body>", PROBE + "</body>"))
-    res = _run(["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()], tmp)
+    res = _run([f"--window-size={WIDTH},2000", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()], tmp)
     m = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout, flags=re.S)
     assert m, f"probe did not run: {res.stderr[-1500:]}"
     probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
     imgs = probe["images"]
     assert [i["alt"] for i in imgs] == [a for a, _ in expected]
+    # every column of every table inside the 1,280-px window, no table wider than its box
+    assert probe["viewport"] == WIDTH and probe["tables"]
+    for t in probe["tables"]:
+        assert t["right"] <= WIDTH and t["lastRight"] <= WIDTH, t
+        assert t["scrollW"] <= t["boxW"] + 1, t  # no horizontal scrolling needed
+    # the provenance block: one row per experiment (plus the header)
+    prov = [t for t in probe["tables"] if t["prov"]]
+    assert prov, "no provenance block"
+    if n_experiments is not None:
+        assert sum(t["rows"] - 1 for t in prov) == n_experiments
     for info, (alt, (w, h)) in zip(imgs, expected):
         assert info["complete"] and (info["nw"], info["nh"]) == (w, h), (alt, info, (w, h))  # decoded, right size
         assert info["w"] > 0.5 * min(w, WIDTH - 100) and abs(info["h"] / info["w"] - h / w) < 0.02, (alt, info)
@@ -114,7 +134,24 @@ def test_synthetic_report_renders_in_chromium(tmp_path):
 
     root = make_results(tmp_path / "res")
     write_leaderboard(root, formats="md,html")
-    _check_page(root / "leaderboard.html", tmp_path)
+    complete = [p for p in root.rglob("run.json") if json.loads(p.read_text()).get("status") == "complete"]
+    _check_page(root / "leaderboard.html", tmp_path, n_experiments=len(complete))  # the left-out one has none
+
+
+def _small_quickstart_overrides(config: Path) -> list[str]:
+    """--set overrides that make the quickstart's dataset small (whichever built-in brain
+    data module it uses) so the test takes seconds."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    name, blk = next(iter(raw["datasets"].items()))
+    ds = f"datasets.{name}.init_args"
+    out = [f"{ds}.n_train=2", f"{ds}.n_val=2", f"{ds}.n_test=3", f"{ds}.test_pairs=3"]
+    if "Anatomy" in blk["class_path"]:
+        out.append(f"{ds}.spacing=8.0")
+    elif "size" in (blk.get("init_args") or {}) or "SyntheticBrain" in blk["class_path"]:
+        out.append(f"{ds}.size=32")
+    return out
 
 
 def test_quickstart_report_renders_in_chromium(tmp_path):
@@ -128,11 +165,11 @@ def test_quickstart_report_renders_in_chromium(tmp_path):
         shutil.copytree(src, root, ignore=shutil.ignore_patterns("ckpt", "*.ckpt", "logs", "fields", "wandb"))
     else:
         root = tmp_path / "qs"
-        ds = "datasets.synthetic_brain.init_args"
+        config = Path(__file__).resolve().parents[1] / "benchmark" / "configs" / "quickstart.yaml"
         statuses = run_grid(
-            Path(__file__).resolve().parents[1] / "benchmark" / "configs" / "quickstart.yaml",
+            config,
             output=str(root),
-            overrides=[f"{ds}.size=32", f"{ds}.n_train=2", f"{ds}.n_val=2", f"{ds}.n_test=3", f"{ds}.test_pairs=3",
+            overrides=[*_small_quickstart_overrides(config),
                        "methods.voxelmorph.trainer.max_steps=10", "methods.syn.init_args.preset=fast",
                        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"],
             leaderboard=False,
@@ -143,4 +180,14 @@ def test_quickstart_report_renders_in_chromium(tmp_path):
     html = (root / "leaderboard.html").read_text()
     for method in ("initial", "voxelmorph", "syn"):
         assert method in html
-    _check_page(root / "leaderboard.html", tmp_path)
+    runs = [json.loads(p.read_text()) for p in sorted(root.rglob("run.json"))]
+    prov = html[html.index('<section id="provenance">'):]
+    prov = prov[:prov.index("</section>")]
+    for run in runs:  # every experiment's provenance, as run.json has it
+        assert run["config_hash"] in prov and run["git_revision"][:10] in prov
+    assert f"{runs[0]['torch_threads']} of {runs[0]['cpu_count']} cores" in prov
+    assert "torch " + runs[0]["packages"]["torch"] in prov
+    # the panel carries the label slices the contours are drawn from
+    with np.load(next(root.rglob("panel.npz"))) as panel:
+        assert "fixed_seg_ax2" in panel.files and "warped_seg_ax2" in panel.files
+    _check_page(root / "leaderboard.html", tmp_path, n_experiments=len(runs))

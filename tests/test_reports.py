@@ -279,8 +279,10 @@ def test_html_has_every_section_and_no_external_url(tmp_path):
     page = (root / "leaderboard.html").read_text()
     for sid, _ in SECTIONS:
         assert f'<section id="{sid}">' in page
-    for ds in ("synth", "spine"):
-        assert page.count(f'data-dataset="{ds}"') == len(SECTIONS) - 1
+    # a dataset appears in the sections where it has data (synth: no mTRE; spine: no Dice,
+    # HD95, TRE, per-label Dice or Dice vs fold)
+    assert page.count('data-dataset="synth"') == len(SECTIONS) - 2  # left-out lists experiments, not datasets
+    assert page.count('data-dataset="spine"') == len(SECTIONS) - 4  # and none in left-out
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, flags=re.I)
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
@@ -289,8 +291,9 @@ def test_html_has_every_section_and_no_external_url(tmp_path):
     for needed in ("synth: Dice box plots", "synth: Dice vs fold %", "synth: runtime", "synth: Dice per label",
                    "synth: qualitative panel", "spine: X-ray and DRRs", "spine: mTRE", "spine: runtime"):
         assert needed in alts, needed
-    # absent parts are said, not dropped
-    assert "No Dice values" in page and "Not a 2D/3D dataset" in page and "No panel.npz for: flat" in page
+    # absent parts are said in one line of the section, not as empty blocks
+    assert "Not shown for: spine (no per-case Dice, HD95, TRE or EPE values)" in page
+    assert "Not shown for: synth (not a 2D/3D dataset)" in page and "No panel.npz for: flat" in page
     assert (root / "leaderboard.tex").exists()
 
 
@@ -301,7 +304,8 @@ def test_html_when_nothing_is_complete(tmp_path):
     _exp(root, "synth", "m", 0, [], status="failed")
     md = write_leaderboard(root, formats="md,csv,tex,html")
     page = (root / "leaderboard.html").read_text()
-    assert all(f'<section id="{sid}">' in page for sid, _ in SECTIONS)
+    # only the sections with something to say: the tables (saying there is nothing) and the left-out list
+    assert [sid for sid, _ in SECTIONS if f'<section id="{sid}">' in page] == ["tables", "left-out"]
     assert "No complete experiment" in page and "synth/m/seed0: failed" in md.read_text()
 
 
@@ -314,7 +318,9 @@ def test_unlabelled_dataset_nan_dice(tmp_path):
         _exp(root, "lumir", method, 0, recs)
     write_leaderboard(root, formats="md,csv,tex,html")
     page = (root / "leaderboard.html").read_text()
-    assert "No Dice values" in page and "No qualitative panel saved" in page
+    # no Dice / HD95 / TRE and no panel: those sections are left out (sections only with data)
+    assert '<section id="distributions">' not in page and '<section id="qualitative">' not in page
+    assert '<section id="dice-vs-fold">' not in page and '<section id="runtime">' in page
     rep = build_report(root)
     assert rep.datasets[0].rank_metrics == ["sdlogj"]
 
