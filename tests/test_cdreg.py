@@ -49,6 +49,15 @@ def test_modules_shapes() -> None:
         CDReg(widths=(4, 8, 8, 16, 16), loss_weighting="auto")
 
 
+def test_metric_head_is_zero_at_identical_images() -> None:
+    torch.manual_seed(0)
+    net = CDRegNet(widths=(4, 8, 8, 16, 16), strides=(1, 1, 2, 2), head="metric")
+    x = torch.rand(2, 1, 32, 32)
+    s_same, _ = net(x, x.repeat(1, 3, 1, 1))
+    s_other, _ = net(x, torch.rand(2, 3, 32, 32))
+    assert float(s_same.abs().max()) < 1e-8 and bool((s_other > 1e-4).all())
+
+
 def test_invertible_branch_is_invertible() -> None:
     torch.manual_seed(1)
     br = InvertibleBranch(8, 3)
