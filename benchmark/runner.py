@@ -1056,7 +1056,7 @@ def set_threads(n: int | None) -> None:
 
     torch.set_num_threads(int(n))
     try:
-        torch.set_interop_threads(int(n))
+        torch.set_num_interop_threads(int(n))
     except RuntimeError:  # the inter-op pool already runs: keep its size
         pass
 
