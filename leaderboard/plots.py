@@ -293,6 +293,19 @@ def _robust_abs_max(arrays: list[np.ndarray], q: float = 99.5) -> float:
     return float(np.percentile(v, q)) if v.size else 1.0
 
 
+def panel_scales(rows: list[tuple[str, Mapping[str, Any], int]]) -> dict[str, Any]:
+    """The colour scales :func:`deformable_panel` shares down each column, from all rows
+    ``(method, panel, view)``: ``intensity`` (min, max) of the fixed slices; ``diff`` the
+    99.5th percentile of |fixed − warped| (scale ±diff); ``jacdet_max`` max(2, the 99.5th
+    percentile of det J) (diverging scale 0 – 1 – jacdet_max)."""
+    vmin, vmax = _finite_range(np.concatenate([np.asarray(p[f"fixed_ax{a}"], np.float32).ravel() for _, p, a in rows]))
+    diffs = [np.asarray(p[f"fixed_ax{a}"], np.float32) - np.asarray(p[f"warped_ax{a}"], np.float32) for _, p, a in rows]
+    jacs = np.concatenate([np.asarray(p[f"jacdet_ax{a}"], np.float32).ravel() for _, p, a in rows])
+    jacs = jacs[np.isfinite(jacs)]
+    return {"intensity": (vmin, vmax), "diff": _robust_abs_max(diffs) or 1.0,
+            "jacdet_max": max(2.0, float(np.percentile(jacs, 99.5)) if jacs.size else 2.0)}
+
+
 def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, grid_step: int | None = None) -> bytes | None:
     """One row per method: fixed, warped moving, difference, deformed grid, Jacobian determinant.
 
@@ -316,12 +329,10 @@ def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, gri
     from matplotlib.colors import Normalize, TwoSlopeNorm
 
     fixed0 = np.asarray(rows[0][1][f"fixed_ax{rows[0][2]}"], dtype=np.float32)
-    vmin, vmax = _finite_range(np.concatenate([np.asarray(p[f"fixed_ax{a}"], np.float32).ravel() for _, p, a in rows]))
+    sc = panel_scales(rows)
+    vmin, vmax, lim, jmax = sc["intensity"][0], sc["intensity"][1], sc["diff"], sc["jacdet_max"]
     diffs = [np.asarray(p[f"fixed_ax{a}"], np.float32) - np.asarray(p[f"warped_ax{a}"], np.float32) for _, p, a in rows]
-    lim = _robust_abs_max(diffs) or 1.0
     jacs = [np.asarray(p[f"jacdet_ax{a}"], np.float32) for _, p, a in rows]
-    allj = np.concatenate([j[np.isfinite(j)].ravel() for j in jacs]) if jacs else np.ones(1)
-    jmax = max(2.0, float(np.percentile(allj, 99.5)) if allj.size else 2.0)
     gray = Normalize(vmin=vmin, vmax=vmax)
     dnorm = Normalize(vmin=-lim, vmax=lim)
     jnorm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=jmax)
