@@ -247,3 +247,18 @@ def test_training_improves_the_pose_gradient_on_held_out_cts() -> None:
     after = accuracy()
     print(f"held-out toward-truth share (rotation and translation parts): untrained {before:.3f}, trained {after:.3f}")
     assert after > before, (before, after)
+
+
+def test_validation_logs_direction_accuracy_on_validation_cts(tiny_batch) -> None:
+    dm = SpineDRRDataModule(**TINY)
+    val = dm.dataset("val")
+    batch = collate_pose([val[i] for i in range(len(val))])
+    assert set(batch["moving_id"]) <= set(dm.ct_ids("val"))
+    m = _model().eval()
+    logged: dict[str, float] = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    m.validation_step(batch, 0)
+    cos = m.grad_toward_truth(batch)
+    assert logged["val/toward_rot"] == pytest.approx(float((cos[:, 0] > 0).float().mean()))
+    assert logged["val/toward_trans"] == pytest.approx(float((cos[:, 1] > 0).float().mean()))
+    assert logged["val/cos_trans"] == pytest.approx(float(cos[:, 1].mean()), abs=1e-6)
