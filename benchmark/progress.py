@@ -94,9 +94,11 @@ class GridProgress:
         log: where lines go (the runner's rank-0 logger).
         clock: seconds source (``time.monotonic``; injectable for tests).
 
-    The estimate is the mean wall time of the experiments that did work (ones skipped as
-    already complete take no time and are left out of the mean) times the experiments
-    still to start, counting the current one; it is ``?`` until one has finished.
+    The estimate is the mean wall time of the experiments that did work times the
+    experiments still to start, counting the current one; it is ``?`` until one has
+    finished. Left out of the mean: experiments skipped as already complete (no time) and
+    the ``initial`` rows (no registration, seconds where a method takes minutes), so the
+    estimate does not promise seconds for a grid of minutes.
     """
 
     def __init__(self, total: int, log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> None:
@@ -106,6 +108,7 @@ class GridProgress:
         self.t0 = clock()
         self.k = 0
         self._started: float | None = None
+        self._method = ""
         self.durations: list[float] = []
 
     def eta(self) -> float:
@@ -119,6 +122,7 @@ class GridProgress:
         """Announce the next experiment; returns the line printed."""
         self.k += 1
         self._started = self.clock()
+        self._method = method
         line = (f"[{self.k}/{self.total}] experiment {self.k} of {self.total}: {method} on {dataset}, seed {seed} · "
                 f"elapsed {format_seconds(self._started - self.t0)} · left ~{format_seconds(self.eta())}")
         self.log(line)
@@ -128,6 +132,6 @@ class GridProgress:
         """Close the current experiment; ``status`` ``"skipped"`` leaves it out of the estimate."""
         if self._started is None:
             return
-        if status != "skipped":
+        if status != "skipped" and self._method != "initial":
             self.durations.append(self.clock() - self._started)
         self._started = None

@@ -74,18 +74,22 @@ def test_bad_input_is_one_line_and_debug_gives_the_traceback(tmp_path):
 def test_grid_progress_counts_and_estimates_from_experiments_that_ran():
     t = [100.0]
     lines: list[str] = []
-    g = GridProgress(4, lines.append, clock=lambda: t[0])
+    g = GridProgress(5, lines.append, clock=lambda: t[0])
     g.start("initial", "brain", 0)
-    assert "experiment 1 of 4" in lines[-1] and "left ~?" in lines[-1]
-    t[0] += 0.01
-    g.finish("skipped")  # a skipped one takes no time and does not count in the estimate
+    assert "experiment 1 of 5" in lines[-1] and "left ~?" in lines[-1]
+    t[0] += 5.0
+    g.finish("complete")  # the initial row (no registration) does not count in the estimate
     g.start("vxm", "brain", 0)
+    assert "left ~?" in lines[-1]
+    t[0] += 0.01
+    g.finish("skipped")  # nor does a skipped one (no time)
+    g.start("vxm", "brain", 1)
     t[0] += 60.0
     g.finish("complete")
     g.start("syn", "brain", 0)
     # 60 s per experiment that ran, 2 left counting the current one -> 120 s
     assert math.isclose(g.eta(), 120.0)
-    assert "experiment 3 of 4: syn on brain, seed 0" in lines[-1] and "elapsed 1m00s" in lines[-1] and "left ~2m00s" in lines[-1]
+    assert "experiment 4 of 5: syn on brain, seed 0" in lines[-1] and "elapsed 1m05s" in lines[-1] and "left ~2m00s" in lines[-1]
     t[0] += 30.0
     g.finish("failed")
     g.start("msff", "brain", 1)
