@@ -39,6 +39,7 @@ __all__ = [
     "sdlogj_l2r",
     "ndv_pct",
     "tre_points",
+    "endpoint_error",
     "label_centroids",
     "tre_centroids",
     "tre_centroids_warped",
@@ -765,6 +766,45 @@ def tre_centroids_warped(
 # ----------------------------------------------------------------------------------------------
 # aggregation and the one engine
 # ----------------------------------------------------------------------------------------------
+def endpoint_error(
+    disp: ArrayLike,
+    true_disp: ArrayLike,
+    moving_affine: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+) -> tuple[float, float]:
+    """Endpoint error between a predicted and the true correspondence, in mm.
+
+    Both fields follow the suite's convention: ``x + u(x)`` is the moving-array position
+    (voxels) matched to fixed voxel ``x``. The error at ``x`` is the world distance between the
+    two end points, ``|A_m[:3, :3] (u(x) - u_true(x))|`` with ``A_m`` the moving voxel→world
+    affine (so anisotropic and oblique grids are measured in mm, not voxels).
+
+    Args:
+        disp, true_disp: ``(ndim, *spatial)`` or ``(1, ndim, *spatial)`` voxel fields on the
+            same grid.
+        moving_affine: ``(4, 4)`` (3D) or ``(3, 3)`` (2D) voxel→world; default the identity
+            (errors in voxels).
+        mask: ``(*spatial)`` bool region to average over (e.g. the fixed brain); default all.
+
+    Returns:
+        ``(mean, p90)`` over the masked voxels, mm; NaN for an empty mask.
+    """
+    u = _disp_tensor(disp).double()
+    t = _disp_tensor(true_disp).double().to(u.device)
+    if u.shape != t.shape:
+        raise ValueError(f"true displacement {tuple(t.shape)} is not on the predicted field's grid {tuple(u.shape)}")
+    nd = u.shape[0]
+    m = torch.eye(nd, dtype=torch.float64) if moving_affine is None else torch.as_tensor(
+        np.asarray(moving_affine, dtype=np.float64)[:nd, :nd])
+    diff = torch.einsum("de,e...->d...", m.to(u.device), u - t)
+    err = diff.pow(2).sum(0).sqrt()
+    msk = _mask_tensor(mask, u.shape[1:], u.device)
+    vals = err[msk] if msk is not None else err.reshape(-1)
+    if vals.numel() == 0:
+        return math.nan, math.nan
+    return float(vals.mean()), float(np.quantile(vals.cpu().numpy(), 0.9))
+
+
 def aggregate(values: Iterable[float | None], higher_is_better: bool) -> dict:
     """Summary of per-case values, ignoring NaN/None.
 
@@ -807,6 +847,7 @@ def deformable_metrics(
     hd95_voxel: bool = False,
     compute_hd95: bool = True,
     compute_ndv: bool = True,
+    true_disp: ArrayLike | None = None,
 ) -> dict:
     """All per-case deformable metrics: the one engine behind ``regbench evaluate`` and every test step.
 
@@ -821,10 +862,14 @@ def deformable_metrics(
         mask: ``(*spatial)`` region for fold %, SDlogJ (both variants) and NDV.
         hd95_voxel: HD95 in voxels (Learn2Reg) instead of mm.
         compute_hd95, compute_ndv: skip the two costliest metrics (reported as NaN).
+        true_disp: the true field on the same grid, when the data knows it: gives
+            ``epe_mm`` / ``epe_p90_mm`` (:func:`endpoint_error` through ``moving_affine``) over
+            ``mask``, else over the fixed foreground ``fixed_seg > 0``, else everywhere.
 
     Returns:
         ``{"dice", "dice_per_label", "hd95", "hd95_per_label", "tre", "fold_pct", "sdlogj",
-        "sdlogj_l2r", "ndv_pct"}``; plain floats (NaN allowed), per-label dicts ``{id: value}``.
+        "sdlogj_l2r", "ndv_pct", "epe_mm", "epe_p90_mm"}``; plain floats (NaN allowed),
+        per-label dicts ``{id: value}``.
         Metrics whose inputs are missing are ``None`` (Dice/HD95 without segmentations, TRE
         without landmarks), with empty per-label dicts. The Jacobian uses the voxel field
         (its determinant equals the physical one when both images share the spacing).
@@ -867,4 +912,10 @@ def deformable_metrics(
     out["sdlogj"] = sdlogj(jac, mask)
     out["sdlogj_l2r"] = sdlogj_l2r(jac, mask)
     out["ndv_pct"] = ndv_pct(u, mask) if compute_ndv else math.nan
+    if true_disp is not None:
+        region = mask if mask is not None else (None if fixed_seg is None else _labels_to_numpy(fixed_seg) > 0)
+        aff = np.diag([*spacing, 1.0]) if moving_affine is None else moving_affine
+        out["epe_mm"], out["epe_p90_mm"] = endpoint_error(u, true_disp, aff, region)
+    else:
+        out["epe_mm"] = out["epe_p90_mm"] = None
     return out

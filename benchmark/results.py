@@ -29,6 +29,7 @@ __all__ = [
     "CASE_COLUMNS",
     "POSE_METRIC_COLUMNS",
     "POSE_CASE_COLUMNS",
+    "POSE_ESTIMATE_COLUMNS",
     "experiment_dir",
     "PartialCaseLog",
     "read_partial_records",
@@ -40,13 +41,17 @@ __all__ = [
 
 ID_COLUMNS = ["dataset", "method", "seed", "case_id", "fixed_id", "moving_id"]
 #: Metric columns, named like `regbench evaluate`'s JSON keys, then runtime and memory.
-METRIC_COLUMNS = ["dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "runtime_s", "peak_mem_mb"]
+METRIC_COLUMNS = ["dice", "hd95", "tre", "epe_mm", "epe_p90_mm", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "runtime_s",
+                  "peak_mem_mb"]
 CASE_COLUMNS = ID_COLUMNS + METRIC_COLUMNS
 #: 2D/3D (pose) cases: mean target registration error (mm, 3D landmarks, true vs estimated
 #: pose), projected error on the detector (mm), rotation (degrees) and translation (mm)
 #: errors, success flags (mTRE < 10 mm, < 2 mm), runtime and memory.
 POSE_METRIC_COLUMNS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s", "peak_mem_mb"]
-POSE_CASE_COLUMNS = ID_COLUMNS + POSE_METRIC_COLUMNS
+#: The estimated pose of each 2D/3D case (rotation vector in rad, translation in mm, the
+#: parameters of :func:`benchmark.drr.pose_transform`), so a result can be re-rendered or re-scored.
+POSE_ESTIMATE_COLUMNS = ["est_rx_rad", "est_ry_rad", "est_rz_rad", "est_tx_mm", "est_ty_mm", "est_tz_mm"]
+POSE_CASE_COLUMNS = ID_COLUMNS + POSE_METRIC_COLUMNS + POSE_ESTIMATE_COLUMNS
 
 
 def experiment_dir(root: str | os.PathLike, dataset: str, method: str, seed: int) -> Path:

@@ -4,6 +4,7 @@ from datamodules.base import PairDataModule, UnpaddedDistributedSampler
 from datamodules.batch import collate_pairs, validate_batch
 from datamodules.synthetic import SyntheticBrainGenerator
 from datamodules.synthetic_brain import SyntheticBrainDataModule
+from datamodules.anatomy_brain import AnatomyBrainDataModule, AnatomyBrainGenerator
 from datamodules.nifti_pairs import NiftiPairsDataModule
 from datamodules.mindboggle import MindBoggle101DataModule
 from datamodules.lumir import LUMIRDataModule
@@ -16,6 +17,8 @@ __all__ = [
     "validate_batch",
     "SyntheticBrainGenerator",
     "SyntheticBrainDataModule",
+    "AnatomyBrainDataModule",
+    "AnatomyBrainGenerator",
     "NiftiPairsDataModule",
     "MindBoggle101DataModule",
     "LUMIRDataModule",

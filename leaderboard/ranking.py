@@ -82,6 +82,8 @@ METRIC_DEFS: dict[str, MetricDef] = {
         MetricDef("dice_robust30", "Dice30 (robust)", True, 3),
         MetricDef("hd95", "HD95 mm", False, 2),
         MetricDef("tre", "TRE mm", False, 2),
+        MetricDef("epe_mm", "EPE mm", False, 2),
+        MetricDef("epe_p90_mm", "EPE p90 mm", False, 2),
         MetricDef("fold_pct", "fold %", False, 4),
         MetricDef("sdlogj", "SDlogJ", False, 4),
         MetricDef("ndv_pct", "NDV %", False, 4),

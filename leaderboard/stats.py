@@ -120,3 +120,65 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 75, 95)) -> 
     if v.size == 0:
         return [math.nan] * len(qs)
     return [float(x) for x in np.percentile(v, list(qs))]
+
+
+#: Bootstrap resamples behind every confidence interval of the reports.
+N_BOOT = 4000
+
+
+def bootstrap_mean_ci(table: np.ndarray | Sequence[Sequence[float]], level: float = 0.95, n_boot: int = N_BOOT,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds and cases with a two-level bootstrap confidence interval.
+
+    ``table[s, c]`` is the value of seed ``s`` on case ``c`` (NaN where missing). Each
+    resample draws cases with replacement (the same cases for every seed, so a hard case
+    stays hard in all seeds) and, independently, seeds with replacement (the seed is kept
+    as a level of its own: the spread between training runs widens the interval), and takes
+    the mean of the drawn sub-table. The interval is the percentile interval of those means.
+    With one seed this is the ordinary bootstrap over cases.
+
+    Args:
+        table: ``(S, N)`` values, or ``(N,)`` for one seed.
+        level: coverage, e.g. 0.95.
+        n_boot: resamples.
+        seed: seed of the resampling (the reports are reproducible).
+
+    Returns:
+        ``(mean, low, high)``; the mean is over all finite cells; NaN triple without data;
+        ``low == high == mean`` with a single finite cell.
+    """
+    t = np.atleast_2d(np.asarray(table, dtype=np.float64))
+    finite = np.isfinite(t)
+    if not finite.any():
+        return math.nan, math.nan, math.nan
+    keep_rows = finite.any(1)
+    keep_cols = finite.any(0)
+    t = t[keep_rows][:, keep_cols]
+    s, n = t.shape
+    mean = float(np.nanmean(t))
+    if s * n == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    ci = rng.integers(0, n, size=(n_boot, n))
+    si = rng.integers(0, s, size=(n_boot, s))
+    sub = t[si[:, :, None], ci[:, None, :]]  # (B, S, N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(sub.reshape(n_boot, -1), axis=1)
+    means = means[np.isfinite(means)]
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(lo), float(hi)
+
+
+def paired_difference_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a - b`` with a bootstrap interval over the pairs.
+
+    ``a[i]`` and ``b[i]`` are the same case (each already averaged over its seeds); pairs with
+    a NaN are dropped. Returns ``(mean, low, high)``, NaN without pairs.
+    """
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    return bootstrap_mean_ci((x - y)[keep], level=level, n_boot=n_boot, seed=seed)

@@ -202,6 +202,17 @@ def _label_means(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[str, fl
     return ({c: {lab: m(v) for lab, v in d.items()} for c, d in per_case.items()}, {lab: m(v) for lab, v in per_lab.items()})
 
 
+def _seed_case_table(rows: Sequence[dict[str, Any]], key: str, seeds: Sequence[int]) -> np.ndarray:
+    """``(S, N)`` values of ``key`` per seed (rows) and case (columns), NaN where missing."""
+    cases = sorted({str(r["case_id"]) for r in rows})
+    col = {c: i for i, c in enumerate(cases)}
+    row = {int(sd): i for i, sd in enumerate(seeds)}
+    t = np.full((len(seeds), len(cases)), np.nan)
+    for r in rows:
+        t[row[int(r["seed"])], col[str(r["case_id"])]] = _num(r.get(key))
+    return t
+
+
 def _has(rows: Iterable[dict[str, Any]], key: str) -> bool:
     return any(np.isfinite(_num(r.get(key))) for r in rows)
 
@@ -241,8 +252,10 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
             s = stats.pooled_stats(vals)
             by_seed = {sd: [_num(r.get(key)) for r in rs if int(r["seed"]) == sd] for sd in seeds}
             p50, p75, p95 = stats.percentiles(vals)
+            mean, lo, hi = stats.bootstrap_mean_ci(_seed_case_table(rs, key, seeds))
             st[key] = {**s, "robust30": stats.worst_fraction_mean(vals, hib), "seed_std": stats.seed_std(by_seed),
-                       "p50": p50, "p75": p75, "p95": p95, "p_holm": math.nan, "p_raw": math.nan, "significant": 0.0}
+                       "p50": p50, "p75": p75, "p95": p95, "p_holm": math.nan, "p_raw": math.nan, "significant": 0.0,
+                       "ci_lo": lo, "ci_hi": hi, "diff": math.nan, "diff_lo": math.nan, "diff_hi": math.nan}
             for sd in seeds:
                 per_seed[sd][key] = stats.pooled_stats(by_seed[sd])["mean"]
         exp_dirs = [experiment_dir(root, name, m, sd) for sd in seeds]
@@ -269,6 +282,9 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
             summaries[m].stats[key]["p_raw"] = p
             summaries[m].stats[key]["p_holm"] = float(pa)
             summaries[m].stats[key]["significant"] = float(np.isfinite(pa) and pa < ranking.ALPHA)
+            common = sorted(set(cv[b]) & set(cv[m]))
+            d, dlo, dhi = stats.paired_difference_ci([cv[m][c] for c in common], [cv[b][c] for c in common])
+            summaries[m].stats[key].update(diff=d, diff_lo=dlo, diff_hi=dhi)
 
     def order(m: str) -> tuple:
         rs = summaries[m].ranks.get("rank_score", math.nan)
@@ -358,7 +374,6 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
         return {"md": f"**{s}**", "tex": f"\\textbf{{{s}}}", "html": f"<b>{s}</b>"}[style]
 
     star = {"md": "*", "tex": "$^{*}$", "html": "<sup>*</sup>"}[style]
-    pm = {"md": " ± ", "tex": " $\\pm$ ", "html": " ± "}[style]
     head = ["method", "cases", "seeds"]
     rows: list[list[str]] = []
     if ds.kind == "pose":
@@ -384,7 +399,7 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
             for k in ds.metrics:
                 st = ms.stats[k]
                 d = digits(k)
-                s = f"{fmt(st['mean'], d)}{pm}{fmt(st['std'], d)}"
+                s = f"{fmt(st['mean'], d)} [{fmt(st.get('ci_lo'), d)}, {fmt(st.get('ci_hi'), d)}]"
                 b = ds.method(ds.best[k]) if k in ds.best else None
                 if b is not None and ms.method != INITIAL and st["mean"] == b.stats[k]["mean"]:  # ties all bold
                     s = bold(s)
@@ -439,13 +454,88 @@ def seed_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+#: Metrics of the paired-difference table (those the dataset has).
+PAIRED_METRICS = ("dice", "epe_mm", "tre", "hd95", "mtre_mm")
+
+
+def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
+    """Each ranked method against the best one, per metric: the mean paired difference over
+    cases with its 95 % bootstrap CI, the Holm-corrected Wilcoxon p, and the verdict the test
+    supports ("better" / "worse" / "not distinguishable"), so a gap inside the noise says so."""
+    keys = [k for k in PAIRED_METRICS if k in ds.metrics and k in ds.best]
+    head = ["method"] + [f"{ranking.METRIC_DEFS[k].title}: Δ vs {ds.best[k]} [95 % CI], p (Holm)" for k in keys]
+    rows = []
+    for ms in ds.methods:
+        if ms.method == INITIAL or all(ms.method == ds.best[k] for k in keys):
+            continue
+        cells = [ms.method]
+        for k in keys:
+            st = ms.stats[k]
+            if ms.method == ds.best[k]:
+                cells.append("best")
+                continue
+            d = digits(k)
+            hib = ranking.METRIC_DEFS[k].higher_is_better
+            if st.get("significant"):
+                verdict = "better" if (st["diff"] > 0) == hib else "worse"
+            else:
+                verdict = "not distinguishable"
+            cells.append(f"{fmt(st.get('diff'), d)} [{fmt(st.get('diff_lo'), d)}, {fmt(st.get('diff_hi'), d)}], "
+                         f"p={fmt(st.get('p_holm'), 3)}: {verdict}")
+        rows.append(cells)
+    return head, rows
+
+
+def _run_json(exp: Path) -> dict[str, Any]:
+    try:
+        return json.loads((exp / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def budget_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
+    """Training budget and cost per method (from each experiment's ``run.json``): seeds, the
+    budget asked for, training steps actually taken, training wall and CPU seconds, trainable
+    parameters, peak training memory and the median registration time per case. Means over
+    seeds; empty cells where a method does not train."""
+    head = ["method", "seeds", "budget", "steps taken", "train s (wall)", "train s (CPU)", "parameters",
+            "peak train MB", "registration s (median)"]
+    rows = []
+    any_fit = False
+    for ms in ds.methods:
+        if ms.method == INITIAL:
+            continue
+        fits = [(_run_json(e).get("fit") or {}) for e in ms.exp_dirs]
+        fits = [f for f in fits if f.get("done") or f.get("steps") is not None]
+
+        def mean_of(key: str, digits_: int = 0) -> str:
+            v = [float(f[key]) for f in fits if isinstance(f.get(key), (int, float))]
+            if not v:
+                return ""
+            m = float(np.mean(v))
+            return f"{m:,.0f}" if digits_ == 0 else f"{m:.{digits_}f}"
+
+        budget = ""
+        if fits:
+            any_fit = True
+            b = fits[0].get("budget") or {}
+            eff = b.get("effective", b) if isinstance(b, dict) else {}
+            parts = [f"{k}={v}" for k, v in (eff or {}).items() if v is not None and k in ("max_steps", "max_time_s")]
+            budget = ", ".join(parts) + (" (method override)" if isinstance(b, dict) and b.get("overridden") else "")
+        reg = ms.stats.get("runtime_s", {}).get("median", math.nan)
+        rows.append([ms.method, str(ms.n_seeds), budget, mean_of("steps"), mean_of("seconds", 1), mean_of("cpu_seconds", 1),
+                     mean_of("params"), mean_of("peak_train_mem_mb"), fmt(reg, 3)])
+    return (head, rows) if any_fit else (head, [])
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
 
 
-FOOTNOTE = ("Mean ± std over all cases of all seeds. **Bold**: best (ranked methods; `initial` = no registration / "
+FOOTNOTE = ("Mean [95 % confidence interval] over all cases of all seeds (bootstrap over cases, seeds resampled as a "
+            "level of their own; std, median and per-seed values in the CSV and the tables below). **Bold**: best (ranked methods; `initial` = no registration / "
             "starting pose, not ranked). `*`: differs from the best (paired Wilcoxon signed-rank on cases paired by "
             "case_id, Holm-corrected p < 0.05). Rank score: Learn2Reg scheme (pairwise Wilcoxon rank-sum, p < 0.05, "
             "scores in [0.1, 1], geometric mean over metrics). TRE, HD95 in mm; runtime is the registration call alone.")
@@ -466,6 +556,13 @@ def markdown(report: Report) -> str:
         lines += _md_table(*summary_cells(ds, "md")) + [""]
         if ds.kind == "deformable":
             lines += ["Median / worst 30 % (mean of the 30 % worst cases):", ""] + _md_table(*robust_cells(ds)) + [""]
+        h, r = paired_cells(ds)
+        if r:
+            lines += ["Differences from the best method (paired over cases; Δ = method − best, mean over seeds per case):",
+                      ""] + _md_table(h, r) + [""]
+        h, r = budget_cells(ds)
+        if r:
+            lines += ["Training budget and cost (means over seeds):", ""] + _md_table(h, r) + [""]
         h, r = ranking_cells(ds)
         if r:
             lines += [f"Rank scores per metric ({', '.join(ds.rank_metrics + [ranking.RUNTIME_METRIC])}):", ""] + _md_table(h, r) + [""]
@@ -484,7 +581,7 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-STAT_NAMES = ("mean", "std", "median", "robust30", "seed_std", "p_holm")
+STAT_NAMES = ("mean", "ci_lo", "ci_hi", "std", "median", "robust30", "seed_std", "p_holm", "diff", "diff_lo", "diff_hi")
 
 
 def _flat_rows(ds: DatasetReport) -> list[dict[str, Any]]:

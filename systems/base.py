@@ -265,13 +265,14 @@ class RegistrationSystem(L.LightningModule):
                 moving_affine=batch["moving_affine"][b].cpu().numpy(),
                 compute_hd95=self.compute_hd95,
                 compute_ndv=self.compute_ndv,
+                true_disp=None if batch.get("true_disp") is None else batch["true_disp"][b].detach().cpu(),
             )
             rec: dict[str, Any] = {
                 "case_id": str(batch["case_id"][b]),
                 "fixed_id": str(batch["fixed_id"][b]),
                 "moving_id": str(batch["moving_id"][b]),
             }
-            for k in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct"):
+            for k in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "epe_mm", "epe_p90_mm"):
                 v = res.get(k)
                 rec[k] = math.nan if v is None else float(v)
             rec["runtime_s"] = float(runtime_s)
