@@ -291,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):  # a placeholder: its module could not register it
         parser.error(f"{args.command}: not available in this installation")
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if args.command == "data" and getattr(args, "json", None) and Path(args.json).is_file():
+            print(f"wrote {args.json}", file=sys.stderr)  # data check writes its JSON without saying so
+        return rc
     except Exception as exc:
         from benchmark.io import DataError
 
