@@ -29,6 +29,7 @@ import torch
 
 from benchmark.drr import CArmGeometry, render_pose
 from benchmark.metrics_pose import pose_metrics
+from benchmark.results import POSE_ESTIMATE_COLUMNS
 from benchmark.timing import timed_call
 from systems.base import checked_loss
 
@@ -138,6 +139,8 @@ class PoseSystem(L.LightningModule):
             rec["runtime_s"] = float(runtime_s)
             rec["peak_mem_mb"] = float(peak_mem_mb)
             rec["mtre_initial_mm"] = init[b]["mtre_mm"]
+            est = pose[b].detach().double().cpu().tolist()
+            rec.update({k: float(v) for k, v in zip(POSE_ESTIMATE_COLUMNS, est)})
             out.append(rec)
         return out
 
