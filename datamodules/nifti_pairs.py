@@ -23,6 +23,18 @@ naming the ones missing. Labels that lie on another grid than their image (anoth
 affine, e.g. ``image_A_seg.nii.gz`` of the real OASIS pair) are resampled through the
 affines, nearest neighbour, with a warning (``on_label_grid_mismatch="resample"``, default)
 or refused (``"error"``); never paired voxel for voxel.
+
+Landmark CSVs hold voxel indices of their image (``landmark_units="voxel"``, default) or
+world RAS mm (``"mm"``); ``check_inputs`` (run by ``regbench run`` before any work) refuses a
+CSV whose points fall outside its image's grid, with the message of ``regbench evaluate``.
+With ``export_fields=True`` the runner writes every test field,
+``fields/disp_{fixed}_{moving}.nii.gz`` (Learn2Reg layout, voxels of the *preprocessed* fixed
+grid, whose affine is in the header) and ``disp_{fixed}_{moving}.json`` beside it (the
+original files and grids, :meth:`RealPairDataModule.field_record`);
+``regbench evaluate --resample-field`` scores it against the original files::
+
+    regbench evaluate --disp fields/disp_a_b.nii.gz --fixed-image a.nii.gz --moving-image b.nii.gz \
+        --fixed-seg a_seg.nii.gz --moving-seg b_seg.nii.gz --resample-field
 """
 
 from __future__ import annotations
