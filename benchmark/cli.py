@@ -103,6 +103,11 @@ def _cmd_perf(args: argparse.Namespace) -> int:
 
         main_perf_drr(args)
         return 0
+    if args.what == "gpu":
+        from benchmark.perf_gpu import main_perf_gpu
+
+        main_perf_gpu(args)
+        return 0
     if args.what == "training":
         from benchmark.perf_training import main_perf_training
 
@@ -143,11 +148,13 @@ def _add_evaluate(sub: Any) -> None:
 
 def _add_perf(sub: Any) -> None:
     pf = sub.add_parser("perf", help=COMMANDS["perf"][1])
-    pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr", "patchmorph"],
+    pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr", "patchmorph", "gpu"],
                     help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair, "
                     "MSFF vs VoxelMorph training step; training: VoxelMorph training step vs the voxelmorph and MONAI "
                     "packages; data: loading a 160x224x192 pair cold and with a warm cache; drr: DRR rendering vs DiffDRR; "
-                    "patchmorph: training memory at 64/128/192 cubed beside VoxelMorph, inference time vs patches")
+                    "patchmorph: training memory at 64/128/192 cubed beside VoxelMorph, inference time vs patches; "
+                    "gpu: every learned system's training step (fp32/bf16/fp16/compiled), registration, loader rate and "
+                    "DDP scaling on CUDA (without CUDA it says so and exits 0; --device cpu checks the harness)")
     pf.add_argument("--out", help="JSON output path")
     pf.add_argument("--repeats", type=int, default=5)
     pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

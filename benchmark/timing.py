@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["CallStats", "timed_call", "current_rss_mb", "device_description"]
+__all__ = ["CallStats", "timed_call", "current_rss_mb", "peak_rss_mb", "device_description"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -32,6 +32,26 @@ def current_rss_mb() -> float:
             return int(fh.read().split()[1]) * _PAGE / 2**20
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process's own memory image, MB (``VmHWM``).
+
+    Not ``ru_maxrss``: on Linux that survives ``exec``, so a child started with
+    ``subprocess`` (fork, then exec of a fresh interpreter) reports its parent's peak when
+    the parent was larger (measured: a 14 MB child of an 800 MB parent read 790 MB; a
+    FireANTs child read 3,687 MB, regbench's own peak, for its real ~2,437 MB). ``VmHWM``
+    belongs to the address space, which ``exec`` replaces. Falls back to ``ru_maxrss``
+    where ``/proc`` is absent.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
