@@ -30,8 +30,8 @@ __all__ = ["perf_metrics", "main_perf_metrics", "ndv_pct_numpy_direct"]
 HD95_LABELS = 16
 
 
-def ndv_pct_numpy_direct(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """NDV % written directly in NumPy, as a typical user would: each scheme on its own, float64.
+def ndv_pct_numpy_direct(disp: np.ndarray, mask: np.ndarray | None = None, dtype: type = np.float64) -> float:
+    """NDV % written directly in NumPy, as a typical user would: each scheme on its own.
 
     Same definition as :func:`benchmark.metrics.ndv_pct` (interior ``[1:-1]``, tetrahedral
     determinants unscaled): for each of the ten schemes, the three edge vectors of
@@ -42,10 +42,12 @@ def ndv_pct_numpy_direct(disp: np.ndarray, mask: np.ndarray | None = None) -> fl
     Args:
         disp: ``(3, *spatial)`` voxels.
         mask: optional ``(*spatial)``.
+        dtype: arithmetic precision (``np.float64``, the reference values; ``np.float32``,
+            the precision of ours, for the speed comparison at equal precision).
     """
     shape = disp.shape[1:]
-    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    phi = disp.astype(np.float64) + np.stack(grid)
+    grid = np.meshgrid(*[np.arange(n, dtype=dtype) for n in shape], indexing="ij")
+    phi = disp.astype(dtype) + np.stack(grid)
     inner = tuple(slice(1, n - 1) for n in shape)
     centre = phi[(slice(None), *inner)]
     m = np.ones([n - 2 for n in shape], bool) if mask is None else np.asarray(mask, bool)[inner]
@@ -198,6 +200,8 @@ def perf_metrics(
     timings["jacobian_fold"] = _time(lambda: M.fold_pct(M.jacobian_determinant(disp0)), repeats, sync)
     timings["ndv_ours"] = _time(lambda: M.ndv_pct(disp0), repeats, sync)
     timings["ndv_numpy_direct"] = _time(lambda: ndv_pct_numpy_direct(disp_np), heavy, lambda: None)
+    disp_np32 = disp_np.astype(np.float32)
+    timings["ndv_numpy_direct_f32"] = _time(lambda: ndv_pct_numpy_direct(disp_np32, dtype=np.float32), heavy, lambda: None)
 
     ours = M.ndv_pct(disp0)
     direct = ndv_pct_numpy_direct(disp_np)
@@ -212,6 +216,10 @@ def perf_metrics(
         "timings": timings,
         "ndv_speedup": timings["ndv_numpy_direct"]["median_s"] / timings["ndv_ours"]["median_s"],
         "ndv_speedup_cpu": timings["ndv_numpy_direct"]["cpu_median_s"] / max(timings["ndv_ours"]["cpu_median_s"], 1e-9),
+        # equal precision: the reference algorithm in float32, as ours computes
+        "ndv_speedup_f32": timings["ndv_numpy_direct_f32"]["median_s"] / timings["ndv_ours"]["median_s"],
+        "ndv_speedup_f32_cpu": timings["ndv_numpy_direct_f32"]["cpu_median_s"] / max(timings["ndv_ours"]["cpu_median_s"], 1e-9),
+        "ndv_pct_direct_f32": ndv_pct_numpy_direct(disp_np32, dtype=np.float32),
         "ndv_pct_ours": ours,
         "ndv_pct_direct": direct,
         "fold_pct": M.fold_pct(M.jacobian_determinant(disp0)),
@@ -227,8 +235,13 @@ def format_perf(res: dict) -> str:
     ]
     for name, t in res["timings"].items():
         lines.append(f"{name:26s} {t['median_s']:9.3f} {t['min_s']:8.3f} {t['cpu_median_s']:8.3f} {t['warmup_s']:9.3f}")
+    if "ndv_speedup_f32" in res:
+        lines.append(
+            f"NDV speed-up at equal precision (direct NumPy float32 / ours float32): {res['ndv_speedup_f32']:.1f}x wall, "
+            f"{res['ndv_speedup_f32_cpu']:.1f}x cpu; NDV direct float32 {res['ndv_pct_direct_f32']:.5f} %"
+        )
     lines.append(
-        f"NDV speed-up (direct NumPy / ours): {res['ndv_speedup']:.1f}x wall, {res['ndv_speedup_cpu']:.1f}x cpu; "
+        f"NDV speed-up (direct NumPy float64 / ours): {res['ndv_speedup']:.1f}x wall, {res['ndv_speedup_cpu']:.1f}x cpu; "
         f"NDV ours {res['ndv_pct_ours']:.5f} %  direct {res['ndv_pct_direct']:.5f} %  (fold {res['fold_pct']:.3f} %)"
     )
     return "\n".join(lines)

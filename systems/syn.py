@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from benchmark._omp import warn_if_spinning
 from benchmark.losses import box_sum
 from benchmark.spatial import compose, gaussian_smooth, resize_field, resize_image, spacing_from_affine, warp
 from systems.base import RegistrationSystem
@@ -497,6 +498,8 @@ class GreedySyN:
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != nd or any(s <= 0 for s in spacing):
             raise ValueError(f"spacing must be {nd} positive values, got {spacing}")
+        if moving.device.type == "cpu":  # torch loaded before the suite: OpenMP may spin (benchmark._omp)
+            warn_if_spinning(torch.get_num_threads())
         with torch.inference_mode(False), torch.no_grad():
             return self._register(
                 self._normalise(moving.detach().float().clone()),
