@@ -60,3 +60,23 @@ class SlowLearner(VoxelMorph):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         time.sleep(self.step_seconds)
         return super().training_step(batch, batch_idx)
+
+
+class LearnedShift(RegistrationSystem):
+    """A learned system reduced to one parameter: a constant shift (voxels) along every axis,
+    trained towards ``shift`` (a quadratic loss). Fast enough to run several seeds in a test."""
+
+    learns: ClassVar[bool] = True
+
+    def __init__(self, shift: float = 0.5, lr: float = 0.1) -> None:
+        super().__init__(lr=lr, compute_hd95=False, warmup_calls=0)
+        self.target = float(shift)
+        self.w = torch.nn.Parameter(torch.full((1,), float(shift)))
+
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        f = batch["fixed"]
+        return self.w.detach().to(f.dtype) * torch.ones(f.shape[0], 3, *f.shape[2:], dtype=f.dtype, device=f.device)
+
+    def training_loss(self, batch: dict[str, Any]):
+        loss = (self.w - self.target).pow(2).sum()
+        return loss, {"sim": loss.detach()}

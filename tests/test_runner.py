@@ -145,7 +145,9 @@ def test_diverging_experiment_is_recorded_failed_and_grid_goes_on(tmp_path):
 # ------------------------------------------------------------------------- leaderboard
 def test_leaderboard_columns_and_initial_row(tmp_path):
     out = tmp_path / "out"
-    cfg = _base_cfg({"shift": {"class_path": "regbench_test_helpers.KillAfter", "init_args": {"shift": 0.5}}}, seeds=[0, 1])
+    # a learned method runs every seed (one that does not learn would run only the first)
+    cfg = _base_cfg({"shift": {"class_path": "reliability_helpers.LearnedShift", "init_args": {"shift": 0.5},
+                               "trainer": {"max_steps": 2}}}, seeds=[0, 1])
     sys.path.insert(0, str(HERE))
     run_grid(_write(tmp_path, cfg), output=str(out), log=lambda *_: None)
     import csv
