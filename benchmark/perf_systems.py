@@ -82,6 +82,16 @@ FIREANTS_SETTINGS: dict[str, Any] = dict(
     smooth_warp_sigma=0.25,
 )
 
+#: FireANTs' own published OASIS setting where it differs from the brief's
+#: (:data:`FIREANTS_SETTINGS`): iterations 250/200/100 and Adam's beta1 = 0.1. Both run in
+#: one ``perf systems`` call, so a preset is compared with the peer at its best known setting.
+FIREANTS_PUBLISHED_OASIS: dict[str, Any] = dict(
+    iterations=(250, 200, 100),
+    optimizer_params={"beta1": 0.1},
+)
+#: name -> overrides of :data:`FIREANTS_SETTINGS` for each FireANTs run of ``perf systems``.
+FIREANTS_RUNS: dict[str, dict[str, Any]] = {"brief": {}, "published": FIREANTS_PUBLISHED_OASIS}
+
 #: ANTs figures on the OASIS pair only (moving image_A, fixed image_B, labels 1 and 2),
 #: measured earlier with 2 threads on this kind of machine. Not re-run (the second takes
 #: over an hour); shown whatever pair is run, marked with the pair they belong to.
@@ -276,6 +286,8 @@ def _run_fireants(
             "--smooth-grad-sigma", str(s["smooth_grad_sigma"]),
             "--smooth-warp-sigma", str(s["smooth_warp_sigma"]),
         ]  # fmt: skip
+        if s.get("optimizer_params"):
+            cmd += ["--optimizer-params", json.dumps(s["optimizer_params"])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -312,8 +324,17 @@ def perf_syn(
     labels: Sequence[int] = (1, 2),
     with_peers: bool = True,
     peer_timeout_s: float = 7200.0,
+    fireants_runs: Sequence[str] = ("brief", "published"),
+    second_pair: bool = True,
 ) -> dict[str, Any]:
     """Our SyN presets vs FireANTs (when a peer python is found) vs cached ANTs, one run.
+
+    The presets were tuned on this very pair (image_A -> image_B): with ``second_pair`` they
+    also run on the reverse direction (image_B -> image_A), which they were not tuned on;
+    every record says its ``pair`` and whether the presets were ``tuned_on`` it. FireANTs
+    runs once per entry of ``fireants_runs`` (:data:`FIREANTS_RUNS`: the brief's setting and
+    its own published OASIS setting). The JSON at ``out`` is rewritten after every tool, so
+    a crash or a kill keeps what was measured.
 
     Args:
         pair_dir: folder with ``image_A/B.nii.gz`` and ``image_A/B_seg.nii.gz``.
@@ -325,7 +346,9 @@ def perf_syn(
         device: ``"cpu"`` or ``"cuda"`` (ours and the peer).
         labels: label ids for Dice.
         with_peers: run FireANTs when available.
-        peer_timeout_s: the peer's time limit.
+        peer_timeout_s: the peer's time limit (per FireANTs run).
+        fireants_runs: names of :data:`FIREANTS_RUNS` to run.
+        second_pair: also run the presets on image_B -> image_A.
 
     Returns:
         dict with ``results`` (one record per measured tool: ``dice`` per label, ``dice_mean``,
@@ -358,8 +381,25 @@ def perf_syn(
         small = torch.rand(1, 1, 24, 24, 24, device=device)
         _, warm = timed_call(lambda: GreedySyN(scales=(1,), iterations=(2,)).register(small, small), device)
         res["warmup_s"] = warm.seconds
+        def save() -> None:
+            if out is not None:
+                atomic_write_json(out, res)
+
         for p in presets:
-            res["results"].append(_run_syn_preset(pair, p, device, labels))
+            rec = _run_syn_preset(pair, p, device, labels)
+            rec.update(pair="A->B", tuned_on=True)
+            res["results"].append(rec)
+            save()
+        if second_pair:
+            rev = load_brain_pair(pair_dir, moving="image_B", fixed="image_A")
+            res["initial_reverse"] = registration_metrics(
+                np.zeros((3,) + rev.fixed.shape, np.float32), rev.moving_seg, rev.fixed_seg, labels)["dice_mean"]
+            for p in presets:
+                rec = _run_syn_preset(rev, p, device, labels)
+                rec.update(pair="B->A", tuned_on=False)
+                res["results"].append(rec)
+                save()
+            del rev
         if with_peers:
             py = find_peer_python(peer_python)
             if py is None:
@@ -373,19 +413,40 @@ def perf_syn(
                     res["skipped"].append(f"fireants: not importable with {py}: {check.stderr.strip()[-300:]}")
                 else:
                     nthreads = int(threads) if threads is not None else torch.get_num_threads()
-                    rec = _run_fireants(pair, py, nthreads, device, labels, peer_timeout_s)
-                    res["results"].append(rec)
-                    if rec.get("status") == "measured" and not rec.get("conversion_ok"):
-                        res["skipped"].append(
-                            "fireants: WARNING the converted displacement's Dice "
-                            f"{rec['dice_mean']:.4f} differs from FireANTs' own {rec['native_dice_mean']}"
-                        )
+                    for run_name in fireants_runs:
+                        rec = _run_fireants(pair, py, nthreads, device, labels, peer_timeout_s, FIREANTS_RUNS[run_name])
+                        rec.update(preset=run_name, pair="A->B", tuned_on=False)
+                        res["results"].append(rec)
+                        save()
+                        if rec.get("status") == "measured" and not rec.get("conversion_ok"):
+                            res["skipped"].append(
+                                "fireants: WARNING the converted displacement's Dice "
+                                f"{rec['dice_mean']:.4f} differs from FireANTs' own {rec['native_dice_mean']}"
+                            )
+        res["ratios"] = _time_ratios(res["results"])
         res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     finally:
         torch.set_num_threads(before)
     if out is not None:
         atomic_write_json(out, res)
     return res
+
+
+def _time_ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of our presets' wall and CPU time over each FireANTs run's, on the same pair."""
+    ours = [r for r in results if r.get("tool") == "regbench-syn" and r.get("status") == "measured"]
+    peers = [r for r in results if r.get("tool") == "fireants" and r.get("status") == "measured"]
+    out = []
+    for a in ours:
+        for b in peers:
+            if a.get("pair") != b.get("pair"):
+                continue
+            out.append({
+                "preset": a["preset"], "fireants": b.get("preset"), "pair": a.get("pair"),
+                "wall_ratio": a["wall_s"] / b["wall_s"] if b.get("wall_s") else None,
+                "cpu_ratio": a["cpu_s"] / b["cpu_s"] if a.get("cpu_s") and b.get("cpu_s") else None,
+            })
+    return out
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -401,16 +462,16 @@ def format_perf_systems(res: dict[str, Any]) -> str:
         f"SyN on {Path(res['pair']['moving']).name} -> {Path(res['pair']['fixed']).name}  "
         f"threads {res['threads']}  device {res['device'].get('device')}  "
         f"initial Dice {res['initial']['dice_mean']:.4f}",
-        f"{'tool':14s} {'preset':9s} "
+        f"{'tool':14s} {'preset':9s} {'pair':5s} "
         + " ".join(f"{'Dice ' + k:>7s}" for k in labels)
         + f" {'Dice':>7s} {'fold %':>7s} {'SDlogJ':>7s} {'wall s':>8s} {'cpu s':>8s} {'mem MB':>8s}  status",
     ]
     for r in res["results"]:
         if r.get("status") != "measured":
-            lines.append(f"{r['tool']:14s} {'':9s} FAILED: {r.get('error', '')[:200]}")
+            lines.append(f"{r['tool']:14s} {str(r.get('preset') or ''):9s} FAILED: {r.get('error', '')[:200]}")
             continue
         lines.append(
-            f"{r['tool']:14s} {str(r.get('preset') or '-'):9s} "
+            f"{r['tool']:14s} {str(r.get('preset') or '-'):9s} {str(r.get('pair') or '-'):5s} "
             + " ".join(f"{_fmt(r['dice'].get(k), '7.4f'):>7s}" for k in labels)
             + f" {_fmt(r['dice_mean'], '7.4f'):>7s} {_fmt(r['fold_pct'], '7.3f'):>7s} {_fmt(r['sdlogj'], '7.3f'):>7s}"
             f" {_fmt(r['wall_s'], '8.1f'):>8s} {_fmt(r.get('cpu_s'), '8.1f'):>8s} {_fmt(r.get('peak_mem_mb'), '8.0f'):>8s}"
@@ -418,10 +479,16 @@ def format_perf_systems(res: dict[str, Any]) -> str:
         )
     for r in res["cached"]:
         lines.append(
-            f"{r['tool']:14s} {'':9s} " + " ".join(f"{'-':>7s}" for _ in labels)
+            f"{r['tool']:14s} {'':9s} {'A->B':5s} " + " ".join(f"{'-':>7s}" for _ in labels)
             + f" {_fmt(r['dice_mean'], '7.3f'):>7s} {_fmt(r['fold_pct'], '7.3f'):>7s} {_fmt(r['sdlogj'], '7.2f'):>7s}"
             f" {_fmt(r['wall_s'], '8.0f'):>8s} {'-':>8s} {'-':>8s}  cached ({r['pair']}): {r['version']}, {r['settings']}"
         )
+    for q in res.get("ratios", []):
+        lines.append(f"time ratio {q['preset']} / fireants {q['fireants']} ({q['pair']}): "
+                     f"{_fmt(q['wall_ratio'], '.3f')} wall, {_fmt(q['cpu_ratio'], '.3f')} cpu")
+    if any(r.get("pair") == "B->A" for r in res["results"]):
+        lines.append(f"note: the presets were tuned on A->B; B->A (initial Dice {_fmt(res.get('initial_reverse'), '.4f')}) "
+                     "is a direction they were not tuned on")
     for msg in res["skipped"]:
         lines.append(f"note: {msg}")
     return "\n".join(lines)

@@ -286,14 +286,37 @@ def test_perf_syn_on_a_tiny_pair(tmp_path) -> None:
     # (the last 2 / 3 rows were outside the stored grid).
     assert np.array_equal(pair.moving_seg[2:-2, 3:-3], truth[2:-2, 3:-3])
     res = perf_syn(tmp_path, threads=1, presets=("fast",), with_peers=False, labels=(1, 2, 3), out=tmp_path / "r.json")
-    (rec,) = res["results"]
+    rec, rev = res["results"]  # A->B (the tuning direction) and B->A (not tuned on)
     assert rec["tool"] == "regbench-syn" and rec["preset"] == "fast" and rec["status"] == "measured"
+    assert (rec["pair"], rec["tuned_on"], rev["pair"], rev["tuned_on"]) == ("A->B", True, "B->A", False)
     assert rec["dice_mean"] > res["initial"]["dice_mean"] + 0.05
+    assert rev["dice_mean"] > res["initial_reverse"] + 0.05 and rev["fold_pct"] == 0.0
+    assert res["ratios"] == []  # no peer ran
     assert rec["fold_pct"] == 0.0 and rec["wall_s"] > 0 and rec["cpu_s"] > 0
     assert set(rec["dice"]) == {"1", "2", "3"}
     assert all(c["status"] == "cached" for c in res["cached"])
     assert (tmp_path / "r.json").exists()
-    assert "regbench-syn" in format_perf_systems(res)
+    table = format_perf_systems(res)
+    assert "regbench-syn" in table and "B->A" in table and "not tuned on" in table
+    # what was measured is on disk after every tool (here: both directions)
+    import json
+
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 2
+
+
+def test_time_ratios_pair_presets_with_each_fireants_run_on_the_same_pair() -> None:
+    from benchmark.perf_systems import _time_ratios
+
+    res = [
+        {"tool": "regbench-syn", "preset": "fast", "pair": "A->B", "status": "measured", "wall_s": 10.0, "cpu_s": 20.0},
+        {"tool": "regbench-syn", "preset": "fast", "pair": "B->A", "status": "measured", "wall_s": 11.0, "cpu_s": 21.0},
+        {"tool": "fireants", "preset": "brief", "pair": "A->B", "status": "measured", "wall_s": 200.0, "cpu_s": 400.0},
+        {"tool": "fireants", "preset": "published", "pair": "A->B", "status": "measured", "wall_s": 400.0, "cpu_s": 800.0},
+        {"tool": "fireants", "preset": "x", "pair": "A->B", "status": "failed"},
+    ]
+    q = _time_ratios(res)
+    assert [(r["preset"], r["fireants"], r["pair"]) for r in q] == [("fast", "brief", "A->B"), ("fast", "published", "A->B")]
+    assert q[0]["wall_ratio"] == pytest.approx(0.05) and q[1]["cpu_ratio"] == pytest.approx(0.025)
 
 
 def test_fireants_conversion_matches_its_own_warp(tmp_path) -> None:

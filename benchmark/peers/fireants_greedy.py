@@ -72,7 +72,10 @@ def main() -> None:
     p.add_argument("--smooth-grad-sigma", type=float, default=1.0)
     p.add_argument("--smooth-warp-sigma", type=float, default=0.25)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--optimizer-params", default=None,
+                   help="JSON dict for GreedyRegistration's optimizer_params (e.g. {\"beta1\": 0.1})")
     args = p.parse_args()
+    opt_params = json.loads(args.optimizer_params) if args.optimizer_params else None
 
     torch.set_num_threads(args.threads)
     import fireants
@@ -97,6 +100,7 @@ def main() -> None:
         smooth_warp_sigma=args.smooth_warp_sigma,
         deformation_type="compositive",
         progress_bar=False,
+        **({"optimizer_params": opt_params} if opt_params else {}),
     )
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
@@ -143,6 +147,7 @@ def main() -> None:
             "smooth_grad_sigma": args.smooth_grad_sigma,
             "smooth_warp_sigma": args.smooth_warp_sigma,
             "deformation_type": "compositive",
+            "optimizer_params": opt_params or {},
         },
     }
     try:
