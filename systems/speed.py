@@ -22,7 +22,8 @@ explicitly (the networks' field and pose heads cast their outputs with ``.float(
 are unchanged) when Lightning configures the model (``configure_model``: before fit, test
 or validate). A string names the ``torch.compile`` backend instead of the default
 ``"inductor"`` (``"aot_eager"``, for instance, traces without generating code). Only the
-network is compiled; the field operations around it stay eager.
+network module is compiled (for VoxelMorph and MSFF that module includes their integration and
+composition, still float32 inside); the losses and the field operations outside it stay eager.
 """
 
 from __future__ import annotations
