@@ -169,6 +169,15 @@ def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path):
 
 
 # ------------------------------------------------------------------------- 3. bad values
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A complete one-experiment result folder (``out/``) and its config (``g.yaml``)."""
+    root = tmp_path_factory.mktemp("finished")
+    cfg = _write(root / "g.yaml", _cfg({"zero": ZERO}, include_initial=False))
+    run_grid(cfg, output=str(root / "out"), log=lambda *_: None, leaderboard=False)
+    return root
+
+
 @pytest.mark.parametrize("override,key", [
     ("methods.zero.trainer.max_steps=-5", "methods.zero.trainer.max_steps"),
     ("trainer.max_steps=0", "trainer.max_steps"),
@@ -180,10 +189,11 @@ def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path):
     ("budget.epochs=3", "budget.epochs"),
     ("checkpoint_every_n_steps=0", "checkpoint_every_n_steps"),
 ])
-def test_bad_value_is_refused_at_load_and_the_finished_result_stays(tmp_path, override, key):
-    cfg = _write(tmp_path / "g.yaml", _cfg({"zero": ZERO}, include_initial=False))
-    out = tmp_path / "out"
-    run_grid(cfg, output=str(out), log=lambda *_: None, leaderboard=False)
+def test_bad_value_is_refused_at_load_and_the_finished_result_stays(finished, tmp_path, override, key):
+    import shutil
+
+    cfg = shutil.copy(finished / "g.yaml", tmp_path / "g.yaml")
+    out = shutil.copytree(finished / "out", tmp_path / "out")
     cases = out / "synth" / "zero" / "seed0" / "cases.csv"
     before = cases.read_bytes()
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
