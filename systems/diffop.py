@@ -5,38 +5,79 @@ Written for this suite from the method notes (``METHODS.md``); choices the publi
 leaves open are parameters and are stated here.
 
 Operator (:class:`DiffOperator`)
-    ``L = γ·Id − α·Δ`` on a grid of ``N_0 × N_1 × N_2`` voxels read as the unit cube
-    (spacing ``1/N_d``), with the 7-point Laplacian and **periodic boundaries**, so that
-    its Fourier symbol at frequency ``k`` is::
+    ``L = γ·Id − α·Δ`` with the 7-point Laplacian and **periodic boundaries**, so that its
+    Fourier symbol at frequency ``k`` is::
 
-        L̂(k) = γ + Σ_d 2·α·N_d² · (1 − cos(2π k_d / N_d))
+        L̂(k) = γ + Σ_d 2·c_d · (1 − cos(2π k_d / N_d))
 
-    (real, even, ``≥ γ > 0``). ``K = (L†L)⁻¹`` has the symbol ``L̂⁻²`` and is applied per
-    component with a real FFT. ``‖Lv‖² = Σ_x |Lv(x)|²`` (Parseval: ``Σ_k |L̂ v̂|² / Π N_d``).
+    (real, even, ``≥ γ > 0``), ``c_d = α/h_d²`` on a grid of spacing ``h_d`` mm (physical
+    units, what the systems use) or ``c_d = α·N_d²`` on the paper's unit cube. ``K = (L†L)⁻¹``
+    has the symbol ``L̂⁻²`` and is applied per component with a real FFT.
+    ``‖Lv‖² = Σ_x |Lv(x)|²`` (Parseval: ``Σ_k |L̂ v̂|² / Π N_d``).
 
-Energy per level (``v``: the level's velocity, voxels of the level grid)::
+Per-level constants in physical units (issue 16): level ``k`` (¼, ½, full) uses
+``L_k = γ·(Id − ℓ_k²·Δ)`` with ``ℓ_k = smoothing_mm[k]`` in mm and ``Δ`` in mm⁻² on the
+level's own grid (its spacing: the image spacing times ``(S−1)/(N−1)``), so ``K`` smooths
+over the same millimetres at every image size, spacing and level: its per-axis standard
+deviation is ``2ℓ_k`` mm whatever the grid and ``γ`` (tested at 32³/1 mm, 64³/0.5 mm, a ½
+level and an anisotropic grid). The paper's unit-cube ``alpha``
+smooths over a fixed *fraction of the field of view* instead (twice the mm on twice the
+field of view), and one ``alpha`` meant different things at 32³ and 160³ (the old
+quickstart scaled it by 25×). The authors' constants, ``alpha = (0.005, 0.001, 0.001)`` on a
+~160 mm brain with ``γ = 1``, are ``ℓ = √α · 160 mm = (11.3, 5.1, 5.1)`` mm
+(:data:`AUTHORS_SMOOTHING_MM`, the default). ``smoothing_mm=None`` restores the unit cube.
 
-    E(v) = ½‖Lv‖² + λ · D(v),    D(v) = −Σ_x cc(x)   (local squared CC, window ``ncc_window``³,
-                                                      warped moving ∘ exp(v) against fixed)
+Energy per level, with the velocity in mm (``v_mm = h·v``, ``v`` in voxels of the level
+grid; unit-cube mode: ``h = 1``)::
+
+    E(v) = ½‖L v_mm‖² + λ · D(v),    D(v) = −Σ_x cc(x)   (local squared CC, window ``ncc_window``³,
+                                                          warped moving ∘ exp(v) against fixed)
 
 Training signal (``training="sobolev"``, the authors'): the gradient that reaches each
-level's velocity is the Sobolev gradient of ``E``, i.e. the L² gradient preconditioned by
-``K``: ``v + K ⋆ (λ·F)`` with ``F = ∂D/∂W · ∇W`` the local-CC force (``∂D/∂W``: derivative of
-``D`` with respect to the warped moving image ``W``, ``∇W`` its central-difference gradient;
-demons/LDDMM style, ``∂u/∂v ≈ Id``). It is injected by :class:`SobolevGradient`, a custom
-autograd function; no gradient flows between levels. ``training="autograd"`` instead
-back-propagates the same energy written as a loss, ``D + (1/(2λ))·‖Lv‖²`` (so ``lambda_``
-means the same in both modes: the weight of the similarity against the operator norm). Both
-are divided by the level's voxel count (the optimiser, Adam, does not care about the scale).
+level's velocity is the Sobolev gradient of ``E``, the L² gradient preconditioned by ``K``:
+``v_mm + K ⋆ (λ·∂D/∂v_mm)``, in level voxels ``v + K ⋆ (λ·F) / h²`` with ``F = ∂D/∂v`` the
+similarity force. It is injected by :class:`SobolevGradient`, a custom autograd function; no
+gradient flows between levels. ``training="autograd"`` instead back-propagates the same
+energy written as a loss, ``D + (1/(2λ))·‖L v_mm‖²`` (so ``lambda_`` means the same in both
+modes). Both are divided by the level's voxel count (Adam does not care about the scale).
+Since ``D`` sums over level voxels and the force is per level voxel, ``λ`` acting on ``v_mm``
+weighs a coarse level's similarity by ``1/h²`` against the full level's: without it one ``λ``
+pushed the ¼ level 16× harder per mm than the full level (measured: direct optimisation at
+λ = 30 on the blob phantom then fell from Dice 0.44 to 0.13 through the ¼ level alone).
 
-``λ``: the authors use ``λ = 1/σ``, ``σ = 1e-6``, with their own normalisation of the
-force; here ``D`` is a plain sum of local CC values (each in ``[0, 1]``), the force is
-``O(1)`` per voxel, and the default ``lambda_ = 10`` was set on the synthetic brain data
-(direct Sobolev descent on ``E`` at 32³, quickstart ``alpha``, 6 test pairs: Dice
-0.666 → 0.78 at λ = 20 with windows (3, 3, 3) and at λ = 10 with (3, 3, 5); with windows
-(5, 7, 9) only 0.71 at λ = 10 and 0.72 at λ = 20). The ``γ²‖v‖²``
-part of ``‖Lv‖²`` shrinks the field: a 1.5-voxel translation is recovered as ~0.5 voxel by
-the full level alone at λ = 10 (window 9).
+Force (``force=``):
+
+* ``"level"``: images Gaussian-smoothed (σ = half the downsampling factor) and
+  resampled to the level grid; ``F = ∂D/∂W · ∇W`` there (``∂D/∂W``: derivative of ``D`` with
+  respect to the warped moving image ``W``, ``∇W`` its central-difference gradient;
+  demons/LDDMM style, ``∂u/∂v ≈ Id``), :func:`local_cc_force`.
+* ``"full"`` (the authors', the default): the exact gradient, with respect to the level's velocity, of the
+  full-resolution similarity of the moving image warped by the upsampled level field
+  (through scaling and squaring, the upsampling and the warp; :func:`full_resolution_force`,
+  scaled by ``|level| / |full|`` voxels so ``λ`` keeps its meaning); the local-CC window is
+  then the full level's at every level.
+
+Comparison, and the default: :class:`DiffOpEnergy` (30 steps per level, ``ℓ = (12, 6, 3)`` mm,
+λ = 100, window 3) on 3 test pairs of the built-in anatomy at 4 mm (40×48×48), one thread on
+a shared 2-core CPU (load ~24), both options timed back to back per pair in one process
+(the rows of ``regbench run benchmark/configs/diffop_cascade.yaml --methods diffop_energy``
+with ``--set methods.diffop_energy.init_args.force=level`` or ``full`` give the same
+comparison with ``runtime_s`` per case)::
+
+    force    Dice    EPE (brain, mm)    s / pair
+    level    0.724   4.18               69.7
+    full     0.759   2.72               133.5     (initial: Dice ≈ 0.56)
+
+The full-resolution force is better on every pair (+0.034 Dice, −1.5 mm EPE) for about 1.9×
+the time, so the downsampled force is *not* as accurate, and ``force="full"`` is the default
+(``"level"`` stays as the cheaper option and an ablation).
+
+``λ`` and the window: the authors use ``λ = 1/σ``, ``σ = 1e-6``, with their own normalisation
+of the force; here ``D`` is a plain sum of local CC values (each in ``[0, 1]``). On the
+built-in anatomy at 4 mm, direct optimisation of ``E`` with ``ℓ = (12, 6, 3)`` mm and window
+3 at every level (12 mm, the closest odd window to the authors' 9 mm) reaches, on 6 test pairs
+(initial Dice 0.581, mean EPE 9.33 mm over the whole grid): λ = 100: Dice 0.734 (EPE 8.00) with
+the three levels, 0.699 (8.65) with the full level alone; λ = 300: 0.723 (7.93).
 
 Networks (:class:`CascadeUNet`), three with no weight sharing, input ``cat(moving, fixed)``:
 encoder conv k3 + LeakyReLU(0.2) ``2→c`` (full), ``c→2c`` stride 2, then three stride-2
@@ -48,26 +89,20 @@ stops at ¼, net 2 at ½, net 3 at full resolution. The networks run on the imag
 to the nearest multiple of 16 per axis (rounded up; no resampling when it divides); each
 level's field is brought back with :func:`benchmark.spatial.resize_field`.
 
-Each level's energy is evaluated on its own grid: fixed and (previously warped) moving image
-Gaussian-smoothed (σ = half the downsampling factor, an anti-aliasing choice made here) and
-resampled to the level grid.
-
-Grid size: ``alpha`` is defined on the unit cube, so the same ``alpha`` smooths less per voxel
-on a small grid; for small volumes scale it by ``(N_authors / N)²`` (the quickstart at 32³
-uses ``(0.125, 0.025, 0.001)``, see ``benchmark/configs/diffop_quickstart.yaml``). The
-local-CC window should shrink with the grid as well (the authors' 9 voxels at ~160³; the
-quickstart uses 3 at every level): windows that cover a large part of a small volume bias the
-similarity — at 32³ the ¼ level (8³) with window 5 moves landmarks away from their truth.
-
 Cascade: ``v1 = net1(I, J)``, ``I1 = I ∘ φ1``, ``v2 = net2(I1, J)``, ``I2 = I1 ∘ φ2``,
 ``v3 = net3(I2, J)`` with ``φk = exp(vk)`` by **scaling and squaring** (``int_steps``, 7;
 the authors' 2-step midpoint scheme is replaced by it). At test the three displacements are
 composed into one, ``u = (u1 ∘ u2) ∘ u3`` in :func:`benchmark.spatial.compose`'s notation
 (``u3`` applied first), and ``warp(I, u)`` equals the sequential warps up to interpolation.
 
-Per-level constants (authors'): ``alpha = (0.005, 0.001, 0.001)`` for ¼, ½, full; ``gamma = 1``.
-The sweep parameters are ``gamma`` (the operator's identity weight γ, shared by the levels,
-log scale) and ``lambda_``.
+Ablation switches (issue 14), each an init argument: ``cca`` (Cross-Coordinate Attention on
+the skips or plain skips), ``levels`` (3: the cascade; 1: the full-resolution network alone),
+``training`` (``"sobolev"`` or ``"autograd"``), ``force`` (``"level"`` or ``"full"``).
+:class:`DiffOpEnergy` minimises the same energy per pair without a network (``learns =
+False``): the upper reference row and a test oracle.
+
+Sweep (``search_space``): ``gamma`` and ``lambda_`` (log) and the per-level lengths
+``smoothing_mm.0/.1/.2`` (log, mm; :mod:`sweeps.space` gathers indexed names into the list).
 """
 
 from __future__ import annotations
@@ -615,8 +650,9 @@ class DiffOpNet(DiffOpEnergyTerms, RegistrationSystem):
         lambda_: ``λ``, weight of the similarity (local-CC) energy against ``½‖Lv‖²``.
         training: ``"sobolev"`` (default: the Sobolev gradient ``v + K⋆(λF)`` per level) or
             ``"autograd"`` (the loss ``D + ‖Lv‖²/(2λ)`` back-propagated) — ablation switch.
-        force: ``"level"`` (default: each level's force on the level grid) or ``"full"``
-            (the authors': the exact gradient of the full-resolution similarity).
+        force: ``"full"`` (default, the authors': the exact gradient of the full-resolution
+            similarity; better than ``"level"`` at ~2× the cost, figures above) or ``"level"``
+            (each level's demons force on the level grid).
         levels: 3 (the ¼ → ½ → full cascade) or 1 (the full-resolution network alone; the
             per-level settings' full entry is used) — ablation switch.
         cca: Cross-Coordinate Attention on the skips (default) or plain skips — ablation switch.
@@ -644,7 +680,7 @@ class DiffOpNet(DiffOpEnergyTerms, RegistrationSystem):
         gamma: float = 1.0,
         lambda_: float = 10.0,
         training: str = "sobolev",
-        force: str = "level",
+        force: str = "full",
         levels: int = 3,
         cca: bool = True,
         ncc_window: int | Sequence[int] = 9,
@@ -753,7 +789,7 @@ class DiffOpEnergy(DiffOpEnergyTerms, RegistrationSystem):
         alpha: Sequence[float] = (0.005, 0.001, 0.001),
         gamma: float = 1.0,
         lambda_: float = 10.0,
-        force: str = "level",
+        force: str = "full",
         levels: int = 3,
         ncc_window: int | Sequence[int] = 9,
         int_steps: int = 7,

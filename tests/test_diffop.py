@@ -392,7 +392,7 @@ def test_full_resolution_force_is_the_gradient_of_the_full_resolution_similarity
         fd = (float(_full_dissim(vp, moving, fixed, 3, 4)) - float(_full_dissim(vm, moving, fixed, 3, 4))) / (2 * eps)
         assert float(force[idx]) == pytest.approx(fd, rel=1e-4, abs=1e-7)
     # it is not the level-grid force (the option changes the training signal)
-    model = DiffOpNet(width=2, ncc_window=3, int_steps=4)
+    model = DiffOpNet(width=2, ncc_window=3, int_steps=4, force="level")
     lf, _ = model.level_force(1, v, moving, fixed)
     assert float((lf - force).norm()) > 0.1 * float(force.norm())
 
@@ -420,12 +420,12 @@ def test_direct_optimisation_descends_to_a_stationary_point():
 
 
 def _translation_error(levels: int) -> float:
-    """A 32³ smooth image shifted by 4 voxels along axis 0: mean error (voxels) of the recovered
-    shift over the central region."""
-    batch = _shifted_pair(41, 4.0, shape=(32, 32, 32))
-    m = DiffOpEnergy(smoothing_mm=(6.0, 3.0, 1.5), lambda_=30.0, ncc_window=3, levels=levels, iterations=40)
+    """A 32×16×16 smooth image shifted by 4 voxels along axis 0: mean error (voxels) of the
+    recovered shift over the central region."""
+    batch = _shifted_pair(41, 4.0, shape=(32, 16, 16))
+    m = DiffOpEnergy(smoothing_mm=(6.0, 3.0, 1.5), lambda_=30.0, ncc_window=3, levels=levels, iterations=25)
     disp = m.register(batch)
-    inner = disp[0, :, 8:24, 8:24, 8:24]
+    inner = disp[0, :, 8:24, 4:12, 4:12]
     true = torch.tensor([4.0, 0.0, 0.0]).view(3, 1, 1, 1)
     return float((inner - true).norm(dim=0).mean())
 
@@ -459,7 +459,7 @@ def _one_step(model: DiffOpNet) -> torch.Tensor:
     return after
 
 
-@pytest.mark.parametrize("switch", [{"cca": False}, {"levels": 1}, {"training": "autograd"}, {"force": "full"}])
+@pytest.mark.parametrize("switch", [{"cca": False}, {"levels": 1}, {"training": "autograd"}, {"force": "level"}])
 def test_each_ablation_switch_changes_the_module_and_trains_one_step(switch):
     base = dict(width=4, ncc_window=3, smoothing_mm=(4.0, 2.0, 1.0), lambda_=10.0)
     torch.manual_seed(0)
