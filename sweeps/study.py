@@ -360,7 +360,10 @@ class PruningCallback(_lightning_callback_base()):  # type: ignore[misc]
 
 
 def _trainer_kwargs(res: _Resolved, trial_dir: Path) -> dict[str, Any]:
-    kw = {**res.cfg.trainer, **res.method.trainer}
+    from benchmark.runner import apply_budget, effective_budget
+
+    # the config's training budget holds for every trial, as for `regbench run`
+    kw = apply_budget({**res.cfg.trainer, **res.method.trainer}, effective_budget(res.cfg, res.method)[0])
     strategy = kw.get("strategy")
     if isinstance(strategy, str) and strategy.startswith("ddp") and "spawn" not in strategy:
         kw["strategy"] = "ddp_spawn"
