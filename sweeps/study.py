@@ -529,11 +529,16 @@ def best_config(res: _Resolved, params_list: list[tuple[str, dict[str, Any]]]) -
                                "init_args": _plain({**res.method.init_args, **params})}
         if res.method.trainer:
             blk["trainer"] = _plain(res.method.trainer)
+        if getattr(res.method, "budget", None) is not None:
+            blk["budget"] = _plain(res.method.budget)
         methods[name] = blk
     ds = {k: copy.deepcopy(res.dataset.raw[k]) for k in ("class_path", "init_args") if k in res.dataset.raw}
-    return {"suite": f"{res.cfg.suite}-{res.spec.method}-best", "seeds": list(res.cfg.seeds), "include_initial": True,
-            "trainer": _plain(res.cfg.trainer), "loggers": list(res.cfg.loggers), "datasets": {res.dataset.name: ds},
-            "methods": methods}
+    out = {"suite": f"{res.cfg.suite}-{res.spec.method}-best", "seeds": list(res.cfg.seeds), "include_initial": True,
+           "trainer": _plain(res.cfg.trainer), "loggers": list(res.cfg.loggers), "datasets": {res.dataset.name: ds},
+           "methods": methods}
+    if getattr(res.cfg, "budget", None) is not None:
+        out["budget"] = _plain(res.cfg.budget)
+    return out
 
 
 def _write_trials_csv(study, path: Path, params: list[str]) -> None:
