@@ -76,19 +76,11 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> tuple[float, int]
 
 
 def worst_fraction_mean(values: Sequence[float], higher_is_better: bool, fraction: float = 0.3) -> float:
-    """Mean of the worst ``fraction`` of the finite values (Learn2Reg's robustness value).
+    """Mean of the worst ``fraction`` of the finite values (Learn2Reg's robustness value):
+    :func:`benchmark.metrics.worst_fraction_mean`, the suite's one definition (``ceil``)."""
+    from benchmark.metrics import worst_fraction_mean as _wfm
 
-    The worst are the lowest when higher is better (Dice) and the highest otherwise (HD95);
-    ``max(1, round(fraction * n))`` values enter. NaN when there is no finite value.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return math.nan
-    k = max(1, int(round(fraction * v.size)))
-    v = np.sort(v)
-    worst = v[:k] if higher_is_better else v[-k:]
-    return float(worst.mean())
+    return _wfm(values, higher_is_better, fraction)
 
 
 def pooled_stats(values: Sequence[float]) -> dict[str, float]:

@@ -196,3 +196,14 @@ def test_anatomy_loader_without_nilearn(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nilearn" else real(name, *a))
     with pytest.raises(anatomy.TemplateError, match="pip install nilearn"):
         anatomy.mni_template_files()
+
+
+@pytest.mark.parametrize("n,k", [(4, 2), (7, 3), (8, 3), (10, 3), (11, 4)])
+def test_worst_30_percent_is_one_definition(n, k):
+    v = np.arange(n, dtype=float)
+    want_low = v[:k].mean()  # Dice: the k lowest
+    want_high = v[-k:].mean()  # HD95: the k highest
+    assert metrics.worst_fraction_mean(v, True) == pytest.approx(want_low)
+    assert metrics.worst_fraction_mean(v, False) == pytest.approx(want_high)
+    assert stats.worst_fraction_mean(v, True) == pytest.approx(want_low)
+    assert metrics.aggregate(list(v), True)["robust30"] == pytest.approx(want_low)
