@@ -983,12 +983,18 @@ def _run_deferred(cfg: GridConfig, deferred: list[Experiment], statuses: dict[st
     for exp in deferred:
         d = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
         lock = ExperimentLock(lock_path(cfg, exp))
-        log(f"[wait] {d}: waiting for {describe_holder(lock.holder())}")
-        try:
-            lock.acquire(blocking=True)
-        finally:
-            lock.release()
-        statuses[str(d)] = _run_or_defer(cfg, exp, log, [])
+        again = [exp]
+        while again:  # a third process may take it between our wait and our run
+            log(f"[wait] {d}: waiting for {describe_holder(lock.holder())}")
+            try:
+                lock.acquire(blocking=True)
+            except RunInterrupted as stop:
+                stop.output = cfg.output  # type: ignore[attr-defined]
+                raise
+            finally:
+                lock.release()
+            again = []
+            statuses[str(d)] = _run_or_defer(cfg, exp, log, again)
 
 
 def run_grid(config: str | os.PathLike, output: str | None = None, methods: list[str] | None = None, leaderboard: bool = True,
