@@ -55,7 +55,7 @@ h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{padding:3px 7px;text-align:right;border-bottom:1px solid #e5e5e5;vertical-align:top}
 td{white-space:nowrap}th{white-space:normal;min-width:3.5em;max-width:9em;border-bottom:2px solid #999;background:#fafafa;font-weight:600}
-td:first-child,th:first-child{text-align:left}td .second{color:#666;font-size:11px}
+td:first-child,th:first-child{text-align:left}td .second{color:#666;font-size:11px;white-space:normal}
 tr.initial td{color:#666;font-style:italic}
 table.prov td{white-space:normal;max-width:16em;overflow-wrap:anywhere}table.prov code{font-size:12px}
 .nodata{color:#8a6d3b;background:#fcf8e3;padding:6px 10px;border-radius:4px;display:inline-block}
@@ -85,17 +85,19 @@ def _nodata(text: str) -> str:
     return f'<p class="nodata">{_html.escape(text)}</p>'
 
 
-#: "0.720 ± 0.013", "0.716 / 0.708" (possibly inside <b>…</b>, followed by <sup>*</sup>).
-_TWO_VALUES = re.compile(r"^(<b>)?([^<>±/]*?\S) (±|/) ([^<>]*?)(</b>)?(<sup>.*</sup>)?$")
+#: "0.720 ± 0.013", "0.716 / 0.708", "0.557 [0.514, 0.604]" (possibly inside <b>…</b>,
+#: followed by <sup>*</sup>).
+_TWO_VALUES = re.compile(r"^(<b>)?([^<>±/\[\]]*?\S) (± |/ |\[)([^<>]*?)(</b>)?(<sup>.*</sup>)?$")
 
 
 def _stack(cell: str) -> str:
-    """Put the second value of a two-value cell on its own line (narrower columns)."""
+    """Put the second value (std, worst 30 %, confidence interval) of a two-value cell on
+    its own line, so columns stay narrow."""
     m = _TWO_VALUES.match(cell)
     if not m:
         return cell
     b0, first, sep, second, b1, sup = (g or "" for g in m.groups())
-    return f'{b0}{first}{sup}{b1}<br><span class="second">{b0}{sep} {second}{b1}</span>'
+    return f'{b0}{first}{sup}{b1}<br><span class="second">{b0}{sep}{second}{b1}</span>'
 
 
 def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:

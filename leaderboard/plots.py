@@ -379,7 +379,7 @@ def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, gri
     fig.colorbar(ims[2], ax=list(axs[:, 2]), label="fixed − warped", **kw)
     axs[-1, 3].set_xlabel("(no colour scale)", fontsize=8, color="#666")
     cb = fig.colorbar(ims[4], ax=list(axs[:, 4]), label="det J (black ≤ 0)", **kw)
-    cb.set_ticks([0.0, 1.0] + ([2.0] if jmax >= 2.6 else []) + [jmax], labels=["0", "1"] + (["2"] if jmax >= 2.6 else []) + [f"{jmax:.1f}"])
+    cb.set_ticks([0.0, 1.0, jmax], labels=["0", "1", f"{jmax:.1f}"])
     case = next((str(p.get("case_id")) for _, p, _ in rows if p.get("case_id") is not None), "")
     fig.suptitle(f"case {case}, mid-slice orthogonal to array axis {rows[0][2]}; one colour scale per column", fontsize=10)
     return png_bytes(fig)

@@ -151,6 +151,14 @@ def _small_quickstart_overrides(config: Path) -> list[str]:
         out.append(f"{ds}.spacing=8.0")
     elif "size" in (blk.get("init_args") or {}) or "SyntheticBrain" in blk["class_path"]:
         out.append(f"{ds}.size=32")
+    # ten training steps, wherever the config sets the training length
+    vxm = raw["methods"]["voxelmorph"]
+    if vxm.get("budget"):
+        out.append("methods.voxelmorph.budget.max_steps=10")
+    elif raw.get("budget"):
+        out.append("budget.max_steps=10")
+    else:
+        out.append("methods.voxelmorph.trainer.max_steps=10")
     return out
 
 
@@ -169,8 +177,7 @@ def test_quickstart_report_renders_in_chromium(tmp_path):
         statuses = run_grid(
             config,
             output=str(root),
-            overrides=[*_small_quickstart_overrides(config),
-                       "methods.voxelmorph.trainer.max_steps=10", "methods.syn.init_args.preset=fast",
+            overrides=[*_small_quickstart_overrides(config), "methods.syn.init_args.preset=fast",
                        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"],
             leaderboard=False,
             log=lambda *_: None,
