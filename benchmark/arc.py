@@ -272,6 +272,9 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
 
     Returns ``{experiment_dir: status}`` of the grid run. Raises
     :class:`benchmark.runner.ConfigError` naming the key before any work on a bad config.
+    When the grid stops (a signal: :class:`benchmark.reliability.RunInterrupted`, or an
+    error), ``arc.csv`` and the report are still written from the points finished so far
+    (the unfinished ones with their status) before the exception goes on.
     """
     from benchmark.io import atomic_write_text
     from benchmark.runner import ConfigError, _is_zero, apply_overrides, expand_env, run_grid
@@ -290,39 +293,73 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
     suite = str(top.get("suite") or p.stem)
     out = Path(output or top.get("output") or Path("results") / suite)
     arc = top.get("arc") or {}
-    bound = float(sdlogj_bound if sdlogj_bound is not None else (arc.get("sdlogj_bound", DEFAULT_SDLOGJ_BOUND) if isinstance(arc, dict) else DEFAULT_SDLOGJ_BOUND))
+    if sdlogj_bound is None:
+        sdlogj_bound = arc.get("sdlogj_bound", DEFAULT_SDLOGJ_BOUND) if isinstance(arc, dict) else DEFAULT_SDLOGJ_BOUND
+    try:
+        bound = float(sdlogj_bound)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"arc.sdlogj_bound: expected a number, got {sdlogj_bound!r}") from exc
     points = arc_points(raw, k, methods)
     cfg = build_arc_config(raw, points, suite, out)
-    out.mkdir(parents=True, exist_ok=True)
     gen = out / "arc_config.yaml"
     header = (f"# Written by `regbench arc {p}`: every point of the accuracy-regularity curves as a plain grid.\n"
               f"# `regbench run {gen}` runs (or resumes) the same experiments.\n")
     if _is_zero():
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(gen, header + yaml.safe_dump(cfg, sort_keys=False))
     datasets = list(expand_env(raw.get("datasets") or {}))
     seeds = top.get("seeds", [0])
     for name, pts in points.items():
         log(f"[arc] {name}: {pts[0]['param']} = " + ", ".join(_fmt_value(q["value"]) + (" (default)" if q["is_default"] else "") for q in pts))
-    statuses = run_grid(gen, output=str(out), leaderboard=False, log=log)
-    if _is_zero():
-        csv_path = write_arc_csv(out, datasets, seeds, points, bound)
-        from leaderboard.table import write_leaderboard
+    started = False
+    try:
+        statuses = run_grid(gen, output=str(out), leaderboard=False, log=log)
+        started = True
+    finally:
+        # also after a signal or an error: the finished points are reported, nothing is lost
+        if _is_zero() and (started or any(out.glob("*/*/seed*/run.json"))):
+            try:
+                csv_path = write_arc_csv(out, datasets, seeds, points, bound)
+                from leaderboard.table import write_leaderboard
 
-        md = write_leaderboard(out)
-        log(f"[arc] {csv_path}; [leaderboard] {md} (and .csv, .html)")
+                md = write_leaderboard(out)
+                log(f"[arc] {csv_path}; [leaderboard] {md} (and .csv, .html)")
+            except Exception as exc:  # noqa: BLE001 - never hide the grid's own outcome
+                if started:
+                    raise
+                log(f"[arc] could not write arc.csv / the report: {type(exc).__name__}: {exc}")
     return statuses
 
 
 def _cmd_arc(args) -> int:
-    from benchmark.runner import ConfigError, _is_zero
+    from benchmark.reliability import RunInterrupted, install_signal_handlers, one_line_error
+    from benchmark.runner import ConfigError, _is_zero, set_threads
 
+    debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
+    if args.threads is not None and args.threads < 1:
+        print(f"regbench arc: --threads: expected a positive integer, got {args.threads}", file=sys.stderr)
+        return 2
+    set_threads(args.threads)
+    restore = install_signal_handlers()
     try:
         statuses = run_arc(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None,
                            k=args.k, sdlogj_bound=args.sdlogj_bound, overrides=args.set)
     except ConfigError as exc:
         print(f"regbench arc: config error: {exc}", file=sys.stderr)
         return 2
-    bad = {d: s for d, s in statuses.items() if s != "complete"}
+    except RunInterrupted as stop:
+        if _is_zero():
+            print(f"regbench arc: {stop}; the point in flight is marked interrupted (run the same command to resume)",
+                  file=sys.stderr)
+        return stop.exit_code
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"regbench arc: error: {one_line_error(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        restore()
+    bad = {d: s_ for d, s_ in statuses.items() if s_ != "complete"}
     if bad and _is_zero():
         print(f"regbench arc: {len(bad)} point(s) did not complete: {bad}", file=sys.stderr)
     return 1 if bad else 0
@@ -338,4 +375,5 @@ def add_cli_commands(sub) -> None:
     a.add_argument("--methods", help="comma-separated subset of the config's methods")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value before the curves are built (repeatable; value read as YAML)")
+    a.add_argument("--threads", type=int, default=None, help="torch intra-op and inter-op threads (default: torch's)")
     a.set_defaults(func=_cmd_arc)
