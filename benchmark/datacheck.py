@@ -23,7 +23,6 @@ resampled through the affines, mixed orientations or spacings (the preprocessing
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections import Counter

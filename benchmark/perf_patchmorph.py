@@ -250,7 +250,7 @@ def _child_infer(size: int, passes: Sequence[int]) -> dict[str, Any]:
     for p in passes:
         system = PatchMorph(infer_passes=p).eval()
         system.register(small)  # warm-up (oneDNN primitives for this batch shape)
-        _, st = timed_call(lambda: system.register(batch))
+        _, st = timed_call(lambda s=system: s.register(batch))
         counts = list(system.last_patch_counts)
         rows.append({"passes": p, "patches": int(sum(counts)), "patches_per_scale": counts, "seconds": st.seconds,
                      "peak_mb": st.peak_mem_mb})

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 __all__ = ["set_verbosity", "verbosity", "GridProgress", "format_seconds"]
 

@@ -325,7 +325,6 @@ def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, gri
     rows = [(m, p, a) for m, p, a in rows if a is not None]
     if not rows:
         return None
-    from matplotlib import colormaps
     from matplotlib.colors import Normalize, TwoSlopeNorm
 
     fixed0 = np.asarray(rows[0][1][f"fixed_ax{rows[0][2]}"], dtype=np.float32)

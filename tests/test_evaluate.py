@@ -116,7 +116,6 @@ def test_evaluate_json_keys_and_landmarks(tmp_path):
 
 
 def test_evaluate_refuses_bad_inputs(tmp_path, capsys):
-    rng = np.random.default_rng(3)
     shape = (12, 13, 14)
     seg = np.zeros(shape, np.int16)
     seg[2:8, 3:9, 4:10] = 1

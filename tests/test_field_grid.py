@@ -24,7 +24,7 @@ from benchmark.cli import main
 from benchmark.evaluate import evaluate_files, map_field_to_grid
 from benchmark.io import DataError, field_sidecar_path, write_displacement
 from datamodules.preprocess import PreprocessConfig, preprocess_subject
-from fake_layouts import WORLD_POINTS, build_nifti_folder, random_affine, sample_world, world_labels
+from fake_layouts import WORLD_POINTS, build_nifti_folder, random_affine
 
 
 def _world_map():

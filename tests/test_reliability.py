@@ -243,7 +243,7 @@ def test_bare_postgresql_url_gets_the_installed_driver():
 from test_sweeps import postgres_url  # noqa: E402,F401  (the throwaway-cluster fixture, shared)
 
 
-def test_postgresql_url_as_the_readme_writes_it_reaches_the_database(postgres_url):
+def test_postgresql_url_as_the_readme_writes_it_reaches_the_database(postgres_url):  # noqa: F811 (fixture)
     import uuid
 
     import optuna
