@@ -305,10 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from benchmark.io import DataError
 
-        if debug or not isinstance(exc, DataError):
+        if debug:
             raise
-        print(f"regbench {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, DataError):
+            print(f"regbench {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and getattr(exc, "filename", None):
+            # an output path that cannot be written (read-only folder, a folder given as a file…)
+            print(f"regbench {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

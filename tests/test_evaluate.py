@@ -181,3 +181,23 @@ def test_truncated_nifti_is_a_data_error_naming_the_file(tmp_path):
     for loader in (load_volume, load_segmentation):
         with pytest.raises(DataError, match=r"cut\.nii\.gz.*truncated or corrupt"):
             loader(bad)
+
+
+def test_evaluate_unwritable_out_is_one_line(tmp_path):
+    """An --out under a plain file (a folder that cannot exist) is one line naming the path, exit 2."""
+    import subprocess
+    import sys
+
+    seg = np.zeros((8, 8, 8), np.int16)
+    seg[2:6, 2:6, 2:6] = 1
+    s = _save(tmp_path / "s.nii.gz", seg)
+    d = tmp_path / "d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(d))
+    blocker = tmp_path / "plain_file"
+    blocker.write_text("x")
+    out = blocker / "metrics.json"
+    r = subprocess.run([sys.executable, "-m", "benchmark.cli", "evaluate", "--disp", str(d), "--fixed-seg", str(s),
+                        "--moving-seg", str(s), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "plain_file" in lines[0] and "Traceback" not in r.stderr
