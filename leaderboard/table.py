@@ -46,7 +46,6 @@ __all__ = [
     "DatasetReport",
     "Report",
     "collect",
-    "aggregate_rows",
     "build_report",
     "markdown",
     "csv_text",
@@ -314,17 +313,6 @@ def build_report(root: str | Path, rank_metrics: Mapping[str, Sequence[str]] | N
             spec = rank_metrics.get(ds) or rank_metrics.get(kind)
         out.append(build_dataset(root, ds, by_ds[ds], spec))
     return Report(root, out, skipped)
-
-
-def aggregate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per (dataset, method) (the CSV's rows) from raw case rows."""
-    by_ds: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_ds.setdefault(str(r["dataset"]), []).append(r)
-    out = []
-    for ds in sorted(by_ds):
-        out.extend(_flat_rows(build_dataset(Path("."), ds, by_ds[ds])))
-    return out
 
 
 # ----------------------------------------------------------------------------- formatting
