@@ -336,6 +336,13 @@ def arc_figure(rows: Sequence[dict[str, Any]], dataset: str) -> bytes | None:
                 bound = next((r["sdlogj_bound"] for r in pts if np.isfinite(r["sdlogj_bound"])), math.nan)
                 if np.isfinite(bound):
                     ax.axvline(bound, color="0.5", ls=":", lw=1)
+            if xk == "ndv_pct":  # NDV spans orders of magnitude (0 for a diffeomorphic field)
+                ax.set_xscale("symlog", linthresh=1e-3)
+                hi = max((r[xk] for r in pts if np.isfinite(r[xk])), default=0.0)
+                decs = list(range(-3, max(-2, math.ceil(math.log10(hi))) + 1)) if hi > 0 else [-3, -2]
+                step = max(1, math.ceil(len(decs) / 5))  # at most ~6 labelled ticks
+                ax.set_xticks([0.0] + [10.0 ** d for d in decs[::step]])
+                ax.set_xticklabels(["0"] + [f"1e{d}" for d in decs[::step]], fontsize=8)
             ax.set_xlabel(ARC_METRICS[xk])
             ax.set_ylabel(ARC_METRICS[yk])
             ax.grid(alpha=0.3)
