@@ -28,6 +28,8 @@ from leaderboard.table import (
     DatasetReport,
     Report,
     fmt,
+    budget_cells,
+    paired_cells,
     ranking_cells,
     robust_cells,
     seed_cells,
@@ -122,6 +124,13 @@ def _tables(ds: DatasetReport) -> str:
     if ds.kind == "deformable":
         h, r = robust_cells(ds)
         parts += ["<p>Median / worst 30 % (mean of the 30 % worst cases):</p>", _table(h, _esc_rows(r))]
+    h, r = paired_cells(ds)
+    if r:
+        parts += ["<p>Differences from the best method (paired over cases; Δ = method − best, mean over seeds per "
+                  "case; 95 % bootstrap CI, Holm-corrected Wilcoxon p):</p>", _table(h, _esc_rows(r))]
+    h, r = budget_cells(ds)
+    if r:
+        parts += ["<p>Training budget and cost (means over seeds):</p>", _table(h, _esc_rows(r))]
     h, r = ranking_cells(ds)
     if r:
         parts += [f"<p>Learn2Reg rank scores per metric ({_html.escape(', '.join(ds.rank_metrics))}, runtime):</p>",
