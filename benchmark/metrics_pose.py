@@ -1,4 +1,4 @@
-"""2D/3D registration metrics (DESIGN.md §4): mTRE, projected error, rotation and translation
+"""2D/3D registration metrics (docs/design.md §2): mTRE, projected error, rotation and translation
 error, success flags, and their aggregates.
 
 All per-case metrics compare the estimated and the true placement of the CT in the C-arm

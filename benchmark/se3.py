@@ -1,7 +1,7 @@
 """Rigid-motion helpers for 2D/3D registration: SO(3)/SE(3) exp and log, composition,
 geodesic distance and its analytic gradient.
 
-Pose convention of the suite (DESIGN.md §3): a pose is a ``(..., 6)`` tensor
+Pose convention of the suite (docs/design.md §1): a pose is a ``(..., 6)`` tensor
 ``θ = (ω, t)`` — a rotation vector ``ω`` (radians, axis × angle) and a translation ``t``
 (mm). It acts on a point ``p`` as ``p ↦ R(ω) p + t`` with ``R(ω) = exp([ω]×)``; how that
 acts on a CT (about its isocentre, in the C-arm frame) is documented in

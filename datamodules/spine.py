@@ -1,4 +1,4 @@
-"""Spine CT → X-ray (DRR) data for 2D/3D registration (DESIGN.md §5.4).
+"""Spine CT → X-ray (DRR) data for 2D/3D registration (docs/design.md §5).
 
 Sources: the built-in synthetic spine CTs (:mod:`datamodules.synthetic_spine`, default) or a
 folder of CT NIfTI files (HU) with optional vertebra label maps (landmarks = label centres

@@ -1,4 +1,4 @@
-"""Synthetic spine CT (DESIGN.md §5.1): vertebra-like bones in soft tissue and air.
+"""Synthetic spine CT (docs/design.md §5): vertebra-like bones in soft tissue and air.
 
 A torso (elliptic cylinder of soft tissue with a fat layer, a few organ-like blobs and gas
 pockets) around a lumbar-like spine: a stack of vertebrae, each a vertebral body (cortical

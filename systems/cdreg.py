@@ -3,7 +3,7 @@
 A learned, fully differentiable similarity ``S(X-ray, DRR(θ; CT))`` trained so that its
 pose gradient points along the SE(3) geodesic away from the true pose; registration is
 gradient descent on ``θ`` from the starting pose. What is known and what was chosen here
-(``METHODS.md``, "cdreg"):
+(``docs/methods.md``, "cdreg"):
 
 * **3D residual before projection**: ``x3d = x.repeat(3) + convstack(x)``, convstack
   ``1→4→8→16→8→4→3``, 3×3×3, ReLU after each; the CT is scaled by ``mu_ref`` (water = 1)

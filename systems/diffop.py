@@ -1,7 +1,7 @@
 """DiffOp-net (arXiv 2404.04244 v1): a differential operator on the velocity, a ¼ → ½ → full
 cascade of U-Nets with Cross-Coordinate Attention, trained with the Sobolev gradient.
 
-Written for this suite from the method notes (``METHODS.md``); choices the public material
+Written for this suite from the method notes (``docs/methods.md``); choices the public material
 leaves open are parameters and are stated here.
 
 Operator (:class:`DiffOperator`)

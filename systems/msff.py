@@ -1,7 +1,7 @@
 """MSFF: multi-scale feature fusion pyramid for unsupervised deformable registration.
 
 Written for this suite from the description of arXiv 2408.05717 (the seed method reported on
-LUMIR: validation Dice 0.7727) and the notes in ``METHODS.md``; no code of the authors was
+LUMIR: validation Dice 0.7727) and the notes in ``docs/methods.md``; no code of the authors was
 available. The known structure:
 
 * a **shared encoder** applied to the moving and the fixed image separately, with one set of

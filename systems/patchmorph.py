@@ -1,7 +1,7 @@
 """PatchMorph: a coarse-to-fine cascade of constant-size patches in world coordinates.
 
 Written for this suite from the description of arXiv 2312.06958 and the notes in
-``METHODS.md`` (no code of the authors used). What the method is here:
+``docs/methods.md`` (no code of the authors used). What the method is here:
 
 **Patches in world space.** A patch is a cube of ``patch_size³`` sample points defined in
 world (scanner, mm) coordinates by a centre ``c`` (mm), an extent ``e`` (mm per patch axis)
@@ -67,7 +67,7 @@ grid), and TRE is ``|A_m,lin ((p + u(p)) − q)|`` with the moving affine. For a
 grid it is the usual displacement. An untrained network gives the world identity (scanner
 alignment): ``u(x) = A_m⁻¹ A_f x − x``.
 
-Choices for the open points of ``METHODS.md``: patch 32³ (16³ for CPU runs), three scales,
+Choices for the open points of ``docs/methods.md``: patch 32³ (16³ for CPU runs), three scales,
 extents in mm given per dataset in the configs (coarsest ≈ the head, finest ≈ patch_size ×
 voxel size), NCC window 9 (7 for 16³), ``lambda_ = 1``, ``fold_weight = 10``, inference
 stride 1/2 of the extent.
