@@ -155,4 +155,6 @@ def test_shipped_arc_config_has_five_points_per_method_and_loads(tmp_path):
         assert len(set(vals)) == len(vals)
     gen = build_arc_config(raw, pts, "arc_brain", tmp_path / "out")  # (the config itself loads in test_configs)
     assert len(gen["methods"]) == sum(len(p) for p in pts.values()) and "arc" not in gen
-    assert gen["methods"]["syn-smooth_warp_sigma0.15"]["init_args"]["smooth_warp_sigma"] == pytest.approx(0.15)
+    first = pts["syn"][0]
+    assert first["value"] == pytest.approx(raw["arc"]["methods"]["syn"]["low"])
+    assert gen["methods"][first["experiment"]]["init_args"]["smooth_warp_sigma"] == pytest.approx(first["value"])
