@@ -240,7 +240,8 @@ def write_arc_csv(output: Path, datasets: list[str], seeds: list[int], points: d
     """``<output>/arc.csv`` from the points' results (all seeds pooled); returns its path.
 
     A point counts as complete when every seed's experiment is; its means are over the cases
-    of the complete seeds.
+    of the complete seeds. Rows of an existing ``arc.csv`` for other (dataset, method)
+    pairs are kept, so ``--methods a`` after ``--methods b`` leaves both curves.
     """
     from benchmark.io import atomic_write_text
     from benchmark.results import experiment_dir
@@ -250,6 +251,13 @@ def write_arc_csv(output: Path, datasets: list[str], seeds: list[int], points: d
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(ARC_COLUMNS)
+    mine = {(ds, name) for ds in datasets for name in points}
+    old = output / "arc.csv"
+    if old.exists():
+        with open(old, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if (r.get("dataset"), r.get("method")) not in mine:
+                    w.writerow([r.get(c, "") for c in ARC_COLUMNS])
     for ds in datasets:
         for name, pts in points.items():
             for p in pts:

@@ -121,6 +121,10 @@ def test_arc_csv_report_and_resume_per_point(tmp_path):
     run_arc(path, output=str(out), log=log.append)
     assert sum("[skip]" in ln for ln in log) == 4 and any("[run]" in ln and "s-smooth1" in ln for ln in log)
     assert read_arc(out)[-1]["sdlogj"] == pytest.approx(rows[-1]["sdlogj"])
+    # a curve run for another method later keeps this one's rows
+    two = _cfg({"s": SINE, "t": SINE}, arc={"k": 2})
+    run_arc(_write(tmp_path, two, "two.yaml"), output=str(out), methods=["t"], log=lambda m: None)
+    assert {r["method"] for r in read_arc(out)} == {"s", "t"} and len(read_arc(out)) == 4 + 3
 
 
 @pytest.mark.slow
