@@ -480,12 +480,14 @@ def test_deformable_metrics_keys_and_serialisable():
         moving_affine=np.diag([1.0, 1.2, 0.9, 1.0]),
         mask=mask,
     )
-    keys = {"dice", "dice_per_label", "hd95", "hd95_per_label", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct"}
+    keys = {"dice", "dice_per_label", "hd95", "hd95_per_label", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct",
+            "epe_mm", "epe_p90_mm"}
     assert set(res) == keys
+    assert res["epe_mm"] is None and res["epe_p90_mm"] is None  # no true field given
     json.dumps(res)
     assert res["dice"] == pytest.approx(np.nanmean(dice_loop(f, w, ids)))
     assert list(res["dice_per_label"]) == ids
-    assert all(type(v) is float for k, v in res.items() if not k.endswith("per_label"))
+    assert all(type(v) is float for k, v in res.items() if not k.endswith("per_label") and not k.startswith("epe"))
     j = M.jacobian_determinant(u)
     assert res["fold_pct"] == M.fold_pct(j, mask)
     assert res["ndv_pct"] == M.ndv_pct(u, mask)

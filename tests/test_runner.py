@@ -174,7 +174,8 @@ def test_leaderboard_columns_and_initial_row(tmp_path):
 def test_config_loads_quickstart():
     cfg = load_grid_config(ROOT / "benchmark" / "configs" / "quickstart.yaml")
     assert "voxelmorph" in cfg.methods and "syn" in cfg.methods
-    assert cfg.datasets["synthetic_brain"].cls.__name__ == "SyntheticBrainDataModule"
+    assert cfg.datasets["anatomy_brain"].cls.__name__ == "AnatomyBrainDataModule"
+    assert cfg.budget == {"max_steps": 300, "max_time_s": None}
 
 
 # ------------------------------------------------------------------------- exact DDP
