@@ -20,7 +20,11 @@ trap 'rm -rf "$WORK"' EXIT
 git -C "$SRC" archive --format=tar HEAD | tar -x -C "$WORK"
 cd "$WORK"
 echo "first_command.sh: running in $WORK with $(PATH="$PYDIR:$PATH" python3 --version): $CMD"
+# A clean environment, except the machine's pip settings (where it finds wheels, its
+# certificates): they are part of the machine a newcomer has, not of this checkout.
+PIPVARS="$(env | grep '^PIP_' || true)"
+# shellcheck disable=SC2086  # one VAR=value word per line of PIPVARS
 env -i HOME="$WORK" PATH="$PYDIR:/usr/local/bin:/usr/bin:/bin" LANG=C.UTF-8 WANDB_MODE=offline \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 bash -euc "$CMD"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 $PIPVARS bash -euc "$CMD"
 test -f results/quickstart/leaderboard.md
 echo "first_command.sh: ok (results/quickstart/leaderboard.md written)"
