@@ -335,16 +335,25 @@ def _ddp_worker(rank: int, world: int, port: int, shape: list[int], warmup: int,
         dist.destroy_process_group()
 
 
-def measure_ddp(shape: Sequence[int], device: str, procs: Sequence[int], warmup: int, repeats: int) -> dict[str, Any]:
-    """VoxelMorph training steps/s at each process count in ``procs`` (fresh interpreters, spawn)."""
+def measure_ddp(shape: Sequence[int], device: str, procs: Sequence[int], warmup: int, repeats: int,
+                timeout_s: float = 900.0) -> dict[str, Any]:
+    """VoxelMorph training steps/s at each process count in ``procs`` (fresh interpreters,
+    spawn). A run that does not finish within ``timeout_s`` is stopped and recorded as an error."""
     import torch.multiprocessing as mp
 
     res: dict[str, Any] = {"system": "voxelmorph", "shape": list(shape), "runs": {}}
     for n in procs:
         with tempfile.TemporaryDirectory(prefix="regbench_ddp_") as tmp:
             try:
-                mp.spawn(_ddp_worker, args=(n, _free_port(), list(shape), warmup, repeats, device, tmp), nprocs=n,
-                         join=True)
+                ctx = mp.start_processes(_ddp_worker, args=(n, _free_port(), list(shape), warmup, repeats, device, tmp),
+                                         nprocs=n, join=False, start_method="spawn")
+                deadline = time.monotonic() + timeout_s
+                while not ctx.join(timeout=5.0):
+                    if time.monotonic() > deadline:
+                        for proc in ctx.processes:
+                            if proc.is_alive():
+                                proc.terminate()
+                        raise TimeoutError(f"{n} DDP processes did not finish within {timeout_s:.0f} s")
                 ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(n)]
             except Exception as exc:  # noqa: BLE001
                 res["runs"][str(n)] = {"error": _one_line(exc)}
