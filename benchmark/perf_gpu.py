@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import statistics
 import sys
