@@ -8,7 +8,6 @@ field family whose irregularity grows as the weight falls (``arc_helpers.SineWar
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import shutil
