@@ -383,18 +383,6 @@ class AnatomyBrainDataModule(SyntheticBrainDataModule):
         """Label id → structure name."""
         return dict(MNI_LABELS)
 
-    def setup(self, stage: str | None = None) -> None:
-        """As :meth:`SyntheticBrainDataModule.setup`; validation and test samples carry ``true_disp``."""
-        if stage in ("fit", "train", None) and self.train_dataset is None:
-            idx = self.split_indices("train")
-            self._ensure_subjects(idx)
-            from datamodules.synthetic_brain import all_ordered_pairs
-
-            self.train_dataset = PairDataset(self._subjects, all_ordered_pairs(idx))
-        if stage in ("fit", "validate", "val", None) and self.val_dataset is None:
-            self._ensure_subjects(self.split_indices("val"))
-            self.val_dataset = _TruthPairDataset(self._subjects, self.eval_pairs("val"), self.generator)
-        if stage in ("test", "predict", None) and self.test_dataset is None:
-            self._ensure_subjects(self.split_indices("test"))
-            self.test_dataset = _TruthPairDataset(self._subjects, self.eval_pairs("test"), self.generator)
-        self._setup_done = True
+    def _eval_dataset(self, pairs: list[tuple[int, int]]) -> _TruthPairDataset:
+        """Validation and test samples carry ``true_disp`` (the pair's exact dense truth)."""
+        return _TruthPairDataset(self._subjects, pairs, self.generator)

@@ -271,11 +271,15 @@ class SyntheticBrainDataModule(PairDataModule):
             self.train_dataset = PairDataset(self._subjects, all_ordered_pairs(idx))
         if stage in ("fit", "validate", "val", None) and self.val_dataset is None:
             self._ensure_subjects(self.split_indices("val"))
-            self.val_dataset = PairDataset(self._subjects, self.eval_pairs("val"))
+            self.val_dataset = self._eval_dataset(self.eval_pairs("val"))
         if stage in ("test", "predict", None) and self.test_dataset is None:
             self._ensure_subjects(self.split_indices("test"))
-            self.test_dataset = PairDataset(self._subjects, self.eval_pairs("test"))
+            self.test_dataset = self._eval_dataset(self.eval_pairs("test"))
         self._setup_done = True
+
+    def _eval_dataset(self, pairs: list[tuple[int, int]]) -> PairDataset:
+        """The validation / test dataset of ``pairs`` (subclasses add keys to its samples)."""
+        return PairDataset(self._subjects, pairs)
 
     def pair_dataset(self, stage: str) -> PairDataset:
         """The pair dataset of ``stage`` (``"train"``/``"fit"``, ``"val"``/``"validate"``,

@@ -155,16 +155,9 @@ def _num(v: Any) -> float:
 
 
 def _case_means(rows: Sequence[dict[str, Any]], method: str, key: str) -> dict[str, float]:
-    acc: dict[str, list[float]] = {}
-    for r in rows:
-        if str(r["method"]) == method:
-            acc.setdefault(str(r["case_id"]), []).append(_num(r.get(key)))
-    out = {}
-    for c, vals in acc.items():
-        v = np.asarray(vals, dtype=np.float64)
-        v = v[np.isfinite(v)]
-        out[c] = float(v.mean()) if v.size else math.nan
-    return out
+    from leaderboard.table import case_means
+
+    return case_means([r for r in rows if str(r["method"]) == method], key)
 
 
 def ablation_tables(report: Any, n_boot: int = N_BOOT) -> list[AblationTable]:

@@ -172,7 +172,8 @@ class Report:
     skipped: list[dict[str, Any]]
 
 
-def _case_means(rows: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
+def case_means(rows: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
+    """Per case id, the mean of ``key`` over the rows (seeds) of that case; NaN without a finite value."""
     acc: dict[str, list[float]] = {}
     for r in rows:
         acc.setdefault(str(r["case_id"]), []).append(_num(r.get(key)))
@@ -228,7 +229,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
 
     case_values: dict[str, dict[str, dict[str, float]]] = {}
     for key in set(metrics) | {"dice"} | set(POSE_METRICS if kind == "pose" else []):
-        case_values[key] = {m: _case_means(rs, key) for m, rs in by_method.items()}
+        case_values[key] = {m: case_means(rs, key) for m, rs in by_method.items()}
     per_label_cases: dict[str, dict[str, dict[str, float]]] = {}
     per_label: dict[str, dict[str, float]] = {}
     for m, rs in by_method.items():
