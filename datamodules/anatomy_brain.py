@@ -349,14 +349,11 @@ class AnatomyBrainDataModule(SyntheticBrainDataModule):
         n_landmarks: int = 24,
     ) -> None:
         PairDataModule.__init__(self)
-        for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if int(n) < 2:
-                raise ValueError(f"{name} must be >= 2 (pairs need two subjects); got {n}")
         for name, n in (("test_pairs", test_pairs), ("val_pairs", val_pairs)):
             if n is not None and int(n) < 1:
                 raise ValueError(f"{name} must be >= 1 or null (all ordered pairs); got {n}")
-        if int(batch_size) < 1 or int(num_workers) < 0 or int(train_pairs_per_epoch) < 1:
-            raise ValueError("batch_size >= 1, num_workers >= 0 and train_pairs_per_epoch >= 1 are required")
+        self._set_splits(n_train, n_val, n_test, seed, batch_size, num_workers, train_pairs_per_epoch,
+                         test_pairs, val_pairs)
         self.generator = AnatomyBrainGenerator(
             spacing=spacing, seed=seed, global_amplitude_mm=global_amplitude_mm, global_length_mm=global_length_mm,
             global_rotation_deg=global_rotation_deg, global_scale=global_scale, local_amplitude_mm=local_amplitude_mm,
@@ -364,13 +361,6 @@ class AnatomyBrainDataModule(SyntheticBrainDataModule):
             gamma_std=gamma_std, bias_strength=bias_strength, noise_std=noise_std,
         )
         self.size = self.generator.shape
-        self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.train_pairs_per_epoch = int(train_pairs_per_epoch)
-        self.test_pairs = test_pairs
-        self.val_pairs = val_pairs
         self.save_hyperparameters()
         self._subjects: dict[int, SubjectArrays] = {}
         self.train_dataset = None

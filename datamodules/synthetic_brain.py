@@ -174,19 +174,9 @@ class SyntheticBrainDataModule(PairDataModule):
         label_values: list[int] | None = None,
     ) -> None:
         super().__init__()
-        for name, n, low in (("n_train", n_train, 2), ("n_val", n_val, 2), ("n_test", n_test, 2)):
-            if int(n) < low:
-                raise ValueError(f"{name} must be >= {low} (pairs need two subjects); got {n}")
-        if int(batch_size) < 1 or int(num_workers) < 0 or int(train_pairs_per_epoch) < 1:
-            raise ValueError("batch_size >= 1, num_workers >= 0 and train_pairs_per_epoch >= 1 are required")
+        self._set_splits(n_train, n_val, n_test, seed, batch_size, num_workers, train_pairs_per_epoch,
+                         test_pairs, val_pairs)
         self.size = as_size(size)
-        self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.train_pairs_per_epoch = int(train_pairs_per_epoch)
-        self.test_pairs = test_pairs
-        self.val_pairs = val_pairs
         self.generator = SyntheticBrainGenerator(
             size=self.size,
             n_labels=n_labels,
@@ -202,6 +192,22 @@ class SyntheticBrainDataModule(PairDataModule):
         self.val_dataset: PairDataset | None = None
         self.test_dataset: PairDataset | None = None
         self._train_sampler: EpochPairSampler | None = None
+
+    def _set_splits(self, n_train: int, n_val: int, n_test: int, seed: int, batch_size: int, num_workers: int,
+                    train_pairs_per_epoch: int, test_pairs: int | None, val_pairs: int | None) -> None:
+        """Check and keep the split sizes and loader settings (shared by the subclasses)."""
+        for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if int(n) < 2:
+                raise ValueError(f"{name} must be >= 2 (pairs need two subjects); got {n}")
+        if int(batch_size) < 1 or int(num_workers) < 0 or int(train_pairs_per_epoch) < 1:
+            raise ValueError("batch_size >= 1, num_workers >= 0 and train_pairs_per_epoch >= 1 are required")
+        self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.train_pairs_per_epoch = int(train_pairs_per_epoch)
+        self.test_pairs = test_pairs
+        self.val_pairs = val_pairs
 
     # ------------------------------------------------------------------ subjects and splits
     @property
