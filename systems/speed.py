@@ -81,15 +81,17 @@ def compile_modules(modules: Iterable[nn.Module], spec: CompileSpec) -> int:
 
 def cpu_bf16_conv_unsafe(x: torch.Tensor) -> bool:
     """Whether a 3D convolution of ``x (B, C, D, H, W)`` would run in bfloat16 on the CPU with
-    a depth of at most 2 voxels.
+    a spatial side of at most 4 voxels.
 
     There, torch 2.13's CPU bfloat16 ``conv3d`` returns a weight gradient with NaN / inf
     entries in some calls (uninitialised memory; measured: 3–4 of 30 calls at 2×2×2 and
-    2×8×8, channels-last or not; none at depth 3 or more). Only the coarsest levels of toy
-    volumes get there (a 32³ input to a 5-level pyramid); callers run such convolutions in
-    float32 (:func:`conv3d_float32_if_unsafe`).
+    2×8×8, channels-last or not). Depth 3 or more looked safe in that measurement, but a
+    full-suite run later saw an all-zero bf16 gradient for MSFF on a 32³ input (its coarse
+    levels are 4³ and 2³), so the margin is any side ≤ 4. Only the coarsest levels of small
+    volumes get there, where float32 costs nothing; callers run such convolutions in float32
+    (:func:`conv3d_float32_if_unsafe`).
     """
-    if x.dim() != 5 or x.device.type != "cpu" or x.shape[2] > 2:
+    if x.dim() != 5 or x.device.type != "cpu" or min(x.shape[2:]) > 4:
         return False
     if x.dtype == torch.bfloat16:
         return True
