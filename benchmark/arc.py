@@ -221,7 +221,7 @@ def build_arc_config(raw: dict[str, Any], points: dict[str, list[ArcPoint]], sui
 def _means(exp_dir: Path, keys: list[str]) -> tuple[str, int, dict[str, float]]:
     import json
 
-    from benchmark.results import read_cases_csv
+    from benchmark.core.results import read_cases_csv
 
     try:
         status = json.loads((exp_dir / "run.json").read_text()).get("status", "unknown")
@@ -243,8 +243,8 @@ def write_arc_csv(output: Path, datasets: list[str], seeds: list[int], points: d
     of the complete seeds. Rows of an existing ``arc.csv`` for other (dataset, method)
     pairs are kept, so ``--methods a`` after ``--methods b`` leaves both curves.
     """
-    from benchmark.io import atomic_write_text
-    from benchmark.results import experiment_dir
+    from benchmark.core.io import atomic_write_text
+    from benchmark.core.results import experiment_dir
     from leaderboard.ablation import ARC_COLUMNS
 
     keys = ["dice", "epe_mm", "sdlogj", "ndv_pct", "fold_pct", "tre"]
@@ -284,7 +284,7 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
     error), ``arc.csv`` and the report are still written from the points finished so far
     (the unfinished ones with their status) before the exception goes on.
     """
-    from benchmark.io import atomic_write_text
+    from benchmark.core.io import atomic_write_text
     from benchmark.runner import ConfigError, _is_zero, apply_overrides, expand_env, run_grid
 
     p = Path(config)

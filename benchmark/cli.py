@@ -55,7 +55,7 @@ _GLOBAL_FLAGS = {"-v": 1, "--verbose": 1, "-vv": 2, "-vvv": 2, "--debug": 0}
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from benchmark.evaluate import evaluate_files, format_table
-    from benchmark.io import atomic_write_json
+    from benchmark.core.io import atomic_write_json
 
     res = evaluate_files(
         args.disp,
@@ -82,39 +82,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_perf(args: argparse.Namespace) -> int:
     if args.what == "metrics":
-        from benchmark.perf import main_perf_metrics
+        from benchmark.perf.metrics import main_perf_metrics
 
         main_perf_metrics(out=args.out, repeats=args.repeats, threads=args.threads)
         return 0
     if args.what == "data":
-        from benchmark.perf_data import main_perf_data
+        from benchmark.perf.data import main_perf_data
 
         main_perf_data(args)
         if args.out:  # perf_data writes it without saying so
             print(f"wrote {args.out}")
         return 0
     if args.what == "patchmorph":
-        from benchmark.perf_patchmorph import main_perf_patchmorph
+        from benchmark.perf.patchmorph import main_perf_patchmorph
 
         main_perf_patchmorph(args)
         return 0
     if args.what == "drr":
-        from benchmark.perf_drr import main_perf_drr
+        from benchmark.perf.drr import main_perf_drr
 
         main_perf_drr(args)
         return 0
     if args.what == "gpu":
-        from benchmark.perf_gpu import main_perf_gpu
+        from benchmark.perf.gpu import main_perf_gpu
 
         main_perf_gpu(args)
         return 0
     if args.what == "training":
-        from benchmark.perf_training import main_perf_training
+        from benchmark.perf.training import main_perf_training
 
         main_perf_training(out=args.out, repeats=args.repeats, threads=args.threads or 2,
                            peer_python=args.peer_python, loss=args.loss)
         return 0
-    from benchmark.perf_systems import main_perf_systems
+    from benchmark.perf.systems import main_perf_systems
 
     main_perf_systems(args)
     return 0
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.json}", file=sys.stderr)  # data check writes its JSON without saying so
         return rc
     except Exception as exc:
-        from benchmark.io import DataError
+        from benchmark.core.io import DataError
 
         if debug:
             raise

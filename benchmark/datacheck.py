@@ -9,7 +9,7 @@ label files, empty label maps, labels on another grid than their image (unless
 ``--resample-labels``), malformed dataset JSON, pairs whose images end on different grids,
 landmark CSVs whose points fall outside their image's grid in the declared units
 (``--landmark-units voxel|mm``; the rule and message of ``regbench evaluate``,
-:func:`benchmark.io.check_landmarks_on_grid`).
+:func:`benchmark.core.io.check_landmarks_on_grid`).
 
 ``--dataset spine`` checks a folder of CTs for :class:`datamodules.spine.SpineDRRDataModule`
 (:func:`check_spine`): readable CTs and label maps, the vertebra labels each map would give
@@ -33,7 +33,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from benchmark.io import DataError, load_landmarks, load_segmentation, load_volume
+from benchmark.core.io import DataError, load_landmarks, load_segmentation, load_volume
 
 __all__ = ["DataReport", "check_dataset", "add_cli_commands", "format_report"]
 
@@ -330,7 +330,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                         headers_only=args.headers_only, **opts)
     print(format_report(rep))
     if args.json:
-        from benchmark.io import atomic_write_json
+        from benchmark.core.io import atomic_write_json
 
         atomic_write_json(args.json, {"dataset": rep.dataset, "root": rep.root, "summary": rep.summary,
                                       "problems": rep.problems, "notes": rep.notes})

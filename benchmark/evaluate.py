@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmark import metrics
-from benchmark.io import (
+from benchmark.core import metrics
+from benchmark.core.io import (
     GRID_ATOL_MM,
     DataError,
     Volume,
@@ -41,7 +41,7 @@ from benchmark.io import (
     read_displacement,
     read_displacement_grid,
 )
-from benchmark.spatial import warp
+from benchmark.core.spatial import warp
 
 __all__ = ["evaluate_files", "format_table", "map_field_to_grid", "read_field_record"]
 
@@ -175,7 +175,7 @@ def evaluate_files(
     ``resample_field`` maps the field onto those grids (:func:`map_field_to_grid`).
     ``landmark_units`` (``"voxel"`` or ``"mm"``) says how the landmark CSVs are read; either
     way every point must fall inside its image's grid
-    (:func:`benchmark.io.check_landmarks_on_grid`).
+    (:func:`benchmark.core.io.check_landmarks_on_grid`).
     """
     if (fixed_seg is None) != (moving_seg is None):
         raise DataError(None, "give both --fixed-seg and --moving-seg, or neither")

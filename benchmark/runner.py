@@ -29,7 +29,7 @@ overridden on the command line: ``regbench run CONFIG --set datasets.lumir.init_
 class, every init argument, every dataset path) before any work starts.
 
 Per experiment the runner fits (learned methods; checkpoints kept under ``ckpt/``), tests,
-and writes ``cases.csv`` and ``run.json`` (see :mod:`benchmark.results`). Finished cases
+and writes ``cases.csv`` and ``run.json`` (see :mod:`benchmark.core.results`). Finished cases
 are logged per rank as they complete, so a killed run resumes where it stopped: a finished
 experiment with the same config hash is skipped, a half-tested one computes only its
 missing cases, an interrupted fit continues from ``ckpt/last.ckpt``.
@@ -61,7 +61,7 @@ from typing import Any
 
 import yaml
 
-from benchmark.io import DataError, atomic_write_json, set_default_mode
+from benchmark.core.io import DataError, atomic_write_json, set_default_mode
 from benchmark.reliability import (
     ExperimentLock,
     FitStateCallback,
@@ -73,7 +73,7 @@ from benchmark.reliability import (
     make_resumable,
     one_line_error,
 )
-from benchmark.results import (
+from benchmark.core.results import (
     experiment_dir,
     read_partial_records,
     read_run_json,
@@ -523,7 +523,7 @@ class ResultsWriter(_make_callback_base()):
         self._log = None
 
     def on_test_start(self, trainer, pl_module) -> None:
-        from benchmark.results import PartialCaseLog
+        from benchmark.core.results import PartialCaseLog
 
         self._log = PartialCaseLog(self.exp_dir, trainer.global_rank)
         self.computed = 0
@@ -562,7 +562,7 @@ class ResultsWriter(_make_callback_base()):
                 os.remove(tmp)
 
     def _save_fields(self, batch: dict[str, Any], disp) -> None:
-        from benchmark.io import write_displacement
+        from benchmark.core.io import write_displacement
 
         for b in range(disp.shape[0]):
             name = f"disp_{batch['fixed_id'][b]}_{batch['moving_id'][b]}.nii.gz"
@@ -570,7 +570,7 @@ class ResultsWriter(_make_callback_base()):
             path = write_displacement(self.exp_dir / "fields" / name, disp[b].detach().float().cpu().numpy(), affine)
             record = getattr(self, "_field_record", None)
             if callable(record):
-                from benchmark.io import field_sidecar_path
+                from benchmark.core.io import field_sidecar_path
 
                 atomic_write_json(field_sidecar_path(path), record(batch, b))
 
@@ -710,7 +710,7 @@ def _fit_stats_start(device) -> Any:
     if device is not None and getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(device)
         return None
-    from benchmark.timing import _RssSampler
+    from benchmark.core.timing import _RssSampler
 
     return _RssSampler(0.05).__enter__()
 
@@ -736,7 +736,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     import lightning as L
     import torch
 
-    from benchmark.timing import device_description
+    from benchmark.core.timing import device_description
     from systems.base import DivergenceError, NoRegistration
 
     final_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)

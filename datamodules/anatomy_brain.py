@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from benchmark.spatial import identity_grid, integrate_velocity, warp
+from benchmark.core.spatial import identity_grid, integrate_velocity, warp
 from datamodules.anatomy import MNI_LABELS, mni_template
 from datamodules.base import PairDataModule
 from datamodules.synthetic import (

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.io import DataError
+from benchmark.core.io import DataError
 from datamodules.real_base import RealPairDataModule, SubjectFiles, nifti_stem
 
 __all__ = ["LUMIRDataModule", "read_lumir_json", "lumir_id"]

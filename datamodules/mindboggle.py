@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmark.io import DataError
+from benchmark.core.io import DataError
 from datamodules.real_base import RealPairDataModule, SubjectFiles, all_ordered_pairs, seeded_subset
 
 __all__ = [

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.io import DataError
+from benchmark.core.io import DataError
 from datamodules.real_base import RealPairDataModule, SubjectFiles, all_ordered_pairs, is_nifti, nifti_stem, seeded_subset
 
 __all__ = ["NiftiPairsDataModule", "find_nifti_subjects", "read_pairs_csv"]

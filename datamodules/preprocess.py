@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
-from benchmark.io import DataError
+from benchmark.core.io import DataError
 
 __all__ = [
     "PreprocessConfig",

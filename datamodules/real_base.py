@@ -1,8 +1,8 @@
 """What the real-data modules (MindBoggle-101, LUMIR, NIfTI folders) share.
 
 * :class:`SubjectFiles` — one subject's files (image, optional labels, optional landmarks).
-* :class:`SubjectLoader` — reads a subject, checks it (:mod:`benchmark.io`: every problem is
-  a :class:`~benchmark.io.DataError` naming the file), puts labels that lie on another grid
+* :class:`SubjectLoader` — reads a subject, checks it (:mod:`benchmark.core.io`: every problem is
+  a :class:`~benchmark.core.io.DataError` naming the file), puts labels that lie on another grid
   than their image onto the image's grid through the affines (nearest neighbour, with a
   warning) or refuses them (``on_label_grid_mismatch``), maps label ids (e.g. stray ids to
   background), runs :func:`datamodules.preprocess.preprocess_subject` and caches the result
@@ -14,7 +14,7 @@
 
 Landmarks: a ``.csv`` (one ``x,y,z`` row per point, voxel indices of the subject's image, or
 world mm with ``landmark_units="mm"``; points correspond by row; every point must fall inside
-its image's grid, :func:`benchmark.io.check_landmarks_on_grid`, checked by ``check_inputs``
+its image's grid, :func:`benchmark.core.io.check_landmarks_on_grid`, checked by ``check_inputs``
 before a run starts) or a NIfTI label volume (LUMIR style: the landmark of id ``k`` is
 the centroid of the voxels labelled ``k``; points correspond by id). Samples of a pair carry
 the points both subjects have, in id order.
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark import metrics
-from benchmark.io import DataError, Volume, load_landmarks, load_segmentation, load_volume
+from benchmark.core import metrics
+from benchmark.core.io import DataError, Volume, load_landmarks, load_segmentation, load_volume
 from datamodules.base import PairDataModule, RandomPairSampler
 from datamodules.batch import collate_pairs
 from datamodules.cache import ArrayCache
@@ -462,7 +462,7 @@ class RealPairDataModule(PairDataModule):
 
     def check_landmark_files(self) -> None:
         """Every landmark CSV of the evaluation subjects against its image's grid (headers only),
-        with the rule and message of ``regbench evaluate`` (:func:`benchmark.io.check_landmarks_on_grid`),
+        with the rule and message of ``regbench evaluate`` (:func:`benchmark.core.io.check_landmarks_on_grid`),
         so a CSV of mm read as voxels stops ``regbench run`` before any work."""
         import nibabel as nib
 

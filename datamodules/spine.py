@@ -27,7 +27,7 @@ key                 shape               dtype      meaning
 ``xray``            ``(B, 1, H, W)``    float32    target X-ray (DRR at the true pose, scaled to [0, 1])
 ``volume``          ``(B, 1, X, Y, Z)`` float32    CT attenuation per mm (``hu_to_mu``)
 ``affine``          ``(B, 4, 4)``       float64    CT voxel → world
-``base``            ``(B, 4, 4)``       float64    reference placement (pose 0), see :mod:`benchmark.drr`
+``base``            ``(B, 4, 4)``       float64    reference placement (pose 0), see :mod:`benchmark.core.drr`
 ``pose_true``       ``(B, 6)``          float32    true pose (rad, mm)
 ``pose_init``       ``(B, 6)``          float32    starting pose of the registration
 ``landmarks``       ``(B, N, 3)``       float32    CT world mm (NaN rows pad)
@@ -63,8 +63,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from benchmark.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
-from benchmark.io import DataError
+from benchmark.core.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
+from benchmark.core.io import DataError
 from datamodules.base import UnpaddedDistributedSampler
 from datamodules.synthetic_spine import label_centroids, make_spine_ct
 
@@ -273,7 +273,7 @@ class SpineDRRDataModule(L.LightningDataModule):
         domain_randomization: randomise training X-rays.
         sdd, sid, height, width, pixel_mm: the C-arm (mm; ``sid`` None → sdd/2).
         n_samples: samples per ray when rendering X-rays.
-        mu_water, bone_hu, bone_scale: HU → attenuation (see :func:`benchmark.drr.hu_to_mu`).
+        mu_water, bone_hu, bone_scale: HU → attenuation (see :func:`benchmark.core.drr.hu_to_mu`).
         batch_size, test_batch_size, num_workers, seed.
         vertebra_labels: the label ids that are vertebrae (ids, a comma-separated string or a
             name ↔ id map; see :func:`parse_vertebra_labels`); ``None`` uses every id of each map.

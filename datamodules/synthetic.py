@@ -18,10 +18,10 @@ Template
     the template is redrawn from the same seed stream until that holds.
 
 Subjects (pull convention, voxels)
-    ``phi_i = exp(v_i)`` (scaling and squaring, :func:`benchmark.spatial.integrate_velocity`),
+    ``phi_i = exp(v_i)`` (scaling and squaring, :func:`benchmark.core.spatial.integrate_velocity`),
     ``v_i`` a smooth random velocity whose RMS vector length is ``deform_amplitude`` voxels and
     whose correlation length is ``deform_smoothness`` voxels. The subject's label map is
-    ``seg_i(y) = template(y + phi_i(y))`` (nearest neighbour, :func:`benchmark.spatial.warp`);
+    ``seg_i(y) = template(y + phi_i(y))`` (nearest neighbour, :func:`benchmark.core.spatial.warp`);
     its image is per-label mean intensities (the template's, jittered per subject), a light
     partial-volume blur, a smooth multiplicative bias field and Gaussian noise, min–max scaled
     to ``[0, 1]``, float32.
@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from benchmark.spatial import gaussian_smooth, identity_grid, integrate_velocity, warp
+from benchmark.core.spatial import gaussian_smooth, identity_grid, integrate_velocity, warp
 
 __all__ = [
     "SyntheticTemplate",
@@ -140,7 +140,7 @@ def smooth_random_field(
 def sample_field(field: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Trilinearly sample a vector field at arbitrary voxel positions (border extension).
 
-    Uses :func:`benchmark.spatial.warp`, so the interpolation is the suite's one warp.
+    Uses :func:`benchmark.core.spatial.warp`, so the interpolation is the suite's one warp.
 
     Args:
         field: ``(1, C, X, Y, Z)``.

@@ -7,7 +7,7 @@ processes, separated by discs, along a gently curved (lordotic, slightly scoliot
 Everything is drawn on the voxel grid with vectorised numpy, deterministic from a seed.
 
 World frame: NIfTI RAS, mm; array axis 0 = +x (towards the patient's left), axis 1 = +y
-(anterior), axis 2 = +z (superior), with a diagonal affine centred on the volume — the orientation that :data:`benchmark.drr.AP_ORIENTATION` views antero-posteriorly.
+(anterior), axis 2 = +z (superior), with a diagonal affine centred on the volume — the orientation that :data:`benchmark.core.drr.AP_ORIENTATION` views antero-posteriorly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmark import metrics
+from benchmark.core import metrics
 
 __all__ = ["SyntheticSpineCT", "make_spine_ct", "label_centroids"]
 
@@ -39,7 +39,7 @@ class SyntheticSpineCT:
 
 
 def label_centroids(labels: np.ndarray, affine: np.ndarray, ids: list[int] | None = None) -> tuple[list[int], np.ndarray]:
-    """Centres of mass of label ids in world mm (:func:`benchmark.metrics.label_centroids`
+    """Centres of mass of label ids in world mm (:func:`benchmark.core.metrics.label_centroids`
     through ``affine``).
 
     Returns:

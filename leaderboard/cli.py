@@ -29,7 +29,7 @@ def parse_rank_metrics(items: list[str] | None) -> dict[str, list[str]] | None:
 def check_results_folder(root: Path) -> list[str]:
     """Problems of every ``<dataset>/<method>/seed<k>/cases.csv`` under ``root`` (truncated
     rows, non-numeric metric cells, fewer rows than the experiment's ``run.json`` records)."""
-    from benchmark.results import check_cases_csv, read_run_json
+    from benchmark.core.results import check_cases_csv, read_run_json
 
     problems: list[str] = []
     for cases in sorted(Path(root).glob("*/*/seed*/cases.csv")):

@@ -77,8 +77,8 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> tuple[float, int]
 
 def worst_fraction_mean(values: Sequence[float], higher_is_better: bool, fraction: float = 0.3) -> float:
     """Mean of the worst ``fraction`` of the finite values (Learn2Reg's robustness value):
-    :func:`benchmark.metrics.worst_fraction_mean`, the suite's one definition (``ceil``)."""
-    from benchmark.metrics import worst_fraction_mean as _wfm
+    :func:`benchmark.core.metrics.worst_fraction_mean`, the suite's one definition (``ceil``)."""
+    from benchmark.core.metrics import worst_fraction_mean as _wfm
 
     return _wfm(values, higher_is_better, fraction)
 

@@ -33,8 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from benchmark.io import atomic_write_text
-from benchmark.results import experiment_dir, read_cases_csv
+from benchmark.core.io import atomic_write_text
+from benchmark.core.results import experiment_dir, read_cases_csv
 from leaderboard import ranking, stats
 
 __all__ = [

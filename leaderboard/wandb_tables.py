@@ -47,7 +47,7 @@ def log_tables(loggers: Iterable[Any], exp_dir: str | Path, key: str = "cases") 
     try:
         import csv
 
-        from benchmark.results import read_cases_csv
+        from benchmark.core.results import read_cases_csv
 
         with open(path, newline="") as fh:
             columns = next(csv.reader(fh), [])

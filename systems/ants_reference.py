@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from benchmark.spatial import spacing_from_affine
+from benchmark.core.spatial import spacing_from_affine
 from systems.base import RegistrationSystem
 
 __all__ = ["ANTsPyReference", "ants_forward_to_disp"]

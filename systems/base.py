@@ -8,8 +8,8 @@ A system is a :class:`lightning.LightningModule` with
   ``learns = False`` and optimise inside ``register`` (gradients are enabled there even in
   the test loop);
 * a shared ``validation_step`` (Dice, fold %; logged, synced over ranks) and a shared
-  ``test_step`` that times ``register`` alone under :func:`benchmark.timing.timed_call`,
-  computes every metric with :func:`benchmark.metrics.deformable_metrics` and hands one
+  ``test_step`` that times ``register`` alone under :func:`benchmark.core.timing.timed_call`,
+  computes every metric with :func:`benchmark.core.metrics.deformable_metrics` and hands one
   record per case to ``self.record_sink`` (the results writer callback).
 
 Batches follow :mod:`datamodules.batch`.
@@ -24,9 +24,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from benchmark import metrics
-from benchmark.spatial import spacing_from_affine, warp
-from benchmark.timing import timed_call
+from benchmark.core import metrics
+from benchmark.core.spatial import spacing_from_affine, warp
+from benchmark.core.timing import timed_call
 from systems.speed import CompileSpec, check_compile, compile_modules
 
 __all__ = ["RegistrationSystem", "DivergenceError", "NoRegistration", "checked_loss"]

@@ -8,7 +8,7 @@ gradient descent on ``θ`` from the starting pose. What is known and what was ch
 * **3D residual before projection**: ``x3d = x.repeat(3) + convstack(x)``, convstack
   ``1→4→8→16→8→4→3``, 3×3×3, ReLU after each; the CT is scaled by ``mu_ref`` (water = 1)
   inside and back after, so the residual acts on O(1) values. The 3-channel volume is
-  projected by :func:`benchmark.drr.render` (ProST-style ray sampling).
+  projected by :func:`benchmark.core.drr.render` (ProST-style ray sampling).
 * **Encoder** (shared by X-ray and DRR; each image instance-normalised, the X-ray repeated
   to 3 channels): two 3×3 conv + InstanceNorm + ReLU (3→``widths[0]``), then 4 stages, each
   a stride-2 3×3 patch embedding and 2 PoolFormer-like blocks. Token mixer (choice):
@@ -23,7 +23,7 @@ gradient descent on ``θ`` from the starting pose. What is known and what was ch
   each a per-location MLP giving value × sigmoid(gate), averaged over space; ``S`` = sum of
   the two (the open choice). Lower ``S`` = better aligned.
 * **Losses**: ``L_appro``: ``g = ∂S/∂θ`` (``create_graph=True``) at a pose ``θ`` drawn
-  around the true pose, ``r`` = :func:`benchmark.se3.geodesic_grad` (gradient of the squared
+  around the true pose, ``r`` = :func:`benchmark.core.se3.geodesic_grad` (gradient of the squared
   geodesic distance); loss = ``|ĝ_rot − r̂_rot|² + |ĝ_t − r̂_t|²`` of the normalised parts;
   the backward of this is the double backward that trains the network. ``L_decomp``
   (CDDFuse form, assigned so that high-frequency features correlate and low-frequency
@@ -47,8 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmark.drr import MU_WATER_PER_MM, render_pose
-from benchmark.se3 import geodesic_grad
+from benchmark.core.drr import MU_WATER_PER_MM, render_pose
+from benchmark.core.se3 import geodesic_grad
 from systems.pose_base import PoseSystem
 from systems.speed import check_compile, float32_only
 
@@ -322,7 +322,7 @@ def _unit(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def toward_truth_cosines(g: torch.Tensor, theta: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Cosines ``(B, 2)`` (rotation, translation) between the descent direction ``−g`` of a pose
     gradient ``g (B, 6)`` at ``theta (B, 6)`` and the geodesic direction toward ``true (B, 6)``
-    (``−`` :func:`benchmark.se3.geodesic_grad`); ``> 0`` means a descent step moves toward the truth."""
+    (``−`` :func:`benchmark.core.se3.geodesic_grad`); ``> 0`` means a descent step moves toward the truth."""
     r = geodesic_grad(theta.detach().double(), true.detach().double()).to(g.dtype)
     return torch.stack([(_unit(g[:, :3]) * _unit(r[:, :3])).sum(-1), (_unit(g[:, 3:]) * _unit(r[:, 3:])).sum(-1)], 1)
 

@@ -96,12 +96,12 @@ skip's width, the skip through :class:`CrossCoordinateAttention`, concatenation,
 here); then conv ``C → c`` + LeakyReLU and an output conv ``c → 3`` (small init). Net 1
 stops at ¼, net 2 at ½, net 3 at full resolution. The networks run on the image resampled
 to the nearest multiple of 16 per axis (rounded up; no resampling when it divides); each
-level's field is brought back with :func:`benchmark.spatial.resize_field`.
+level's field is brought back with :func:`benchmark.core.spatial.resize_field`.
 
 Cascade: ``v1 = net1(I, J)``, ``I1 = I ∘ φ1``, ``v2 = net2(I1, J)``, ``I2 = I1 ∘ φ2``,
 ``v3 = net3(I2, J)`` with ``φk = exp(vk)`` by **scaling and squaring** (``int_steps``, 7;
 the authors' 2-step midpoint scheme is replaced by it). At test the three displacements are
-composed into one, ``u = (u1 ∘ u2) ∘ u3`` in :func:`benchmark.spatial.compose`'s notation
+composed into one, ``u = (u1 ∘ u2) ∘ u3`` in :func:`benchmark.core.spatial.compose`'s notation
 (``u3`` applied first), and ``warp(I, u)`` equals the sequential warps up to interpolation.
 
 Ablation switches (issue 14), each an init argument: ``cca`` (Cross-Coordinate Attention on
@@ -123,8 +123,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmark.losses import local_ncc
-from benchmark.spatial import (compose, gaussian_smooth, integrate_velocity, resize_field, resize_image,
+from benchmark.core.losses import local_ncc
+from benchmark.core.spatial import (compose, gaussian_smooth, integrate_velocity, resize_field, resize_image,
                                spacing_from_affine, warp)
 from systems.base import RegistrationSystem
 
@@ -282,7 +282,7 @@ def full_resolution_force(
     """The similarity force of a level computed at full resolution (the authors' way).
 
     ``D̃(v) = (|level| / |full|) · (−Σ_x cc(fixed, warp(moving, R(exp(v))))(x))`` where ``R`` is
-    :func:`benchmark.spatial.resize_field` (level grid → full grid, magnitudes rescaled) and
+    :func:`benchmark.core.spatial.resize_field` (level grid → full grid, magnitudes rescaled) and
     ``|·|`` counts voxels (the factor keeps ``D̃`` on the scale of a level-grid sum, so
     ``lambda_`` means the same for both force options). Returns ``(∂D̃/∂v, D̃)``: the exact
     gradient through scaling and squaring, the upsampling and the trilinear warp (no

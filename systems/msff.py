@@ -11,13 +11,13 @@ available. The known structure:
   one set of weights for both images) giving multi-scale high-level features of each image;
 * a **5-scale pyramid decoder**: at the coarsest scale a fusion block over the features of
   both images predicts the initial field; at each finer scale the field is upsampled
-  (:func:`benchmark.spatial.resize_field`), the moving image's encoder and auxiliary
-  features are warped by it (:func:`benchmark.spatial.warp`), a **multi-scale feature
+  (:func:`benchmark.core.spatial.resize_field`), the moving image's encoder and auxiliary
+  features are warped by it (:func:`benchmark.core.spatial.warp`), a **multi-scale feature
   fusion block** (global channel attention + local spatial attention) fuses the encoder
   features and the auxiliary features of both images with the current field, and a flow
   head predicts a residual field that is composed onto it
   (``field = compose(up(field), residual)``: the residual acts first, see
-  :func:`benchmark.spatial.compose`), up to full resolution;
+  :func:`benchmark.core.spatial.compose`), up to full resolution;
 * unsupervised loss ``-local NCC + lambda_ · diffusion``.
 
 Tensor conventions are the suite's: images ``(B, 1, X, Y, Z)``; displacements
@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmark.losses import LocalNCC, diffusion
-from benchmark.spatial import compose, integrate_velocity, resize_field, warp
+from benchmark.core.losses import LocalNCC, diffusion
+from benchmark.core.spatial import compose, integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
 from systems.speed import conv3d_float32_if_unsafe
 from systems.voxelmorph import _up_conv_weight
@@ -368,7 +368,7 @@ class MSFFNet(nn.Module):
 
     def _residual(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         conv_act, flow = self.heads[k]
-        # the field ops of benchmark.spatial get the default layout back
+        # the field ops of benchmark.core.spatial get the default layout back
         vel = _conv(conv_act(h), flow).contiguous().float()  # fields stay float32 (systems.speed)
         if self.diffeomorphic:
             return integrate_velocity(vel, self.int_steps), vel
@@ -436,7 +436,7 @@ class MSFF(RegistrationSystem):
         width_mults: multipliers per level; their count is the number of scales (5).
         ncc_window: local NCC window (voxels).
         diffeomorphic: integrate each scale's head output as a stationary velocity
-            (:func:`benchmark.spatial.integrate_velocity`, ``int_steps``) into its residual.
+            (:func:`benchmark.core.spatial.integrate_velocity`, ``int_steps``) into its residual.
         int_steps: scaling-and-squaring steps.
         reduction: channel-attention MLP reduction.
         spatial_kernel: spatial-attention kernel size (odd).
@@ -474,7 +474,7 @@ class MSFF(RegistrationSystem):
       initial field;
     * composition: ``field_k = compose(up(field_{k+1}), residual_k)`` (residual first, since
       it is estimated after warping by the upsampled field); fields upsampled trilinearly
-      with magnitudes rescaled (:func:`benchmark.spatial.resize_field`);
+      with magnitudes rescaled (:func:`benchmark.core.spatial.resize_field`);
     * loss: ``-local NCC (9³)`` of the full-resolution warped moving image +
       ``lambda_ · diffusion`` of the final displacement (no per-scale deep supervision);
       ``lambda_ = 1`` by default;

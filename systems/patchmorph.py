@@ -9,7 +9,7 @@ and an orientation ``R`` (3×3, columns = world directions of the patch axes). P
 ``i ∈ [0, n-1]³`` sits at ``p(i) = c + R (e ⊙ (i / (n-1) - 1/2))`` (:class:`PatchFrame`).
 Every image is sampled at those points through *its own* voxel→world affine
 (:func:`sample_at_world`: trilinear for images, nearest for labels, through the suite's one
-:func:`benchmark.spatial.warp`, i.e. ``grid_sample(align_corners=True)``; all patches of a
+:func:`benchmark.core.spatial.warp`, i.e. ``grid_sample(align_corners=True)``; all patches of a
 batch are stacked along the first spatial axis so that a batch of patches costs one
 ``grid_sample``). So fixed and moving may differ in shape, spacing and orientation: nothing
 is resampled to a common grid. The network only ever sees ``n³`` voxels, whatever the image
@@ -84,8 +84,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
-from benchmark.losses import LocalNCC, diffusion
-from benchmark.spatial import identity_grid, warp
+from benchmark.core.losses import LocalNCC, diffusion
+from benchmark.core.spatial import identity_grid, warp
 from systems.base import RegistrationSystem
 
 __all__ = [
@@ -232,7 +232,7 @@ def sample_at_world(volume: torch.Tensor, affine: torch.Tensor, points: torch.Te
         affine: ``(B, 4, 4)`` or ``(4, 4)`` voxel→world of ``volume``.
         points: ``(B, 3, *P)`` world coordinates, mm (float32).
         mode: ``"bilinear"`` (trilinear) or ``"nearest"``; integer volumes always nearest.
-        padding_mode: as :func:`benchmark.spatial.warp` (zeros: outside reads 0).
+        padding_mode: as :func:`benchmark.core.spatial.warp` (zeros: outside reads 0).
 
     Returns:
         ``(B, C, *P)``.

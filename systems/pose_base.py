@@ -3,13 +3,13 @@
 A pose system is a :class:`lightning.LightningModule` with
 
 * ``register(batch) -> (B, 6)`` estimated pose (rotation vector rad, translation mm; the
-  convention of :mod:`benchmark.drr` / :mod:`benchmark.se3`), starting from
+  convention of :mod:`benchmark.core.drr` / :mod:`benchmark.core.se3`), starting from
   ``batch["pose_init"]``;
 * ``training_loss(batch)`` when it learns (``learns = True``); iterative methods set
   ``learns = False`` and optimise inside ``register`` (autograd enabled there even in the
   test loop);
-* a shared ``test_step`` that times ``register`` alone with :func:`benchmark.timing.timed_call`,
-  computes :func:`benchmark.metrics_pose.pose_metrics` and hands one record per case to
+* a shared ``test_step`` that times ``register`` alone with :func:`benchmark.core.timing.timed_call`,
+  computes :func:`benchmark.core.metrics_pose.pose_metrics` and hands one record per case to
   ``self.record_sink``: ``case_id, fixed_id, moving_id, mtre_mm, ptre_mm, rot_err_deg,
   trans_err_mm, success_10mm, success_2mm, runtime_s, peak_mem_mb, mtre_initial_mm``;
   for the case ``panel_case`` it calls ``panel_sink(case_id, arrays)`` with ``kind="pose"``,
@@ -27,10 +27,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from benchmark.drr import CArmGeometry, render_pose
-from benchmark.metrics_pose import pose_metrics
-from benchmark.results import POSE_ESTIMATE_COLUMNS
-from benchmark.timing import timed_call
+from benchmark.core.drr import CArmGeometry, render_pose
+from benchmark.core.metrics_pose import pose_metrics
+from benchmark.core.results import POSE_ESTIMATE_COLUMNS
+from benchmark.core.timing import timed_call
 from systems.base import checked_loss
 
 __all__ = ["PoseSystem", "InitialPose"]
@@ -125,7 +125,7 @@ class PoseSystem(L.LightningModule):
         self.log("test/mtre_mm", float(np.nanmean([r["mtre_mm"] for r in recs])), sync_dist=True, batch_size=bsz)
 
     def case_records(self, batch: dict[str, Any], pose: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
-        """One record per case of the batch (metrics of :mod:`benchmark.metrics_pose`)."""
+        """One record per case of the batch (metrics of :mod:`benchmark.core.metrics_pose`)."""
         final = pose_metrics(pose, batch["pose_true"], batch["base"], batch["landmarks"], batch["geometry"])
         init = pose_metrics(batch["pose_init"], batch["pose_true"], batch["base"], batch["landmarks"], batch["geometry"])
         out = []

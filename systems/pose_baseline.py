@@ -1,7 +1,7 @@
 """Conventional intensity-based 2D/3D registration: optimise the pose so that the DRR
 matches the X-ray, coarse to fine.
 
-Similarity (maximised): gradient correlation (``"gncc"``, :func:`benchmark.losses.gradient_ncc`)
+Similarity (maximised): gradient correlation (``"gncc"``, :func:`benchmark.core.losses.gradient_ncc`)
 or multiscale NCC (``"mncc"``: mean of the global NCC of the two images at full, half and
 quarter resolution). Optimisers:
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.losses import gradient_ncc
+from benchmark.core.losses import gradient_ncc
 from systems.pose_base import PoseSystem
 
 __all__ = ["IntensityPose", "CMAESPose", "GradientPose", "pose_similarity"]

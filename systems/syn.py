@@ -1,14 +1,14 @@
 """ANTs-style symmetric greedy diffeomorphic registration (SyN) as a pure-torch optimiser.
 
 :class:`GreedySyN` registers a moving image to a fixed image that share one voxel grid and
-returns dense displacements in the suite's convention (:mod:`benchmark.spatial`):
+returns dense displacements in the suite's convention (:mod:`benchmark.core.spatial`):
 ``(B, ndim, *spatial)`` in voxels of the fixed grid, pull, ``warped(x) = moving(x + u(x))``.
 It has no Lightning in it; a ``LightningModule`` wraps :meth:`GreedySyN.register`.
 
-Warping, composition, resizing and smoothing come from :mod:`benchmark.spatial`, the local
-cross-correlation from :mod:`benchmark.losses` (its box sums, with the analytic gradient
+Warping, composition, resizing and smoothing come from :mod:`benchmark.core.spatial`, the local
+cross-correlation from :mod:`benchmark.core.losses` (its box sums, with the analytic gradient
 written out here so no autograd graph is needed; it matches ``autograd`` of
-:func:`benchmark.losses.local_ncc`).
+:func:`benchmark.core.losses.local_ncc`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from benchmark._omp import warn_if_spinning
-from benchmark.losses import box_sum
-from benchmark.spatial import compose, gaussian_smooth, resize_field, resize_image, spacing_from_affine, warp
+from benchmark.core._omp import warn_if_spinning
+from benchmark.core.losses import box_sum
+from benchmark.core.spatial import compose, gaussian_smooth, resize_field, resize_image, spacing_from_affine, warp
 from systems.base import RegistrationSystem
 
 __all__ = ["SyN", "GreedySyN", "SYN_PRESETS", "local_ncc_and_grad", "invert_displacement"]
@@ -68,7 +68,7 @@ def local_ncc_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean local squared NCC and its gradient with respect to both images, without autograd.
 
-    The similarity is exactly :func:`benchmark.losses.local_ncc` (box window, zero padding,
+    The similarity is exactly :func:`benchmark.core.losses.local_ncc` (box window, zero padding,
     ``cc = cov² / (var_f var_m + eps)``, mean over voxels and batch). With ``exact=True`` the
     gradients are the exact derivatives of that mean (the box sum is self-adjoint, so the
     chain rule is five more box sums); with ``exact=False`` they are ANTs' local
@@ -244,7 +244,7 @@ class GreedySyN:
     ``J_m = M∘φ_m`` and ``J_f = F∘φ_f``, takes the local CC between them and its exact
     gradient with respect to each warped image (:func:`local_ncc_and_grad`), and turns it
     into the force for a compositive update at the midpoint, ``dCC/dJ · ∇J``. Both halves
-    are updated by composition, ``φ ← φ ∘ (id ± δ)`` (:func:`benchmark.spatial.compose`),
+    are updated by composition, ``φ ← φ ∘ (id ± δ)`` (:func:`benchmark.core.spatial.compose`),
     then the fields are Gaussian-smoothed.
 
     Midpoint (``antisymmetric=True``, default). The pair takes one update: ``+δ`` for the
@@ -267,7 +267,7 @@ class GreedySyN:
     min-max normalised, smoothed with a Gaussian (``image_sigmas`` in mm; default
     0.5·shrink voxels, none at full resolution) and resampled to ``round(n / f)`` voxels per
     axis (``align_corners`` geometry); the halves (and their inverses) are upsampled
-    between levels with :func:`benchmark.spatial.resize_field`. If the last factor is above
+    between levels with :func:`benchmark.core.spatial.resize_field`. If the last factor is above
     1 (the "fast" preset), the outputs are composed at that level and upsampled.
 
     World units. ``smooth_grad_sigma``, ``smooth_warp_sigma`` and the step ``lr`` are in mm
@@ -277,7 +277,7 @@ class GreedySyN:
     ``sigma / spacing_d``, so one physical problem gives one physical answer at any
     spacing (tested at 1 mm and (1, 1, 2) mm). The CC window is in voxels of each level,
     as in ANTs (radius) and FireANTs (kernel size). Smoothing uses
-    :func:`benchmark.spatial.gaussian_smooth` (a sampled Gaussian): its sigma 0.6–0.7 is
+    :func:`benchmark.core.spatial.gaussian_smooth` (a sampled Gaussian): its sigma 0.6–0.7 is
     about FireANTs' 0.25 with an erf-integrated kernel, which smooths more at small sigma.
 
     Optimiser (``optimizer``):
@@ -294,7 +294,7 @@ class GreedySyN:
     the real OASIS pair (moving image_A, fixed image_B, 160×192×144 at 1 mm, Dice over
     tissue labels 1 and 2, initial 0.640). Reproduce with
     ``regbench perf systems --only syn --threads 2`` (or
-    :func:`benchmark.perf_systems.perf_syn`), which runs FireANTs 1.5
+    :func:`benchmark.perf.systems.perf_syn`), which runs FireANTs 1.5
     ``GreedyRegistration`` (scales 4,2,1, iterations 200,100,50, CC 7, Adam lr 0.25,
     smooth_grad_sigma 1, smooth_warp_sigma 0.25) side by side. One such run (2 threads,
     shared 2-core CPU, so wall-clock is noisy; CPU seconds in brackets):
@@ -498,7 +498,7 @@ class GreedySyN:
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != nd or any(s <= 0 for s in spacing):
             raise ValueError(f"spacing must be {nd} positive values, got {spacing}")
-        if moving.device.type == "cpu":  # torch loaded before the suite: OpenMP may spin (benchmark._omp)
+        if moving.device.type == "cpu":  # torch loaded before the suite: OpenMP may spin (benchmark.core._omp)
             warn_if_spinning(torch.get_num_threads())
         with torch.inference_mode(False), torch.no_grad():
             return self._register(

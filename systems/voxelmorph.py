@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from benchmark.losses import MSE, LocalNCC, diffusion
-from benchmark.spatial import integrate_velocity, resize_field, warp
+from benchmark.core.losses import MSE, LocalNCC, diffusion
+from benchmark.core.spatial import integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
 from systems.speed import conv3d_float32_if_unsafe
 
@@ -314,7 +314,7 @@ class VoxelMorphNet(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
         full = fixed.shape[2:]
         feats = self.unet(torch.cat([moving, fixed], dim=1))
-        # the field ops of benchmark.spatial get the default layout back, and float32 under
+        # the field ops of benchmark.core.spatial get the default layout back, and float32 under
         # mixed precision (integration and resampling stay float32: systems.speed)
         flow = _conv_nd(feats, self.flow.weight, self.flow.bias, self.unet.channels_last).contiguous().float()
         if self.int_steps == 0:

@@ -68,7 +68,7 @@ class FolderData(SyntheticBrainDataModule):
         self.root = root
 
     def check_inputs(self) -> None:
-        from benchmark.io import DataError
+        from benchmark.core.io import DataError
 
         if not Path(self.root).is_dir():
             raise DataError(self.root, "dataset folder not found", "set datasets.<name>.init_args.root")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from scipy import stats as st
 
-from benchmark.results import read_cases_csv, write_cases_csv
+from benchmark.core.results import read_cases_csv, write_cases_csv
 from benchmark.runner import ConfigError, config_hash, load_grid_config, run_grid
 from benchmark.variants import expand_variants
 from leaderboard.ablation import ablation_tables, bootstrap_mean_ci, html_sections, markdown_sections

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.spatial import warp
+from benchmark.core.spatial import warp
 
 ants = pytest.importorskip("ants", reason="antspyx not installed (pip install 'regbench[peers]')")
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from benchmark.arc import arc_points, run_arc
-from benchmark.results import read_cases_csv
+from benchmark.core.results import read_cases_csv
 from benchmark.runner import ConfigError, run_grid
 from leaderboard.ablation import arc_summary, read_arc
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark.se3 import geodesic_grad
+from benchmark.core.se3 import geodesic_grad
 from datamodules.spine import SpineDRRDataModule, collate_pose
 from systems.cdreg import CDReg, CDRegNet, FFCBranch, InvertibleBranch, Residual3D, feature_size, toward_truth_cosines
 

@@ -2,7 +2,7 @@
 
 Independent truths: nibabel's own reorientation (``as_closest_canonical``, ``aff2axcodes``),
 analytic world-space images / labels / points (tests/fake_layouts.py) and a known world
-translation between two subjects warped with :func:`benchmark.spatial.warp`.
+translation between two subjects warped with :func:`benchmark.core.spatial.warp`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from benchmark.datacheck import check_dataset
-from benchmark.io import DataError
-from benchmark.spatial import warp
+from benchmark.core.io import DataError
+from benchmark.core.spatial import warp
 from datamodules import cache as cache_mod
 from datamodules.base import RandomPairSampler
 from datamodules.batch import collate_pairs, validate_batch
@@ -364,7 +364,7 @@ def test_real_oasis_pair_loads(tmp_path):
 
 
 def test_perf_data_harness_smoke(tmp_path):
-    from benchmark.perf_data import perf_data
+    from benchmark.perf.data import perf_data
 
     res = perf_data(repeats=1, threads=1, shape=(16, 20, 12), workdir=str(tmp_path))
     assert res["shape"] == [16, 20, 12] and res["cold_s"] > 0 and res["warm_s"] > 0

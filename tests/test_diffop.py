@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.losses import local_ncc
-from benchmark.spatial import warp
+from benchmark.core.losses import local_ncc
+from benchmark.core.spatial import warp
 from systems.diffop import (
     CascadeUNet,
     CrossCoordinateAttention,
@@ -201,7 +201,7 @@ def test_composed_cascade_field_equals_sequential_warps(monkeypatch):
     monkeypatch.setattr(model, "level_velocity", smooth_velocity)
     # A linear image: trilinear interpolation reproduces it, so the sequential warps
     # are exactly the image read through the chained maps, and any difference is the field's.
-    from benchmark.spatial import identity_grid
+    from benchmark.core.spatial import identity_grid
 
     grid = identity_grid(shape, dtype=torch.float64)
     moving = (0.01 * (grid[0] + 2 * grid[1] + 3 * grid[2]))[None, None]
@@ -358,7 +358,7 @@ def _full_dissim(v: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, win
     scaling and squaring, trilinear upsampling with the voxel-size rescaling, the warp, local CC."""
     import torch.nn.functional as F
 
-    from benchmark.spatial import compose
+    from benchmark.core.spatial import compose
 
     u = v / 2**steps
     for _ in range(steps):
@@ -500,7 +500,7 @@ def test_mindboggle_config_runs_a_smoke_step_on_a_fake_layout(tmp_path, monkeypa
     import sys
     from pathlib import Path
 
-    from benchmark.results import read_cases_csv
+    from benchmark.core.results import read_cases_csv
     from benchmark.runner import run_grid
 
     here = Path(__file__).resolve().parent

@@ -7,8 +7,8 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from benchmark import se3
-from benchmark.drr import CArmGeometry, hu_to_mu, pose_transform, project_points, reference_transform, render, render_pose
+from benchmark.core import se3
+from benchmark.core.drr import CArmGeometry, hu_to_mu, pose_transform, project_points, reference_transform, render, render_pose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 
 from benchmark.cli import main
 from benchmark.evaluate import evaluate_files
-from benchmark.io import DataError, read_displacement, write_displacement
+from benchmark.core.io import DataError, read_displacement, write_displacement
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "oasis_pair"
 
@@ -172,7 +172,7 @@ def test_truncated_nifti_is_a_data_error_naming_the_file(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from benchmark.io import DataError, load_segmentation, load_volume
+    from benchmark.core.io import DataError, load_segmentation, load_volume
 
     good = tmp_path / "img.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((24, 24, 24)).astype(np.float32), np.eye(4)), good)

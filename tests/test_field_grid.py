@@ -19,10 +19,10 @@ import pytest
 import yaml
 from scipy.spatial.transform import Rotation
 
-from benchmark import metrics
+from benchmark.core import metrics
 from benchmark.cli import main
 from benchmark.evaluate import evaluate_files, map_field_to_grid
-from benchmark.io import DataError, field_sidecar_path, write_displacement
+from benchmark.core.io import DataError, field_sidecar_path, write_displacement
 from datamodules.preprocess import PreprocessConfig, preprocess_subject
 from fake_layouts import WORLD_POINTS, build_nifti_folder, random_affine
 
@@ -151,7 +151,7 @@ def _nifti_block(root: Path, **extra) -> dict:
 
 
 def test_nifti_pairs_run_exports_fields_that_evaluate_scores_the_same(tmp_path, monkeypatch, capsys):
-    from benchmark.results import read_cases_csv
+    from benchmark.core.results import read_cases_csv
     from benchmark.runner import run_grid
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -1,4 +1,4 @@
-"""Losses and regularisers of benchmark.losses against brute force, scipy and analytic values."""
+"""Losses and regularisers of benchmark.core.losses against brute force, scipy and analytic values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from benchmark.losses import (
+from benchmark.core.losses import (
     BendingEnergy,
     Diffusion,
     GradientNCC,
@@ -24,7 +24,7 @@ from benchmark.losses import (
     mse,
     mutual_information,
 )
-from benchmark.spatial import identity_grid
+from benchmark.core.spatial import identity_grid
 
 # --------------------------------------------------------------------------- local NCC
 

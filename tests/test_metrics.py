@@ -1,4 +1,4 @@
-"""Tests of benchmark.metrics against independent truth (analytic, brute force, SciPy, SimpleITK).
+"""Tests of benchmark.core.metrics against independent truth (analytic, brute force, SciPy, SimpleITK).
 
 Each test is built so that a wrong convention (axis order, spacing, pull vs push, NDV
 weighting, absent-label rule, robustness tail) changes the answer.
@@ -16,7 +16,7 @@ import scipy.ndimage as ndi
 import torch
 from scipy.spatial.distance import cdist
 
-from benchmark import metrics as M
+from benchmark.core import metrics as M
 
 RNG = np.random.default_rng(1234)
 

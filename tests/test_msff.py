@@ -14,7 +14,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from benchmark.spatial import compose, identity_grid, integrate_velocity, warp
+from benchmark.core.spatial import compose, identity_grid, integrate_velocity, warp
 from systems.msff import MSFF, AuxiliaryDecoder, FusionBlock, MSFFNet, SharedEncoder, UpCatConv, _conv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -275,7 +275,7 @@ def test_search_space_declares_lambda_and_width() -> None:
 def test_perf_learned_child_records_steps_and_inference(tmp_path) -> None:
     import json
 
-    from benchmark.perf_systems import _learned_child, format_perf_learned
+    from benchmark.perf.systems import _learned_child, format_perf_learned
 
     out = tmp_path / "rec.json"
     _learned_child("msff", (16, 16, 16), threads=1, repeats=1, device="cpu", out=str(out))
@@ -295,7 +295,7 @@ def test_perf_learned_child_records_steps_and_inference(tmp_path) -> None:
 def test_perf_systems_refuses_unknown_benchmarks() -> None:
     from types import SimpleNamespace
 
-    from benchmark.perf_systems import main_perf_systems, perf_learned
+    from benchmark.perf.systems import main_perf_systems, perf_learned
 
     with pytest.raises(SystemExit, match="unknown"):
         main_perf_systems(SimpleNamespace(only="msff,nope"))

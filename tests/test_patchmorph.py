@@ -16,7 +16,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn as nn
 
-from benchmark.spatial import affine_to_disp, warp
+from benchmark.core.spatial import affine_to_disp, warp
 from systems.patchmorph import (
     PatchFrame,
     PatchMorph,

@@ -8,8 +8,8 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from benchmark.drr import CArmGeometry, hu_to_mu, pose_transform, project_points, reference_transform, render_pose
-from benchmark.perf_drr import image_agreement, make_perf_ct
+from benchmark.core.drr import CArmGeometry, hu_to_mu, pose_transform, project_points, reference_transform, render_pose
+from benchmark.perf.drr import image_agreement, make_perf_ct
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,7 +33,7 @@ def _child_env() -> dict[str, str]:
 def test_child_peak_memory_is_its_own_not_the_parents() -> None:
     hold = np.ones(600 * 2**20 // 8)  # 600 MB, touched: the parent's peak is at least that
     hold += 1.0
-    code = ("import json, resource; from benchmark.timing import peak_rss_mb; "
+    code = ("import json, resource; from benchmark.core.timing import peak_rss_mb; "
             "print(json.dumps({'own': peak_rss_mb(), 'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(), check=True,
                          cwd=str(ROOT))
@@ -47,20 +47,20 @@ def test_child_peak_memory_is_its_own_not_the_parents() -> None:
 
 
 def test_importing_the_suite_before_torch_makes_openmp_threads_sleep() -> None:
-    code = "import benchmark, os; from benchmark._omp import OMP_STATE; print(os.environ.get('OMP_WAIT_POLICY'), OMP_STATE['state'])"
+    code = "import benchmark, os; from benchmark.core._omp import OMP_STATE; print(os.environ.get('OMP_WAIT_POLICY'), OMP_STATE['state'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(), check=True, cwd=str(ROOT))
     assert out.stdout.split() == ["PASSIVE", "set"]
-    code = "import torch, benchmark, os; from benchmark._omp import OMP_STATE; print(os.environ.get('OMP_WAIT_POLICY'), OMP_STATE['state'])"
+    code = "import torch, benchmark, os; from benchmark.core._omp import OMP_STATE; print(os.environ.get('OMP_WAIT_POLICY'), OMP_STATE['state'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(), check=True, cwd=str(ROOT))
     assert out.stdout.split() == ["None", "late"]
     env = dict(_child_env(), OMP_WAIT_POLICY="ACTIVE")
-    code = "import benchmark, os; from benchmark._omp import OMP_STATE; print(os.environ.get('OMP_WAIT_POLICY'), OMP_STATE['state'])"
+    code = "import benchmark, os; from benchmark.core._omp import OMP_STATE; print(os.environ.get('OMP_WAIT_POLICY'), OMP_STATE['state'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=str(ROOT))
     assert out.stdout.split() == ["ACTIVE", "user"], "a user's choice is kept"
 
 
 def test_late_torch_import_warns_once_on_a_busy_machine(monkeypatch) -> None:
-    from benchmark import _omp
+    from benchmark.core import _omp
 
     monkeypatch.setitem(_omp.OMP_STATE, "state", "late")
     monkeypatch.setattr(_omp, "_warned", False)
@@ -91,7 +91,7 @@ def test_perf_gpu_without_cuda_says_so_and_exits_zero(tmp_path, capsys) -> None:
 
 
 def test_perf_gpu_measuring_code_runs_on_cpu(one_thread) -> None:
-    from benchmark.perf_gpu import format_perf_gpu, measure_systems
+    from benchmark.perf.gpu import format_perf_gpu, measure_systems
 
     res = measure_systems(["voxelmorph", "msff"], (16, 16, 16), torch.device("cpu"), warmup=1, repeats=2,
                           log=lambda s: None, modes=("fp32", "bf16"))
@@ -109,7 +109,7 @@ def test_perf_gpu_measuring_code_runs_on_cpu(one_thread) -> None:
 
 
 def test_perf_gpu_records_a_failing_system_and_goes_on(one_thread, monkeypatch) -> None:
-    from benchmark import perf_gpu
+    from benchmark.perf import gpu as perf_gpu
 
     real = perf_gpu._build
 
@@ -129,7 +129,7 @@ def test_perf_gpu_records_a_failing_system_and_goes_on(one_thread, monkeypatch) 
 def test_perf_gpu_ddp_scaling_runs_on_gloo() -> None:
     """Two fresh interpreters on gloo: the DDP part of ``perf gpu`` end to end (figures only
     checked for presence; CPU scaling on a shared machine says nothing)."""
-    from benchmark.perf_gpu import measure_ddp
+    from benchmark.perf.gpu import measure_ddp
 
     res = measure_ddp((16, 16, 16), "cpu", [1, 2], warmup=1, repeats=2)
     for n in ("1", "2"):
@@ -143,9 +143,9 @@ def test_perf_gpu_ddp_scaling_runs_on_gloo() -> None:
 def test_ndv_reference_at_float32_agrees_with_float64_and_ours() -> None:
     """The equal-precision NDV reference (the same direct algorithm in float32) computes the
     float64 reference's value, so the speed comparison against ours (float32) is fair."""
-    from benchmark import metrics as M
-    from benchmark.perf import ndv_pct_numpy_direct
-    from benchmark.spatial import gaussian_smooth
+    from benchmark.core import metrics as M
+    from benchmark.perf.metrics import ndv_pct_numpy_direct
+    from benchmark.core.spatial import gaussian_smooth
 
     g = torch.Generator().manual_seed(0)
     d = gaussian_smooth(torch.randn(1, 3, 32, 32, 32, generator=g), 2.0)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from benchmark.spatial import gaussian_smooth
+from benchmark.core.spatial import gaussian_smooth
 from systems.diffop import DiffOpNet
 from systems.msff import MSFF
 from systems.patchmorph import PatchMorph

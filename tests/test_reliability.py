@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmark.results import PartialCaseLog, read_cases_csv, read_partial_records
+from benchmark.core.results import PartialCaseLog, read_cases_csv, read_partial_records
 from benchmark.runner import ConfigError, experiments, load_grid_config, run_grid
 
 HERE = Path(__file__).resolve().parent

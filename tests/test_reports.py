@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from benchmark.results import experiment_dir, write_cases_csv
+from benchmark.core.results import experiment_dir, write_cases_csv
 from leaderboard import ranking
 from leaderboard.stats import holm, paired_wilcoxon, worst_fraction_mean
 from leaderboard.table import build_report, markdown, write_leaderboard

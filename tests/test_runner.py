@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmark.results import read_cases_csv, read_partial_records
+from benchmark.core.results import read_cases_csv, read_partial_records
 from benchmark.runner import ConfigError, load_grid_config, run_grid
 
 HERE = Path(__file__).resolve().parent
@@ -275,7 +275,7 @@ def test_panel_of_the_first_case_and_learn2reg_fields_for_unlabelled_data(tmp_pa
 
 
 def test_pose_records_get_the_2d3d_columns(tmp_path):
-    from benchmark.results import POSE_CASE_COLUMNS, write_cases_csv
+    from benchmark.core.results import POSE_CASE_COLUMNS, write_cases_csv
 
     recs = [{"case_id": "c1", "mtre_mm": 1.5, "ptre_mm": 1.0, "rot_err_deg": 0.5, "trans_err_mm": 2.0,
              "success_10mm": 1.0, "success_2mm": 1.0, "runtime_s": 0.1, "peak_mem_mb": 3.0, "mtre_initial_mm": 30.0}]

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from scipy.spatial.transform import Rotation
 
-from benchmark import se3
+from benchmark.core import se3
 
 
 def _rotvecs(rng: np.random.Generator, n: int, max_angle: float = np.pi) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Core spatial conventions of benchmark.spatial, checked against independent references
+"""Core spatial conventions of benchmark.core.spatial, checked against independent references
 (scipy.ndimage, nibabel, SimpleITK, torch's own affine_grid, analytic maps).
 
 Each test is built so that a wrong axis order, a push instead of a pull, a wrong
@@ -14,7 +14,7 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from benchmark.spatial import (
+from benchmark.core.spatial import (
     affine_to_disp,
     compose,
     disp_to_grid,
@@ -347,7 +347,7 @@ def test_voxel_to_grid_coords_reads_the_indexed_voxel():
     (catches a missing axis reversal or an align_corners slip); vectors get no offset."""
     import torch.nn.functional as F
 
-    from benchmark.spatial import voxel_to_grid_coords
+    from benchmark.core.spatial import voxel_to_grid_coords
 
     shape = (5, 7, 4)
     vol = torch.arange(5 * 7 * 4, dtype=torch.float64).reshape(1, 1, *shape)

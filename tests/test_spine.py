@@ -14,10 +14,10 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from benchmark.io import DataError
-from benchmark.drr import CArmGeometry, pose_transform, project_points, reference_transform
-from benchmark.metrics_pose import aggregate_pose, pose_metrics
-from benchmark.se3 import so3_exp, so3_log
+from benchmark.core.io import DataError
+from benchmark.core.drr import CArmGeometry, pose_transform, project_points, reference_transform
+from benchmark.core.metrics_pose import aggregate_pose, pose_metrics
+from benchmark.core.se3 import so3_exp, so3_log
 from datamodules.spine import SpineDRRDataModule
 from datamodules.synthetic_spine import label_centroids, make_spine_ct
 from systems.pose_base import InitialPose
@@ -176,7 +176,7 @@ def test_initial_and_baselines_records_and_improvement() -> None:
     assert np.mean([r["mtre_mm"] for r in gd]) < m0
     # The estimated pose is stored with each case: the initial row's is the start (0), and the
     # stored estimate, scored again against the true pose, gives the case's own mTRE.
-    from benchmark.results import POSE_ESTIMATE_COLUMNS
+    from benchmark.core.results import POSE_ESTIMATE_COLUMNS
 
     assert all(r[k] == 0.0 for r in init for k in POSE_ESTIMATE_COLUMNS)
     ds = dm.dataset("test")

@@ -12,8 +12,8 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from benchmark.losses import local_ncc
-from benchmark.spatial import compose, integrate_velocity, warp
+from benchmark.core.losses import local_ncc
+from benchmark.core.spatial import compose, integrate_velocity, warp
 from systems.syn import SYN_PRESETS, GreedySyN, invert_displacement, local_ncc_and_grad
 
 TEST_SYN = dict(scales=(2, 1), iterations=(80, 40), lr=0.25, smooth_grad_sigma=1.0, smooth_warp_sigma=0.5)
@@ -248,7 +248,7 @@ def test_cuda_matches_cpu(iso_case) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The performance harness (benchmark.perf_systems) on a tiny synthetic pair
+# The performance harness (benchmark.perf.systems) on a tiny synthetic pair
 # ---------------------------------------------------------------------------------------
 def _write_pair(folder, shift_seg_grid: bool = True) -> np.ndarray:
     """image_A (moving) / image_B (fixed) at 1 mm; image_A_seg stored on a grid shifted by
@@ -277,7 +277,7 @@ def _write_pair(folder, shift_seg_grid: bool = True) -> np.ndarray:
 
 
 def test_perf_syn_on_a_tiny_pair(tmp_path) -> None:
-    from benchmark.perf_systems import format_perf_systems, load_brain_pair, perf_syn
+    from benchmark.perf.systems import format_perf_systems, load_brain_pair, perf_syn
 
     truth = _write_pair(tmp_path)
     pair = load_brain_pair(tmp_path)
@@ -305,7 +305,7 @@ def test_perf_syn_on_a_tiny_pair(tmp_path) -> None:
 
 
 def test_time_ratios_pair_presets_with_each_fireants_run_on_the_same_pair() -> None:
-    from benchmark.perf_systems import _time_ratios
+    from benchmark.perf.systems import _time_ratios
 
     res = [
         {"tool": "regbench-syn", "preset": "fast", "pair": "A->B", "status": "measured", "wall_s": 10.0, "cpu_s": 20.0},
@@ -322,7 +322,7 @@ def test_time_ratios_pair_presets_with_each_fireants_run_on_the_same_pair() -> N
 def test_fireants_conversion_matches_its_own_warp(tmp_path) -> None:
     """FireANTs (peer venv) on the tiny pair: the displacement converted to our convention
     and warped with our warp gives the Dice FireANTs' own coordinates give."""
-    from benchmark.perf_systems import _run_fireants, find_peer_python, load_brain_pair
+    from benchmark.perf.systems import _run_fireants, find_peer_python, load_brain_pair
 
     py = find_peer_python()
     if py is None:
@@ -337,7 +337,7 @@ def test_fireants_conversion_matches_its_own_warp(tmp_path) -> None:
     init = _dice(pair.moving_seg, pair.fixed_seg)
     assert rec["dice_mean"] > init  # the converted field registers, it is not e.g. transposed
     # FireANTs' published OASIS setting reaches its optimiser (Adam beta1 = 0.1)
-    from benchmark.perf_systems import FIREANTS_PUBLISHED_OASIS
+    from benchmark.perf.systems import FIREANTS_PUBLISHED_OASIS
 
     hold = np.ones(1200 * 2**20 // 8)  # this process's peak >= 1.2 GB, which ru_maxrss would pass on
     hold += 1.0

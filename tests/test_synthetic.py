@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-from benchmark.spatial import warp
+from benchmark.core.spatial import warp
 from datamodules.batch import collate_pairs, validate_batch
 from datamodules.synthetic import SyntheticBrainGenerator, synthetic_affine
 from datamodules.synthetic_brain import EpochPairSampler, SyntheticBrainDataModule

@@ -14,8 +14,8 @@ import pytest
 import torch
 from nibabel.affines import apply_affine
 
-from benchmark import metrics
-from benchmark.spatial import identity_grid
+from benchmark.core import metrics
+from benchmark.core.spatial import identity_grid
 from leaderboard import stats
 
 
@@ -140,7 +140,7 @@ def test_anatomy_labels_follow_world_geometry(anatomy_dm):
 
 
 def test_anatomy_truth_maps_landmarks_and_labels(anatomy_dm):
-    from benchmark.spatial import warp
+    from benchmark.core.spatial import warp
 
     for i in range(len(anatomy_dm.test_dataset)):
         s = anatomy_dm.test_dataset[i]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.spatial import integrate_velocity, warp
+from benchmark.core.spatial import integrate_velocity, warp
 from systems.voxelmorph import VoxelMorph, VoxelMorphNet, VxmUNet, _up_conv_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def test_bad_similarity_is_refused() -> None:
 
 def test_perf_training_child_reports_a_step() -> None:
     """The harness's child process measures our step and reports time and peak RSS."""
-    from benchmark.perf_training import perf_vxm_training
+    from benchmark.perf.training import perf_vxm_training
 
     res = perf_vxm_training(sizes=((16, 16, 16),), repeats=1, threads=1, tools=("ours",), verbose=False)
     r = res["results"]["16x16x16"]["ours"]
@@ -233,6 +233,6 @@ def test_perf_training_child_reports_a_step() -> None:
 
 
 def test_perf_training_cli_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "benchmark.perf_training", "--help"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "benchmark.perf.training", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--sizes" in out.stdout

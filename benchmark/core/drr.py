@@ -13,7 +13,7 @@ C-arm frame by a 4×4 rigid ``transform`` ``T`` (CT world → C-arm). The suite 
 ``T(θ) = P(θ) · B``: ``B = [R0 | −R0 c]`` the *reference* placement (isocentre ``c`` in CT
 world moved to the origin, anatomical orientation ``R0``; :data:`AP_ORIENTATION` gives an
 antero-posterior view of a RAS CT: rays run anterior→posterior, rows run superior→inferior)
-and ``P(θ)`` the 6-DoF pose of :mod:`benchmark.se3` — rotation about the isocentre, then
+and ``P(θ)`` the 6-DoF pose of :mod:`benchmark.core.se3` — rotation about the isocentre, then
 translation (mm, C-arm axes; ``z`` is depth).
 
 Rendering (the ProST / Siddon-free idea): for each detector pixel, ``n_samples`` points
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from benchmark.se3 import pose_to_matrix
-from benchmark.spatial import voxel_to_grid_coords
+from benchmark.core.se3 import pose_to_matrix
+from benchmark.core.spatial import voxel_to_grid_coords
 
 __all__ = [
     "CArmGeometry",

@@ -139,7 +139,7 @@ def perf_data(repeats: int = 5, threads: int | None = None, shape: tuple[int, in
 
 def main_perf_data(args: Any) -> dict[str, Any]:
     """CLI entry: ``args.out`` (JSON path or None), ``args.repeats``, ``args.threads``."""
-    from benchmark.perf_anatomy import perf_anatomy, print_perf_anatomy
+    from benchmark.perf.anatomy import perf_anatomy, print_perf_anatomy
 
     res = perf_data(repeats=getattr(args, "repeats", 5) or 5, threads=getattr(args, "threads", None))
     res["anatomy"] = perf_anatomy(repeats=min(getattr(args, "repeats", 3) or 3, 3), threads=getattr(args, "threads", None))
@@ -147,7 +147,7 @@ def main_perf_data(args: Any) -> dict[str, Any]:
     text = json.dumps(res, indent=2)
     out = getattr(args, "out", None)
     if out:
-        from benchmark.io import atomic_write_text
+        from benchmark.core.io import atomic_write_text
 
         atomic_write_text(out, text + "\n")
     print(f"data loading, {'x'.join(map(str, res['shape']))} pair with labels: cold {res['cold_s'] * 1e3:.0f} ms, "

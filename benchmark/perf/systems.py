@@ -2,31 +2,31 @@
 
 ``syn``: the suite's greedy SyN (:class:`systems.syn.GreedySyN`, presets ``"fast"`` and
 ``"accurate"``) on a real brain pair, side by side in one run with FireANTs'
-``GreedyRegistration`` (run in a peer virtualenv through ``benchmark/peers/fireants_greedy.py``)
+``GreedyRegistration`` (run in a peer virtualenv through ``benchmark/perf/peers/fireants_greedy.py``)
 and next to cached ANTs figures. Per tool: Dice per label and mean, fold % and SDlogJ
-(:mod:`benchmark.metrics`, central differences), wall-clock of the registration call alone
-(:func:`benchmark.timing.timed_call` for ours; the peer times its own ``optimize()``), process
+(:mod:`benchmark.core.metrics`, central differences), wall-clock of the registration call alone
+(:func:`benchmark.core.timing.timed_call` for ours; the peer times its own ``optimize()``), process
 CPU time (less sensitive to a shared machine than wall-clock) and peak memory.
 
 The peer's displacement is converted to the suite's convention inside the peer script (see
 its docstring); the conversion is checked here: the Dice of the converted field warped with
-:func:`benchmark.spatial.warp` must match the Dice FireANTs' own coordinates give in its own
+:func:`benchmark.core.spatial.warp` must match the Dice FireANTs' own coordinates give in its own
 frame (``conversion_ok``).
 
 ``msff``: the MSFF pyramid (:class:`systems.msff.MSFF`) beside VoxelMorph
 (:class:`systems.voxelmorph.VoxelMorph`), both with their defaults, in the same run, at
 LUMIR's size 160×224×192 (batch 1, float32): the training step (forward + loss + backward +
 Adam step) and the inference call (``register`` under ``no_grad``, as the test loop times it).
-Each system runs in a fresh process (``python -m benchmark.perf_systems --learned-child``) so
+Each system runs in a fresh process (``python -m benchmark.perf.systems --learned-child``) so
 that the peak RSS sampled during its steps is its own; there one untimed warm-up step, then
 ``repeats`` timed steps, then one untimed and ``repeats`` timed inference calls, each under
-:func:`benchmark.timing.timed_call`; medians are reported (wall-clock s, process CPU s, peak
+:func:`benchmark.core.timing.timed_call`; medians are reported (wall-clock s, process CPU s, peak
 RSS MB with the RSS before the step as ``base_mb``; on CUDA, max allocated MB).
 
 Pair: ``moving = image_A``, ``fixed = image_B`` of ``<pair_dir>`` (default
 ``../shared/data/oasis_pair`` next to the project root). ``image_A_seg`` lies on another grid
 than ``image_A``; it is resampled onto ``image_A``'s grid through the affines (nearest
-neighbour) by :func:`benchmark.io.load_segmentation`.
+neighbour) by :func:`benchmark.core.io.load_segmentation`.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from benchmark import metrics as M
-from benchmark.io import DataError, atomic_write_json, load_segmentation, load_volume, same_grid
-from benchmark.spatial import warp
-from benchmark.timing import device_description, timed_call
+from benchmark.core import metrics as M
+from benchmark.core.io import DataError, atomic_write_json, load_segmentation, load_volume, same_grid
+from benchmark.core.spatial import warp
+from benchmark.core.timing import device_description, timed_call
 
 __all__ = [
     "CACHED_ANTS",
@@ -67,7 +67,7 @@ __all__ = [
     "main_perf_systems",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PAIR_DIR = PROJECT_ROOT.parent / "shared" / "data" / "oasis_pair"
 DEFAULT_PEER_VENV = PROJECT_ROOT.parent / "peers_venv"
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -511,7 +511,7 @@ def _learned_child(system: str, size: Sequence[int], threads: int, repeats: int,
     """One measurement process: warm-up, ``repeats`` timed training steps, then inference."""
     import importlib
 
-    from benchmark.timing import current_rss_mb
+    from benchmark.core.timing import current_rss_mb
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
@@ -601,7 +601,7 @@ def perf_learned(
     for name in systems:
         with tempfile.TemporaryDirectory(prefix="regbench_learned_") as tmp:
             rec_path = Path(tmp) / "rec.json"
-            cmd = [sys.executable, "-m", "benchmark.perf_systems", "--learned-child", "--system", name,
+            cmd = [sys.executable, "-m", "benchmark.perf.systems", "--learned-child", "--system", name,
                    "--size", ",".join(str(int(s)) for s in size), "--threads", str(threads),
                    "--repeats", str(repeats), "--device", device, "--out", str(rec_path)]  # fmt: skip
             try:
@@ -709,11 +709,11 @@ def main_perf_systems(args: Any) -> dict[str, Any]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m benchmark.perf_systems --learned-child ...``: one measurement process of
+    """``python -m benchmark.perf.systems --learned-child ...``: one measurement process of
     :func:`perf_learned` (not meant to be called by hand)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmark.perf_systems")
+    p = argparse.ArgumentParser(prog="python -m benchmark.perf.systems")
     p.add_argument("--learned-child", action="store_true", required=True)
     p.add_argument("--system", required=True, choices=sorted(LEARNED_SYSTEMS))
     p.add_argument("--size", required=True, help="X,Y,Z")

@@ -8,14 +8,14 @@ torch threads) on a random image pair of each size. Tools:
   ``configure_optimizers`` (Adam);
 * ``ours_ncc`` — the same with the suite's default loss (local NCC 9³);
 * ``vxm`` — the ``voxelmorph`` package of the peer venv (0.3.x: ``VxmPairwise`` with its
-  defaults), through ``benchmark/peers/vxm_step.py``;
+  defaults), through ``benchmark/perf/peers/vxm_step.py``;
 * ``vxm02`` — voxelmorph 0.2 (``VxmDense``, the published network: the same as ours), from a
   second venv, through the same script;
-* ``monai`` — MONAI's ``VoxelMorph`` (defaults), through ``benchmark/peers/monai_step.py``.
+* ``monai`` — MONAI's ``VoxelMorph`` (defaults), through ``benchmark/perf/peers/monai_step.py``.
 
-Every measurement runs in a fresh process (ours: ``python -m benchmark.perf_training
+Every measurement runs in a fresh process (ours: ``python -m benchmark.perf.training
 --child ...``; peers: the venv's python), so the peak resident set size sampled during the
-timed step (:func:`benchmark.timing.timed_call` for ours, the same 5 ms sampler written into
+timed step (:func:`benchmark.core.timing.timed_call` for ours, the same 5 ms sampler written into
 the peer scripts) is that step's and nothing earlier in the run. Each process does
 ``warmup`` untimed steps, then ``steps`` timed ones. Tools are interleaved within each repeat
 (the order rotates between repeats) because the machine may be shared; the figures are
@@ -59,7 +59,7 @@ __all__ = [
     "main_perf_training",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 DEFAULT_VXM_VENV = PROJECT_ROOT.parent / "peers_vxm_venv"
 DEFAULT_VXM02_VENV = PROJECT_ROOT.parent / "peers_vxm02_venv"
@@ -102,7 +102,7 @@ def _command(tool: str, size: Sequence[int], loss: str, threads: int, warmup: in
               "--warmup", str(warmup), "--steps", str(steps), "--out", out]
     if tool in ("ours", "ours_ncc"):
         kind = "ncc" if tool == "ours_ncc" else loss
-        return [sys.executable, "-m", "benchmark.perf_training", "--child", "--loss", kind, *common]
+        return [sys.executable, "-m", "benchmark.perf.training", "--child", "--loss", kind, *common]
     if tool == "vxm02":
         py = pythons.get("vxm02")
         if py is None:
@@ -182,7 +182,7 @@ def perf_vxm_training(
         ``loadavg_1min`` (the machine's load when the steps began) and every run. Ratios are ours (loss ``loss``) over the peer: < 1 means ours is faster
         / smaller.
     """
-    from benchmark.timing import device_description
+    from benchmark.core.timing import device_description
 
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
@@ -319,7 +319,7 @@ def main_perf_training(
                             tools=tools, warmup=warmup, steps=steps, omp_wait_policy=omp_wait_policy)
     print(format_perf_training(res))
     if out:
-        from benchmark.io import atomic_write_json
+        from benchmark.core.io import atomic_write_json
 
         atomic_write_json(out, res)
         print(f"wrote {out}")
@@ -332,7 +332,7 @@ def main_perf_training(
 
 def _child(size: Sequence[int], loss: str, threads: int, warmup: int, steps: int, out: str, seed: int = 0) -> None:
     """Measure our training step in this (fresh) process and write the JSON record."""
-    from benchmark.timing import current_rss_mb, timed_call
+    from benchmark.core.timing import current_rss_mb, timed_call
     from systems.voxelmorph import VoxelMorph
 
     torch.set_num_threads(threads)
@@ -381,7 +381,7 @@ def _parse_size(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmark.perf_training", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmark.perf.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", default=None, help=argparse.SUPPRESS)

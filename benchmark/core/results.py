@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from benchmark.io import atomic_write_text
+from benchmark.core.io import atomic_write_text
 
 __all__ = [
     "ID_COLUMNS",
@@ -49,7 +49,7 @@ CASE_COLUMNS = ID_COLUMNS + METRIC_COLUMNS
 #: errors, success flags (mTRE < 10 mm, < 2 mm), runtime and memory.
 POSE_METRIC_COLUMNS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s", "peak_mem_mb"]
 #: The estimated pose of each 2D/3D case (rotation vector in rad, translation in mm, the
-#: parameters of :func:`benchmark.drr.pose_transform`), so a result can be re-rendered or re-scored.
+#: parameters of :func:`benchmark.core.drr.pose_transform`), so a result can be re-rendered or re-scored.
 POSE_ESTIMATE_COLUMNS = ["est_rx_rad", "est_ry_rad", "est_rz_rad", "est_tx_mm", "est_ty_mm", "est_tz_mm"]
 POSE_CASE_COLUMNS = ID_COLUMNS + POSE_METRIC_COLUMNS + POSE_ESTIMATE_COLUMNS
 

@@ -21,9 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from benchmark import metrics as M
-from benchmark.losses import local_ncc
-from benchmark.spatial import gaussian_smooth, integrate_velocity, warp
+from benchmark.core import metrics as M
+from benchmark.core.losses import local_ncc
+from benchmark.core.spatial import gaussian_smooth, integrate_velocity, warp
 
 __all__ = ["perf_metrics", "main_perf_metrics", "ndv_pct_numpy_direct"]
 
@@ -33,7 +33,7 @@ HD95_LABELS = 16
 def ndv_pct_numpy_direct(disp: np.ndarray, mask: np.ndarray | None = None, dtype: type = np.float64) -> float:
     """NDV % written directly in NumPy, as a typical user would: each scheme on its own.
 
-    Same definition as :func:`benchmark.metrics.ndv_pct` (interior ``[1:-1]``, tetrahedral
+    Same definition as :func:`benchmark.core.metrics.ndv_pct` (interior ``[1:-1]``, tetrahedral
     determinants unscaled): for each of the ten schemes, the three edge vectors of
     ``phi = x + u`` are formed by slicing, the determinant by the cofactor formula (faster than
     ``np.linalg.det``), and ``-0.5 * min(J, 0) / 6`` is summed over the mask. Nothing is shared

@@ -76,7 +76,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _pair_batch(shape: Sequence[int], dev: torch.device, batch_size: int = 1, seed: int = 0) -> dict[str, Any]:
     """Two smooth random volumes ``(B, 1, *shape)`` in [0, 1] with identity affines (1 mm)."""
-    from benchmark.spatial import gaussian_smooth
+    from benchmark.core.spatial import gaussian_smooth
 
     g = torch.Generator().manual_seed(seed)
     imgs = []
@@ -242,7 +242,7 @@ def measure_loader(shape: Sequence[int], dev: torch.device, workers: Sequence[in
 
     from torch.utils.data import ConcatDataset, DataLoader
 
-    from benchmark.perf_data import _write_pair
+    from benchmark.perf.data import _write_pair
     from datamodules.nifti_pairs import NiftiPairsDataModule
 
     tmp = Path(tempfile.mkdtemp(prefix="regbench_perf_gpu_", dir=workdir))
@@ -382,7 +382,7 @@ def perf_gpu(
 ) -> dict[str, Any]:
     """Run the GPU measurements (module docstring). ``device="cuda"`` without CUDA returns a
     record with ``cuda_available: False`` and nothing measured."""
-    from benchmark.timing import device_description
+    from benchmark.core.timing import device_description
 
     shape = [int(s) for s in shape]
     res: dict[str, Any] = {
@@ -488,7 +488,7 @@ def main_perf_gpu(args: Any) -> dict[str, Any]:
                    pose_size=32 if (device == "cpu" and small) else None, loader=True)
     print(format_perf_gpu(res))
     if getattr(args, "out", None):
-        from benchmark.io import atomic_write_json
+        from benchmark.core.io import atomic_write_json
 
         atomic_write_json(args.out, res)
         print(f"wrote {args.out}")

@@ -9,13 +9,13 @@
   backward + Adam step. Criterion: PatchMorph's figure at 192³ ≤ 1.2 × its figure at 64³.
 * **inference time versus number of patches**: ``register`` on a 64³ pair with
   ``infer_passes`` = 1, 2, 4, 8 (each pass a jittered lattice per scale), wall clock of the
-  call (:func:`benchmark.timing.timed_call`) and the patch count.
+  call (:func:`benchmark.core.timing.timed_call`) and the patch count.
 
 How memory is measured, and why: on CPU the suite's rule is the resident set size
-(:func:`benchmark.timing.timed_call` samples ``/proc/self/statm`` every 5 ms). torch's CPU
+(:func:`benchmark.core.timing.timed_call` samples ``/proc/self/statm`` every 5 ms). torch's CPU
 allocations are plain ``malloc``s, so they are visible to RSS, but glibc keeps freed memory
 for reuse, which would hide a step's allocations behind the previous step's. Therefore every
-configuration runs in a **fresh subprocess** (``python -m benchmark.perf_patchmorph --child …``)
+configuration runs in a **fresh subprocess** (``python -m benchmark.perf.patchmorph --child …``)
 with ``MALLOC_MMAP_THRESHOLD_=65536`` (every block above 64 KiB is its own mapping, returned
 to the system when freed), does one untimed warm-up step (oneDNN primitives, Adam state),
 then timed steps. The figure per step is ``peak RSS during the step − RSS just before it``
@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 __all__ = ["SIZES", "measure_training", "measure_inference", "format_perf_patchmorph", "main_perf_patchmorph"]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SIZES: tuple[int, ...] = (64, 128, 192)
 INFER_SIZE = 64
 INFER_PASSES: tuple[int, ...] = (1, 2, 4, 8)
@@ -64,7 +64,7 @@ def _env(threads: int) -> dict[str, str]:
 def _run_child(argv: list[str], threads: int, timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        cmd = [sys.executable, "-m", "benchmark.perf_patchmorph", "--child", *argv, "--threads", str(threads), "--out", str(out)]
+        cmd = [sys.executable, "-m", "benchmark.perf.patchmorph", "--child", *argv, "--threads", str(threads), "--out", str(out)]
         try:
             proc = subprocess.run(cmd, cwd=str(PROJECT_ROOT), env=_env(threads), capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -201,7 +201,7 @@ def _pair(size: int):
 def _child_train(method: str, size: int, steps: int) -> dict[str, Any]:
     import torch
 
-    from benchmark.timing import current_rss_mb, timed_call
+    from benchmark.core.timing import current_rss_mb, timed_call
 
     batch = _pair(size)
     if method == "patchmorph":
@@ -241,7 +241,7 @@ def _child_train(method: str, size: int, steps: int) -> dict[str, Any]:
 
 
 def _child_infer(size: int, passes: Sequence[int]) -> dict[str, Any]:
-    from benchmark.timing import timed_call
+    from benchmark.core.timing import timed_call
     from systems.patchmorph import PatchMorph
 
     batch = _pair(size)
@@ -259,7 +259,7 @@ def _child_infer(size: int, passes: Sequence[int]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmark.perf_patchmorph")
+    p = argparse.ArgumentParser(prog="python -m benchmark.perf.patchmorph")
     p.add_argument("--child", choices=["train", "infer"], default=None)
     p.add_argument("--method", default="patchmorph")
     p.add_argument("--size", type=int, default=64)

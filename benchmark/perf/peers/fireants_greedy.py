@@ -1,7 +1,7 @@
 """Run FireANTs ``GreedyRegistration`` on one pair — executed INSIDE a peer virtualenv.
 
 This script imports nothing of regbench (the peer venv does not have it): it is started by
-:func:`benchmark.perf_systems.perf_syn` as ``<peer python> fireants_greedy.py ...`` and
+:func:`benchmark.perf.systems.perf_syn` as ``<peer python> fireants_greedy.py ...`` and
 talks back through files only:
 
 * ``--out-disp``: ``.npy`` float32 array ``(3, X, Y, Z)`` — the displacement in regbench's
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 def _peak_rss_mb() -> float:
     """This process's own peak RSS, MB: ``VmHWM`` (``ru_maxrss`` survives exec and would
-    report the parent's peak when the parent was larger; benchmark.timing.peak_rss_mb)."""
+    report the parent's peak when the parent was larger; benchmark.core.timing.peak_rss_mb)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:

@@ -2,7 +2,7 @@
 error, success flags, and their aggregates.
 
 All per-case metrics compare the estimated and the true placement of the CT in the C-arm
-frame (:mod:`benchmark.drr`): ``T(θ) = P(θ) · B``.
+frame (:mod:`benchmark.core.drr`): ``T(θ) = P(θ) · B``.
 
 * ``mtre_mm``: mean over landmarks ``p`` (CT world mm, e.g. vertebra centroids) of
   ``|T(θ_est) p − T(θ_true) p|``.
@@ -21,8 +21,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from benchmark.drr import CArmGeometry, pose_transform, project_points
-from benchmark.se3 import rotation_angle
+from benchmark.core.drr import CArmGeometry, pose_transform, project_points
+from benchmark.core.se3 import rotation_angle
 
 __all__ = ["POSE_METRIC_KEYS", "pose_metrics", "aggregate_pose"]
 

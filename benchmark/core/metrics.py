@@ -1,6 +1,6 @@
 """Evaluation metrics for deformable registration: overlap, surface distance, landmarks, regularity.
 
-Conventions (see :mod:`benchmark.spatial`):
+Conventions (see :mod:`benchmark.core.spatial`):
 
 * A displacement ``u`` is ``(ndim, *spatial)`` (or ``(1, ndim, *spatial)``) in **voxels of the
   fixed grid**, channel ``d`` = shift along array axis ``d``; pull: ``warped(x) = moving(x + u(x))``.
@@ -744,14 +744,14 @@ def tre_centroids_warped(
     """LUMIR's official landmark protocol: warp the moving landmark volume, compare centroids.
 
     The moving landmark volume is pulled onto the fixed grid with nearest neighbour (the one
-    :func:`benchmark.spatial.warp`), and for every landmark id the distance between its
+    :func:`benchmark.core.spatial.warp`), and for every landmark id the distance between its
     centroid there and its centroid in the fixed volume is measured in mm through the fixed
     affine's linear part (LUMIR's data are 1 mm isotropic, where this equals their voxel value).
 
     Returns:
         ``(L,)`` mm; NaN where a landmark is missing (e.g. warped out of the grid).
     """
-    from benchmark.spatial import warp
+    from benchmark.core.spatial import warp
 
     u = _disp_tensor(disp)
     nd = u.shape[0]

@@ -5,7 +5,7 @@ Pose convention of the suite (docs/design.md §1): a pose is a ``(..., 6)`` tens
 ``θ = (ω, t)`` — a rotation vector ``ω`` (radians, axis × angle) and a translation ``t``
 (mm). It acts on a point ``p`` as ``p ↦ R(ω) p + t`` with ``R(ω) = exp([ω]×)``; how that
 acts on a CT (about its isocentre, in the C-arm frame) is documented in
-:mod:`benchmark.drr`. The 4×4 matrix of a pose is :func:`pose_to_matrix`.
+:mod:`benchmark.core.drr`. The 4×4 matrix of a pose is :func:`pose_to_matrix`.
 
 Geodesic distance: the product metric on ``SO(3) × R³`` (left-invariant, the metric of the
 cdreg / ProST papers' "SE(3) geodesic" used with separate rotation and translation parts):

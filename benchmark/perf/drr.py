@@ -36,15 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
-from benchmark.timing import current_rss_mb, timed_call
+from benchmark.core.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
+from benchmark.core.timing import current_rss_mb, timed_call
 
 __all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "find_drr_peer_python", "image_agreement", "AGREEMENT_NCC"]
 
 #: Lowest NCC at the geometry's own orientation that counts as agreement with the peer.
 AGREEMENT_NCC = 0.99
 
-DEFAULT_PEER_VENV = Path(__file__).resolve().parents[2] / "peers_drr_venv"
+DEFAULT_PEER_VENV = Path(__file__).resolve().parents[3] / "peers_drr_venv"
 SIZE = 256
 N_SAMPLES = 256
 
@@ -238,7 +238,7 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
                 result["speedup_vs_diffdrr_fastest"] = {
                     k: fastest[k]["median_s"] / ours[k]["median_s"] for k in ("forward", "forward_backward")}
     if out:
-        from benchmark.io import atomic_write_json
+        from benchmark.core.io import atomic_write_json
 
         atomic_write_json(out, result)
     return result

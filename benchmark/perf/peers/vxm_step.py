@@ -1,12 +1,12 @@
 """Time VoxelMorph training steps of the ``voxelmorph`` package — executed INSIDE a peer venv.
 
 This script imports nothing of regbench (the peer venv does not have it). It is started by
-:func:`benchmark.perf_training.perf_vxm_training` as ``<peer python> vxm_step.py ...`` and
+:func:`benchmark.perf.training.perf_vxm_training` as ``<peer python> vxm_step.py ...`` and
 writes one JSON file (``--out``). One training step = forward + loss + backward + Adam step,
 batch 1, float32 on CPU; every step is timed on the wall clock and on the process CPU clock,
 and the peak resident set size during the step is sampled every 5 ms from
 ``/proc/self/statm`` (MB, the whole process: Python, torch, model, data), as the suite's
-``benchmark.timing.timed_call`` does for its own steps. ``--warmup`` untimed steps come first.
+``benchmark.core.timing.timed_call`` does for its own steps. ``--warmup`` untimed steps come first.
 
 Models (whichever ``voxelmorph`` the venv holds):
 

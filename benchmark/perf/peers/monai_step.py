@@ -1,6 +1,6 @@
 """Time MONAI ``VoxelMorph`` training steps — executed INSIDE a peer venv.
 
-Started by :func:`benchmark.perf_training.perf_vxm_training` as
+Started by :func:`benchmark.perf.training.perf_vxm_training` as
 ``<peer python> monai_step.py ...``; imports nothing of regbench and writes one JSON file
 (``--out``) with the same fields as ``vxm_step.py`` (whose RSS sampler it uses: both scripts
 sit in the same folder). One training step = forward + loss + backward + Adam step, batch 1,

@@ -3,7 +3,7 @@
 All losses take ``(B, C, *spatial)`` tensors (``ndim = 2`` or ``3`` spatial axes) and the
 module forms return a scalar to *minimise* (a similarity is returned negated). The functional
 forms return the similarity itself (higher is better) or the penalty. Displacements follow
-:mod:`benchmark.spatial`: ``(B, ndim, *spatial)`` in voxels, channel ``d`` = shift along array
+:mod:`benchmark.core.spatial`: ``(B, ndim, *spatial)`` in voxels, channel ``d`` = shift along array
 axis ``d``.
 
 Similarities: :func:`local_ncc` (windowed squared NCC), :func:`mse`,
