@@ -146,7 +146,7 @@ def arc_points(raw: dict[str, Any], k: int | None = None, methods: list[str] | N
     Returns ``method -> points`` in order of the weight. Raises
     :class:`benchmark.runner.ConfigError` naming the key on a bad ``arc`` block or method.
     """
-    from benchmark.runner import ConfigError, _import_class, expand_env
+    from benchmark.runner import ConfigError, expand_env, import_class
 
     arc = raw.get("arc") or {}
     if not isinstance(arc, dict):
@@ -175,7 +175,7 @@ def arc_points(raw: dict[str, Any], k: int | None = None, methods: list[str] | N
         blk = expand_env(blk, f"methods.{name}")
         if not isinstance(blk, dict) or "class_path" not in blk:
             raise ConfigError(f"methods.{name}.class_path: missing")
-        cls = _import_class(blk["class_path"], f"methods.{name}")
+        cls = import_class(blk["class_path"], f"methods.{name}")
         param, low, high = _regularisation(cls, name, specs.get(name))
         default = _default_value(cls, param, blk.get("init_args") or {}, name)
         values = [float(v) for v in np.logspace(math.log10(low), math.log10(high), k)]
@@ -285,7 +285,7 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
     (the unfinished ones with their status) before the exception goes on.
     """
     from benchmark.core.io import atomic_write_text
-    from benchmark.runner import ConfigError, _is_zero, apply_overrides, expand_env, run_grid
+    from benchmark.runner import ConfigError, is_rank_zero, apply_overrides, expand_env, run_grid
 
     p = Path(config)
     if not p.exists():
@@ -312,7 +312,7 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
     gen = out / "arc_config.yaml"
     header = (f"# Written by `regbench arc {p}`: every point of the accuracy-regularity curves as a plain grid.\n"
               f"# `regbench run {gen}` runs (or resumes) the same experiments.\n")
-    if _is_zero():
+    if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(gen, header + yaml.safe_dump(cfg, sort_keys=False))
     datasets = list(expand_env(raw.get("datasets") or {}))
@@ -325,10 +325,10 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
         started = True
     finally:
         # also after a signal or an error: the finished points are reported, nothing is lost
-        if _is_zero() and (started or any(out.glob("*/*/seed*/run.json"))):
+        if is_rank_zero() and (started or any(out.glob("*/*/seed*/run.json"))):
             try:
                 csv_path = write_arc_csv(out, datasets, seeds, points, bound)
-                from leaderboard.table import write_leaderboard
+                from leaderboard.write import write_leaderboard
 
                 md = write_leaderboard(out)
                 log(f"[arc] {csv_path}; [leaderboard] {md} (and .csv, .html)")
@@ -341,7 +341,7 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
 
 def _cmd_arc(args) -> int:
     from benchmark.reliability import RunInterrupted, install_signal_handlers, one_line_error
-    from benchmark.runner import ConfigError, _is_zero, set_threads
+    from benchmark.runner import ConfigError, is_rank_zero, set_threads
 
     debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
     if args.threads is not None and args.threads < 1:
@@ -356,7 +356,7 @@ def _cmd_arc(args) -> int:
         print(f"regbench arc: config error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
-        if _is_zero():
+        if is_rank_zero():
             print(f"regbench arc: {stop}; the point in flight is marked interrupted (run the same command to resume)",
                   file=sys.stderr)
         return stop.exit_code
@@ -368,7 +368,7 @@ def _cmd_arc(args) -> int:
     finally:
         restore()
     bad = {d: s_ for d, s_ in statuses.items() if s_ != "complete"}
-    if bad and _is_zero():
+    if bad and is_rank_zero():
         print(f"regbench arc: {len(bad)} point(s) did not complete: {bad}", file=sys.stderr)
     return 1 if bad else 0
 

@@ -54,7 +54,7 @@ class DataReport:
 
 
 def _guarded(path: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    from datamodules.real_base import _guarded as guarded
+    from datamodules.real_base import guarded
 
     return guarded(path, fn, *args, **kwargs)
 

@@ -24,7 +24,7 @@ import time
 import warnings
 from typing import Callable
 
-__all__ = ["set_verbosity", "verbosity", "GridProgress", "format_seconds"]
+__all__ = ["set_verbosity", "verbosity", "GridProgress", "format_seconds", "quiet_lightning"]
 
 _VERBOSITY = 0
 
@@ -135,3 +135,12 @@ class GridProgress:
         if status != "skipped" and self._method != "initial":
             self.durations.append(self.clock() - self._started)
         self._started = None
+
+
+def quiet_lightning() -> None:
+    """Keep the runner's output to what matters: Lightning's banner lines and tips go."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*weights_only.*")

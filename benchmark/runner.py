@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -61,6 +60,7 @@ from typing import Any
 
 import yaml
 
+from benchmark.core.classpath import ClassPathError, import_object, resolve_alias
 from benchmark.core.io import DataError, atomic_write_json, set_default_mode
 from benchmark.reliability import (
     ExperimentLock,
@@ -142,18 +142,30 @@ class GridConfig:
     checkpoint_every_n_steps: int = 50
 
 
-def _import_class(class_path: str, where: str) -> type:
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise ConfigError(f"{where}.class_path: expected 'package.Class', got {class_path!r}")
-    mod_name, _, cls_name = class_path.rpartition(".")
+def import_class(class_path: str, where: str) -> type:
+    """The class a config block names (:func:`benchmark.core.classpath.import_object`), or a
+    :class:`ConfigError` that names the block."""
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}.class_path: cannot import module {mod_name!r} ({exc})") from exc
-    cls = getattr(mod, cls_name, None)
-    if cls is None or not inspect.isclass(cls):
+        cls = import_object(class_path)
+    except ClassPathError as exc:
+        if exc.kind == "name":
+            raise ConfigError(f"{where}.class_path: {exc.module!r} has no class {exc.name!r}") from None
+        raise ConfigError(f"{where}.class_path: {exc.reason}") from exc.__cause__
+    if not inspect.isclass(cls):
+        mod_name, _, cls_name = resolve_alias(class_path).rpartition(".")
         raise ConfigError(f"{where}.class_path: {mod_name!r} has no class {cls_name!r}")
     return cls
+
+
+def initial_system(dm: Any) -> Any:
+    """The ``initial`` row's system of a data module: the class its ``initial_system`` names
+    (e.g. 2D/3D: the starting pose, unchanged), else :class:`systems.base.NoRegistration`."""
+    path = getattr(dm, "initial_system", None)
+    if path is None:
+        from systems.base import NoRegistration
+
+        return NoRegistration()
+    return import_class(path, f"{type(dm).__name__}.initial_system")()
 
 
 def _check_init_args(cls: type, init_args: dict[str, Any], where: str) -> None:
@@ -299,7 +311,7 @@ def _parse_block(name: str, raw: Any, where: str) -> Block:
             raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(BLOCK_KEYS))})")
     if "class_path" not in raw:
         raise ConfigError(f"{where}.class_path: missing")
-    cls = _import_class(raw["class_path"], where)
+    cls = import_class(raw["class_path"], where)
     init_args = raw.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise ConfigError(f"{where}.init_args: expected a mapping")
@@ -641,7 +653,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _is_zero() -> bool:
+def is_rank_zero() -> bool:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -695,7 +707,7 @@ def run_experiment(cfg: GridConfig, exp: Experiment, log=print) -> str:
     touched.
     """
     lock = ExperimentLock(lock_path(cfg, exp))
-    if _is_zero() and not lock.acquire():
+    if is_rank_zero() and not lock.acquire():
         raise LockHeld(lock.path, lock.holder())
     try:
         return _run_experiment_locked(cfg, exp, log)
@@ -710,9 +722,9 @@ def _fit_stats_start(device) -> Any:
     if device is not None and getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(device)
         return None
-    from benchmark.core.timing import _RssSampler
+    from benchmark.core.timing import RssSampler
 
-    return _RssSampler(0.05).__enter__()
+    return RssSampler(0.05).__enter__()
 
 
 def _fit_stats_end(device, sampler) -> tuple[float, str]:
@@ -737,7 +749,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     import torch
 
     from benchmark.core.timing import device_description
-    from systems.base import DivergenceError, NoRegistration
+    from systems.base import DivergenceError
 
     final_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
     exp_dir = final_dir
@@ -762,7 +774,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
         prev = read_run_json(exp_dir)
     elif prev and prev.get("config_hash") not in (None, chash):
         # A half-done run of another config: its partial records do not belong to this one.
-        if _is_zero():
+        if is_rank_zero():
             shutil.rmtree(exp_dir / "partial", ignore_errors=True)
             shutil.rmtree(exp_dir / "ckpt", ignore_errors=True)
         _barrier()
@@ -772,10 +784,8 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     dm = exp.dataset.build()
     if exp.method is not None:
         system = exp.method.build()
-    elif callable(getattr(dm, "initial_system", None)):
-        system = dm.initial_system()  # e.g. 2D/3D: the starting pose
     else:
-        system = NoRegistration()
+        system = initial_system(dm)
     run = {
         "suite": cfg.suite,
         "dataset": exp.dataset.name,
@@ -801,7 +811,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
         run["replaces_config_hash"] = replaces
 
     def save_run() -> None:
-        if _is_zero():
+        if is_rank_zero():
             with critical():
                 atomic_write_json(exp_dir / "run.json", run)
 
@@ -902,12 +912,12 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
                                                        if replaces else ""))
     run["ended"] = _now()
     save_run()
-    if _is_zero() and run["status"] == "complete" and loggers:
+    if is_rank_zero() and run["status"] == "complete" and loggers:
         from leaderboard.wandb_tables import log_tables
 
         log_tables(loggers, exp_dir)  # the per-case table, when a wandb logger is on
     _finish_loggers(loggers)
-    if run["status"] == "complete" and _is_zero():
+    if run["status"] == "complete" and is_rank_zero():
         shutil.rmtree(exp_dir / "partial", ignore_errors=True)
         if replaces:  # the new result is complete: swap it in, then drop the old one
             with critical():
@@ -933,18 +943,6 @@ def experiments(cfg: GridConfig) -> list[Experiment]:
             for seed in (cfg.seeds if getattr(mblk.cls, "learns", True) else cfg.seeds[:1]):
                 out.append(Experiment(dblk, mblk, mname, seed))
     return out
-
-
-def _quiet_lightning() -> None:
-    """Keep the runner's output to what matters: Lightning's banner lines and tips go."""
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*weights_only.*")
 
 
 def _check_output_writable(out: Path) -> None:
@@ -1010,7 +1008,7 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
     user_log = log
 
     def log(msg: str) -> None:  # every rank runs the grid; one of them talks
-        if _is_zero():
+        if is_rank_zero():
             user_log(msg)
 
     cfg = load_grid_config(config, output, overrides)
@@ -1038,8 +1036,8 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
     _run_deferred(cfg, deferred, statuses, log)
     if statuses:
         log(f"[results] {len(statuses)} experiment folder(s) under {cfg.output}/ (cases.csv, run.json, panel.npz each)")
-    if leaderboard and _is_zero():
-        from leaderboard.table import write_leaderboard
+    if leaderboard and is_rank_zero():
+        from leaderboard.write import write_leaderboard
 
         md = write_leaderboard(cfg.output)
         log(f"[leaderboard] wrote {md}, {md.with_suffix('.csv')}, {md.with_suffix('.html')}")
@@ -1084,15 +1082,15 @@ def _cmd_run(args) -> int:
         return 2
     except RunInterrupted as stop:
         out = getattr(stop, "output", None)
-        if out is not None and _is_zero():
+        if out is not None and is_rank_zero():
             try:
-                from leaderboard.table import write_leaderboard
+                from leaderboard.write import write_leaderboard
 
                 md = write_leaderboard(out)
                 print(f"[leaderboard] wrote {md} (complete experiments only)", file=sys.stderr)
             except Exception as exc:  # the interrupt's exit code matters more than the report
                 print(f"regbench run: could not write the leaderboard: {one_line_error(exc)}", file=sys.stderr)
-        if _is_zero():
+        if is_rank_zero():
             print(f"regbench run: {stop}; the experiment in flight is marked interrupted (run the same command to resume)",
                   file=sys.stderr)
         return stop.exit_code
@@ -1112,7 +1110,7 @@ def _cmd_run(args) -> int:
     finally:
         restore()
     bad = {k: v for k, v in statuses.items() if v != "complete"}
-    if bad and _is_zero():
+    if bad and is_rank_zero():
         print(f"regbench run: {len(bad)} experiment(s) did not complete: {bad}", file=sys.stderr)
     return 1 if bad else 0
 

@@ -42,6 +42,7 @@ from datamodules.preprocess import PreprocessConfig, preprocess_subject
 
 __all__ = [
     "SubjectFiles",
+    "guarded",
     "SubjectLoader",
     "PairListDataset",
     "AllPairsDataset",
@@ -173,13 +174,13 @@ class SubjectLoader:
         return out
 
     def _compute(self, s: SubjectFiles, seg_path: Path | None, lm_path: Path | None) -> dict[str, np.ndarray]:
-        img = _guarded(s.image, load_volume)
+        img = guarded(s.image, load_volume)
         seg_arr = None
         notes: list[str] = []
         if seg_path is not None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                seg = _guarded(seg_path, load_segmentation, reference=img, on_grid_mismatch=self.on_label_grid_mismatch)
+                seg = guarded(seg_path, load_segmentation, reference=img, on_grid_mismatch=self.on_label_grid_mismatch)
             notes = [str(w.message) for w in caught]
             seg_arr = seg.data
             if self.label_map:
@@ -187,7 +188,7 @@ class SubjectLoader:
         points = ids = None
         if lm_path is not None:
             if is_nifti(lm_path):
-                lm_vol = _guarded(lm_path, load_volume, dtype=np.int64)
+                lm_vol = guarded(lm_path, load_volume, dtype=np.int64)
                 if lm_vol.shape != img.shape or not np.allclose(lm_vol.affine, img.affine, atol=1e-3):
                     # Centroids are world points: carry them onto the image's voxel grid.
                     cents, ids = landmark_centroids(lm_vol)
@@ -211,7 +212,7 @@ class SubjectLoader:
         return arrays
 
 
-def _guarded(path: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def guarded(path: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(path, ...)`` with any read failure (e.g. a truncated ``.nii.gz`` that only fails when
     its data is decoded) turned into a :class:`DataError` naming the file."""
     try:

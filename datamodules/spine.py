@@ -63,12 +63,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from benchmark.core.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
+from benchmark.core.drr import CArmGeometry, hu_to_mu, normalise_xray, reference_transform, render_pose
 from benchmark.core.io import DataError
 from datamodules.base import UnpaddedDistributedSampler
 from datamodules.synthetic_spine import label_centroids, make_spine_ct
 
-__all__ = ["SpineCT", "SpineDRRDataModule", "collate_pose", "normalise_xray", "domain_randomise", "sample_poses",
+__all__ = ["SpineCT", "SpineDRRDataModule", "collate_pose", "domain_randomise", "sample_poses",
            "parse_vertebra_labels", "vertebra_ids_of", "MAX_AUTO_VERTEBRAE"]
 
 #: A label map with more ids than this is probably not (only) vertebrae: the human spine has
@@ -145,14 +145,6 @@ class SpineCT:
     affine: torch.Tensor
     landmarks: torch.Tensor
     base: torch.Tensor
-
-
-def normalise_xray(img: torch.Tensor) -> torch.Tensor:
-    """Min–max scale each image of ``(B, C, H, W)`` to ``[0, 1]`` (constant images → 0)."""
-    flat = img.flatten(1)
-    lo = flat.min(1).values.view(-1, 1, 1, 1)
-    hi = flat.max(1).values.view(-1, 1, 1, 1)
-    return (img - lo) / (hi - lo).clamp_min(1e-8)
 
 
 def domain_randomise(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -280,6 +272,8 @@ class SpineDRRDataModule(L.LightningDataModule):
     """
 
     name = "spine"
+    #: class path of the ``initial`` row's system (the runner builds it): the starting pose, unchanged.
+    initial_system = "systems.pose_base.InitialPose"
 
     def __init__(
         self,
@@ -575,11 +569,6 @@ class SpineDRRDataModule(L.LightningDataModule):
         self.setup(stage)
         return self._datasets[stage]
 
-    def initial_system(self):
-        """The ``initial`` row's system: the starting pose, unchanged."""
-        from systems.pose_base import InitialPose
-
-        return InitialPose()
 
     # ---------------------------------------------------------------- loaders
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:

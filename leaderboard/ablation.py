@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import html as _html
 import json
 import math
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from leaderboard import stats
+from leaderboard.table import case_means, num
 
 __all__ = [
     "ABLATION_METRICS",
@@ -48,14 +48,17 @@ __all__ = [
     "paired_effect",
     "bootstrap_mean_ci",
     "ablation_tables",
-    "ablation_markdown",
+    "ablation_cells",
+    "verdict",
+    "ABLATION_NOTE",
     "ARC_FILE",
     "ARC_COLUMNS",
     "read_arc",
     "arc_summary",
     "arc_figure",
-    "markdown_sections",
-    "html_sections",
+    "arc_cells",
+    "arc_point_cells",
+    "ARC_NOTE",
 ]
 
 #: metric -> (title, higher is better)
@@ -147,16 +150,7 @@ def variant_origins(root: str | Path) -> dict[tuple[str, str], tuple[str, str]]:
     return out
 
 
-def _num(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _case_means(rows: Sequence[dict[str, Any]], method: str, key: str) -> dict[str, float]:
-    from leaderboard.table import case_means
-
     return case_means([r for r in rows if str(r["method"]) == method], key)
 
 
@@ -175,7 +169,7 @@ def ablation_tables(report: Any, n_boot: int = N_BOOT) -> list[AblationTable]:
                 groups.setdefault(base, []).append((mname, label))
         for base in sorted(groups):
             variants = sorted(groups[base])
-            metrics = [k for k in ABLATION_METRICS if any(np.isfinite(_num(r.get(k))) for r in ds.rows
+            metrics = [k for k in ABLATION_METRICS if any(np.isfinite(num(r.get(k))) for r in ds.rows
                                                           if str(r["method"]) in {base, *[v for v, _ in variants]})]
             rows: dict[str, list[AblationRow]] = {}
             for key in metrics:
@@ -199,7 +193,7 @@ def _p(x: float) -> str:
     return f"{x:.2g}" if x < 0.001 else f"{x:.3f}"
 
 
-def _cells(t: AblationTable, star: str) -> tuple[list[str], list[list[str]]]:
+def ablation_cells(t: AblationTable, star: str) -> tuple[list[str], list[list[str]]]:
     head = ["variant", "cases"]
     for k in t.metrics:
         title = ABLATION_METRICS[k][0]
@@ -221,7 +215,7 @@ ABLATION_NOTE = ("Ablations: each variant against the full method on the same ca
                  "(per metric); * = adjusted p < 0.05. Dice: higher is better; EPE (mm): lower is better.")
 
 
-def _verdict(t: AblationTable) -> str:
+def verdict(t: AblationTable) -> str:
     sig = [f"{r.label} ({ABLATION_METRICS[r.metric][0]} Δ {_f(r.diff)})" for k in t.metrics for r in t.rows[k] if r.significant]
     none = [v for i, v in enumerate(t.variants) if not any(t.rows[k][i].significant for k in t.metrics)]
     parts = []
@@ -232,22 +226,6 @@ def _verdict(t: AblationTable) -> str:
     return "; ".join(parts)
 
 
-def ablation_markdown(tables: Sequence[AblationTable]) -> list[str]:
-    """Markdown lines of every ablation table (empty when there is none)."""
-    if not tables:
-        return []
-    lines = ["## Ablations", ""]
-    for t in tables:
-        head, body = _cells(t, "*")
-        lines += [f"### {t.dataset}: {t.method}", ""]
-        lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
-        lines += ["| " + " | ".join(r) + " |" for r in body]
-        lines += ["", f"{t.method}: {_verdict(t)}.", ""]
-    lines += [ABLATION_NOTE, ""]
-    return lines
-
-
-# ----------------------------------------------------------------------------- ARC
 ARC_FILE = "arc.csv"
 #: columns of ``arc.csv`` (means over all cases of all seeds of the point's experiments)
 ARC_COLUMNS = ["dataset", "method", "experiment", "param", "value", "is_default", "status", "n_cases", "dice", "epe_mm",
@@ -265,7 +243,7 @@ def read_arc(root: str | Path) -> list[dict[str, Any]]:
         for r in csv.DictReader(fh):
             row: dict[str, Any] = dict(r)
             for k in ("value", "n_cases", "dice", "epe_mm", "sdlogj", "ndv_pct", "fold_pct", "tre", "sdlogj_bound"):
-                row[k] = _num(r.get(k)) if r.get(k) not in (None, "") else math.nan
+                row[k] = num(r.get(k)) if r.get(k) not in (None, "") else math.nan
             row["is_default"] = str(r.get("is_default")).lower() in ("1", "true")
             out.append(row)
     return out
@@ -301,7 +279,7 @@ def arc_figure(rows: Sequence[dict[str, Any]], dataset: str) -> bytes | None:
     One line per method through its complete points in order of the weight; the default
     setting ringed; EPE row only when some point has EPE. None when nothing to draw.
     """
-    from leaderboard.plots import _colors, _figure, png_bytes
+    from leaderboard.plots import method_colors, new_figure, png_bytes
 
     pts = [r for r in rows if r["dataset"] == dataset and r.get("status") == "complete"]
     if not pts:
@@ -311,8 +289,8 @@ def arc_figure(rows: Sequence[dict[str, Any]], dataset: str) -> bytes | None:
     if not ys:
         return None
     methods = sorted({r["method"] for r in pts})
-    colors = dict(zip(methods, _colors(len(methods))))
-    fig = _figure(4.2 * len(xs), 3.4 * len(ys))
+    colors = dict(zip(methods, method_colors(len(methods))))
+    fig = new_figure(4.2 * len(xs), 3.4 * len(ys))
     for i, yk in enumerate(ys):
         for j, xk in enumerate(xs):
             ax = fig.add_subplot(len(ys), len(xs), i * len(xs) + j + 1)
@@ -351,7 +329,7 @@ ARC_NOTE = ("Accuracy–regularity curves (regbench arc): each method at log-spa
             "SDlogJ is at most the bound, and the weight that gives it.")
 
 
-def _arc_cells(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def arc_cells(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     head = ["dataset", "method", "weight", "points", "SDlogJ bound", "best Dice at SDlogJ ≤ bound", "at weight",
             "default weight", "Dice at default", "SDlogJ at default"]
     body = [[s["dataset"], s["method"], s["param"], f"{s['points']}/{s['points_total']}", _f(s["bound"], 2), _f(s["best_dice"]),
@@ -360,65 +338,9 @@ def _arc_cells(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[
     return head, body
 
 
-def _arc_point_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def arc_point_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     head = ["dataset", "method", "weight", "value", "default", "status", "Dice", "EPE mm", "SDlogJ", "NDV %", "fold %"]
     body = [[r["dataset"], r["method"], r["param"], f"{r['value']:.4g}", "yes" if r["is_default"] else "", str(r["status"]),
              _f(r["dice"]), _f(r["epe_mm"]), _f(r["sdlogj"]), _f(r["ndv_pct"]), _f(r["fold_pct"])]
             for r in sorted(rows, key=lambda r: (r["dataset"], r["method"], r["value"]))]
     return head, body
-
-
-def markdown_sections(report: Any) -> list[str]:
-    """Markdown lines for the leaderboard: ablation tables and the ARC summary (when present)."""
-    lines = ablation_markdown(ablation_tables(report))
-    arc = read_arc(report.root)
-    if arc:
-        lines += ["## Accuracy–regularity curves", ""]
-        for head, body in (_arc_cells(arc_summary(arc)), _arc_point_cells(arc)):
-            lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
-            lines += ["| " + " | ".join(r) + " |" for r in body] + [""]
-        lines += [ARC_NOTE, ""]
-    return lines
-
-
-def _html_table(head: list[str], body: list[list[str]]) -> str:
-    out = ['<div class="scroll"><table>', "<tr>" + "".join(f"<th>{_html.escape(h)}</th>" for h in head) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body]
-    return "\n".join(out + ["</table></div>"])
-
-
-def html_sections(report: Any) -> str:
-    """HTML for the report page: an "Ablations" section and an "Accuracy–regularity curves"
-    section (each only when the folder has ablation variants / an ``arc.csv``)."""
-    from leaderboard.html import img_tag
-
-    out: list[str] = []
-    tables = ablation_tables(report)
-    if tables:
-        out.append('<section id="ablations"><h2>Ablations</h2>')
-        for t in tables:
-            head, body = _cells(t, "\x00")  # a marker that survives escaping
-            body = [[_html.escape(c).replace("\x00", "<sup>*</sup>") for c in r] for r in body]
-            out += [f'<div class="ablation" data-dataset="{_html.escape(t.dataset)}" data-method="{_html.escape(t.method)}">',
-                    f"<h3>{_html.escape(t.dataset)}: {_html.escape(t.method)}</h3>", _html_table(head, body),
-                    f'<p class="note">{_html.escape(t.method)}: {_html.escape(_verdict(t))}.</p></div>']
-        out += [f'<p class="note">{_html.escape(ABLATION_NOTE)}</p>', "</section>"]
-    arc = read_arc(report.root)
-    if arc:
-        out.append('<section id="arc"><h2>Accuracy–regularity curves</h2>')
-        head, body = _arc_cells(arc_summary(arc))
-        out.append(_html_table(head, [[_html.escape(c) for c in r] for r in body]))
-        for ds in sorted({r["dataset"] for r in arc}):
-            try:
-                png = arc_figure(arc, ds)
-            except Exception as exc:  # noqa: BLE001 - a figure that fails is a note, never a failed report
-                png, err = None, f"This figure could not be drawn ({type(exc).__name__}: {exc})."
-            else:
-                err = "No complete ARC point with Dice or EPE."
-            out.append(f'<div class="arc" data-dataset="{_html.escape(ds)}"><h3>{_html.escape(ds)}</h3>')
-            out.append(img_tag(png, f"{ds}: accuracy-regularity curves") if png else f'<p class="nodata">{_html.escape(err)}</p>')
-            out.append("</div>")
-        head, body = _arc_point_cells(arc)
-        out.append(_html_table(head, [[_html.escape(c) for c in r] for r in body]))
-        out += [f'<p class="note">{_html.escape(ARC_NOTE)}</p>', "</section>"]
-    return "\n".join(out)

@@ -40,7 +40,8 @@ def check_results_folder(root: Path) -> list[str]:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from leaderboard.table import ALL_FORMATS, write_leaderboard
+    from leaderboard.table import ALL_FORMATS
+    from leaderboard.write import write_leaderboard
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = sorted(set(formats) - set(ALL_FORMATS))

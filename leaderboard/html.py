@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from typing import Any, Callable
 
-from leaderboard import plots
+from leaderboard import ablation, plots
 from leaderboard.table import (
     FOOTNOTE,
     POSE_FOOTNOTE,
@@ -341,8 +341,48 @@ def html_page(report: Report, view: int = 2) -> str:
     ]
     for sid, title, body in sections:
         out.append(f'<section id="{sid}"><h2>{_html.escape(title)}</h2>\n{body}\n</section>')
-    from leaderboard.ablation import html_sections  # ablation tables and ARC curves (when present)
 
-    out.append(html_sections(report))
+    out.append(ablation_sections(report))  # ablation tables and ARC curves (when present)
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    out = ['<div class="scroll"><table>', "<tr>" + "".join(f"<th>{_html.escape(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body]
+    return "\n".join(out + ["</table></div>"])
+
+
+def ablation_sections(report: Report) -> str:
+    """HTML for the report page: an "Ablations" section and an "Accuracy–regularity curves"
+    section (each only when the folder has ablation variants / an ``arc.csv``)."""
+    out: list[str] = []
+    tables = ablation.ablation_tables(report)
+    if tables:
+        out.append('<section id="ablations"><h2>Ablations</h2>')
+        for t in tables:
+            head, body = ablation.ablation_cells(t, "\x00")  # a marker that survives escaping
+            body = [[_html.escape(c).replace("\x00", "<sup>*</sup>") for c in r] for r in body]
+            out += [f'<div class="ablation" data-dataset="{_html.escape(t.dataset)}" data-method="{_html.escape(t.method)}">',
+                    f"<h3>{_html.escape(t.dataset)}: {_html.escape(t.method)}</h3>", _html_table(head, body),
+                    f'<p class="note">{_html.escape(t.method)}: {_html.escape(ablation.verdict(t))}.</p></div>']
+        out += [f'<p class="note">{_html.escape(ablation.ABLATION_NOTE)}</p>', "</section>"]
+    arc = ablation.read_arc(report.root)
+    if arc:
+        out.append('<section id="arc"><h2>Accuracy–regularity curves</h2>')
+        head, body = ablation.arc_cells(ablation.arc_summary(arc))
+        out.append(_html_table(head, [[_html.escape(c) for c in r] for r in body]))
+        for ds in sorted({r["dataset"] for r in arc}):
+            try:
+                png = ablation.arc_figure(arc, ds)
+            except Exception as exc:  # noqa: BLE001 - a figure that fails is a note, never a failed report
+                png, err = None, f"This figure could not be drawn ({type(exc).__name__}: {exc})."
+            else:
+                err = "No complete ARC point with Dice or EPE."
+            out.append(f'<div class="arc" data-dataset="{_html.escape(ds)}"><h3>{_html.escape(ds)}</h3>')
+            out.append(img_tag(png, f"{ds}: accuracy-regularity curves") if png else f'<p class="nodata">{_html.escape(err)}</p>')
+            out.append("</div>")
+        head, body = ablation.arc_point_cells(arc)
+        out.append(_html_table(head, [[_html.escape(c) for c in r] for r in body]))
+        out += [f'<p class="note">{_html.escape(ablation.ARC_NOTE)}</p>', "</section>"]
+    return "\n".join(out)

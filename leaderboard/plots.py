@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from leaderboard.table import DatasetReport, _num
+from leaderboard.table import DatasetReport, num
 
 __all__ = [
     "png_bytes",
@@ -33,7 +33,7 @@ __all__ = [
 DPI = 90
 
 
-def _figure(w: float, h: float):
+def new_figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -52,12 +52,12 @@ def png_bytes(fig) -> bytes:
 def _method_values(ds: DatasetReport, key: str) -> dict[str, np.ndarray]:
     out = {}
     for ms in ds.methods:
-        v = np.asarray([_num(r.get(key)) for r in ds.rows if r["method"] == ms.method], dtype=np.float64)
+        v = np.asarray([num(r.get(key)) for r in ds.rows if r["method"] == ms.method], dtype=np.float64)
         out[ms.method] = v[np.isfinite(v)]
     return out
 
 
-def _colors(n: int) -> list:
+def method_colors(n: int) -> list:
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]
@@ -82,11 +82,11 @@ def metric_boxplot(ds: DatasetReport, key: str, ylabel: str | None = None, title
     names = [m for m, v in vals.items() if v.size]
     if not names:
         return None
-    fig = _figure(max(3.6, 0.75 * len(names) + 1.4), 3.2)
+    fig = new_figure(max(3.6, 0.75 * len(names) + 1.4), 3.2)
     ax = fig.add_subplot(1, 1, 1)
     ax.boxplot([vals[m] for m in names], tick_labels=names, showfliers=False, widths=0.6)
     rng = np.random.default_rng(0)
-    for i, (m, c) in enumerate(zip(names, _colors(len(names))), start=1):
+    for i, (m, c) in enumerate(zip(names, method_colors(len(names))), start=1):
         ax.scatter(i + rng.uniform(-0.15, 0.15, vals[m].size), vals[m], s=10, alpha=0.7, color=c, zorder=3)
     ax.set_ylabel(ylabel or key, fontsize=9)
     ax.set_title(f"{ds.name}: {title or key}", fontsize=10)
@@ -106,16 +106,16 @@ def dice_vs_fold(ds: DatasetReport) -> bytes | None:
     pts = {}
     for ms in ds.methods:
         rs = [r for r in ds.rows if r["method"] == ms.method]
-        d = np.asarray([_num(r.get("dice")) for r in rs])
-        f = np.asarray([_num(r.get("fold_pct")) for r in rs])
+        d = np.asarray([num(r.get("dice")) for r in rs])
+        f = np.asarray([num(r.get("fold_pct")) for r in rs])
         ok = np.isfinite(d) & np.isfinite(f)
         if ok.any():
             pts[ms.method] = (f[ok], d[ok])
     if not pts:
         return None
-    fig = _figure(5.6, 3.6)
+    fig = new_figure(5.6, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    for (m, (f, d)), c in zip(pts.items(), _colors(len(pts))):
+    for (m, (f, d)), c in zip(pts.items(), method_colors(len(pts))):
         ax.scatter(f, d, s=18, color=c, label=m, alpha=0.8)
     allf = np.concatenate([f for f, _ in pts.values()])
     pos = allf[allf > 0]
@@ -140,7 +140,7 @@ def runtime_plot(ds: DatasetReport) -> bytes | None:
     names = [m for m, v in vals.items() if v.size]
     if not names:
         return None
-    fig = _figure(max(4.0, 1.1 * len(names) + 1.5), 3.4)
+    fig = new_figure(max(4.0, 1.1 * len(names) + 1.5), 3.4)
     ax = fig.add_subplot(1, 1, 1)
     ax.boxplot([vals[m] for m in names], tick_labels=names, showfliers=True)
     ax.set_yscale("log")
@@ -181,7 +181,7 @@ def label_heatmap(ds: DatasetReport) -> bytes | None:
     annotate = mat.size <= HEATMAP_MAX_ANNOTATED
     cell_w = 0.42 if annotate else 0.22
     w = min(16.0, max(5.0, cell_w * len(labels) + 2.8))
-    fig = _figure(w, max(2.2, 0.42 * len(methods) + 1.5))
+    fig = new_figure(w, max(2.2, 0.42 * len(methods) + 1.5))
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import colormaps
 
@@ -212,9 +212,9 @@ def mtre_curves(ds: DatasetReport) -> bytes | None:
     vals = {m: v for m, v in _method_values(ds, "mtre_mm").items() if v.size}
     if not vals:
         return None
-    fig = _figure(5.8, 3.6)
+    fig = new_figure(5.8, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    for (m, v), c in zip(vals.items(), _colors(len(vals))):
+    for (m, v), c in zip(vals.items(), method_colors(len(vals))):
         s = np.sort(np.maximum(v, 1e-3))
         ax.step(s, np.arange(1, s.size + 1) / s.size, where="post", color=c, label=m)
         for q in (50, 75, 95):
@@ -341,7 +341,7 @@ def deformable_panel(panels: Mapping[str, Mapping[str, Any]], view: int = 2, gri
 
     H0, W0 = fixed0.shape
     cell = 2.3
-    fig = _figure(5 * cell * max(0.6, min(1.6, H0 / max(W0, 1))) + 0.6, cell * len(rows) + 1.4)
+    fig = new_figure(5 * cell * max(0.6, min(1.6, H0 / max(W0, 1))) + 0.6, cell * len(rows) + 1.4)
     fig.set_layout_engine("constrained")
     axs = fig.subplots(len(rows), 5, squeeze=False)
     ims: dict[int, Any] = {}
@@ -389,9 +389,9 @@ def pose_panel(panels: Mapping[str, Mapping[str, Any]]) -> bytes | None:
     rows = [(m, p) for m, p in panels.items() if all(k in p for k in ("xray", "drr_initial", "drr_final"))]
     if not rows:
         return None
-    fig = _figure(8.4, 2.8 * len(rows) + 0.3)
+    fig = new_figure(8.4, 2.8 * len(rows) + 0.3)
     for r, (m, p) in enumerate(rows):
-        mi, mf = _num(p.get("mtre_initial_mm")), _num(p.get("mtre_final_mm"))
+        mi, mf = num(p.get("mtre_initial_mm")), num(p.get("mtre_final_mm"))
         for c, (key, title) in enumerate([("xray", f"{m}: X-ray"), ("drr_initial", f"DRR initial (mTRE {mi:.1f} mm)"),
                                           ("drr_final", f"DRR final (mTRE {mf:.1f} mm)")]):
             ax = fig.add_subplot(len(rows), 3, 3 * r + c + 1)

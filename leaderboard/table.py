@@ -2,8 +2,11 @@
 
 Reads every ``<root>/<dataset>/<method>/seed<k>/cases.csv`` (never imports ``systems``);
 only experiments whose ``run.json`` says ``complete`` enter, the others are listed apart.
-:func:`build_report` computes everything once; :func:`write_leaderboard` writes the
-formats asked for (``md``, ``csv``, ``tex``, ``html``) as ``<root>/leaderboard.<ext>``.
+:func:`build_report` computes everything once into a :class:`Report` (this module is the
+report model: data and table cells, no files); the writers (:mod:`leaderboard.markdown`,
+:mod:`leaderboard.latex`, :mod:`leaderboard.html`) read it, and
+:func:`leaderboard.write.write_leaderboard` writes the formats asked for (``md``, ``csv``,
+``tex``, ``html``) as ``<root>/leaderboard.<ext>``.
 
 Per dataset and method, for every metric (seeds pooled: statistics over all cases of all
 seeds): mean, std, median, the robustness value (mean of the 30 % worst cases), and, with
@@ -23,9 +26,7 @@ translation errors and runtime.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from benchmark.core.io import atomic_write_text
 from benchmark.core.results import experiment_dir, read_cases_csv
 from leaderboard import ranking, stats
 
@@ -47,10 +47,11 @@ __all__ = [
     "Report",
     "collect",
     "build_report",
-    "markdown",
-    "csv_text",
-    "write_leaderboard",
+    "case_means",
+    "flat_rows",
+    "num",
     "DEFAULT_FORMATS",
+    "ALL_FORMATS",
 ]
 
 INITIAL = "initial"
@@ -104,7 +105,7 @@ def _seed_from_dir(name: str) -> int:
         return 0
 
 
-def _num(v: Any) -> float:
+def num(v: Any) -> float:
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -123,7 +124,7 @@ def _per_label(v: Any) -> dict[str, float]:
             return {}
     else:
         return {}
-    return {str(k): _num(x) for k, x in d.items()}
+    return {str(k): num(x) for k, x in d.items()}
 
 
 # ----------------------------------------------------------------------------- model
@@ -176,7 +177,7 @@ def case_means(rows: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
     """Per case id, the mean of ``key`` over the rows (seeds) of that case; NaN without a finite value."""
     acc: dict[str, list[float]] = {}
     for r in rows:
-        acc.setdefault(str(r["case_id"]), []).append(_num(r.get(key)))
+        acc.setdefault(str(r["case_id"]), []).append(num(r.get(key)))
     out = {}
     for c, vals in acc.items():
         v = np.asarray(vals, dtype=np.float64)
@@ -209,12 +210,12 @@ def _seed_case_table(rows: Sequence[dict[str, Any]], key: str, seeds: Sequence[i
     row = {int(sd): i for i, sd in enumerate(seeds)}
     t = np.full((len(seeds), len(cases)), np.nan)
     for r in rows:
-        t[row[int(r["seed"])], col[str(r["case_id"])]] = _num(r.get(key))
+        t[row[int(r["seed"])], col[str(r["case_id"])]] = num(r.get(key))
     return t
 
 
 def _has(rows: Iterable[dict[str, Any]], key: str) -> bool:
-    return any(np.isfinite(_num(r.get(key))) for r in rows)
+    return any(np.isfinite(num(r.get(key))) for r in rows)
 
 
 def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metrics: Sequence[str] | None = None) -> DatasetReport:
@@ -247,10 +248,10 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
         st: dict[str, dict[str, float]] = {}
         per_seed: dict[int, dict[str, float]] = {s: {"n_cases": float(sum(1 for r in rs if int(r["seed"]) == s))} for s in seeds}
         for key in metrics:
-            vals = [_num(r.get(key)) for r in rs]
+            vals = [num(r.get(key)) for r in rs]
             hib = ranking.METRIC_DEFS[key].higher_is_better
             s = stats.pooled_stats(vals)
-            by_seed = {sd: [_num(r.get(key)) for r in rs if int(r["seed"]) == sd] for sd in seeds}
+            by_seed = {sd: [num(r.get(key)) for r in rs if int(r["seed"]) == sd] for sd in seeds}
             p50, p75, p95 = stats.percentiles(vals)
             mean, lo, hi = stats.bootstrap_mean_ci(_seed_case_table(rs, key, seeds))
             st[key] = {**s, "robust30": stats.worst_fraction_mean(vals, hib), "seed_std": stats.seed_std(by_seed),
@@ -517,12 +518,6 @@ def budget_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     return (head, rows) if any_fit else (head, [])
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
-
-
 FOOTNOTE = ("Mean [95 % confidence interval] over all cases of all seeds (bootstrap over cases, seeds resampled as a "
             "level of their own; std, median and per-seed values in the CSV and the tables below). **Bold**: best (ranked methods; `initial` = no registration / "
             "starting pose, not ranked). `*`: differs from the best (paired Wilcoxon signed-rank on cases paired by "
@@ -535,45 +530,10 @@ POSE_FOOTNOTE = ("2D/3D tables: mTRE percentiles over all cases; success = share
                  "means over cases; `initial` is the starting pose. `*` on the mTRE columns: the paired test on mTRE.")
 
 
-def markdown(report: Report) -> str:
-    """The whole leaderboard as Markdown."""
-    lines = ["# Leaderboard", ""]
-    if not report.datasets:
-        lines += ["No complete experiment in this results folder.", ""]
-    for ds in report.datasets:
-        lines += [f"## {ds.name}" + (" (2D/3D)" if ds.kind == "pose" else ""), ""]
-        lines += _md_table(*summary_cells(ds, "md")) + [""]
-        if ds.kind == "deformable":
-            lines += ["Median / worst 30 % (mean of the 30 % worst cases):", ""] + _md_table(*robust_cells(ds)) + [""]
-        h, r = paired_cells(ds)
-        if r:
-            lines += ["Differences from the best method (paired over cases; Δ = method − best, mean over seeds per case):",
-                      ""] + _md_table(h, r) + [""]
-        h, r = budget_cells(ds)
-        if r:
-            lines += ["Training budget and cost (means over seeds):", ""] + _md_table(h, r) + [""]
-        h, r = ranking_cells(ds)
-        if r:
-            lines += [f"Rank scores per metric ({', '.join(ds.rank_metrics + [ranking.RUNTIME_METRIC])}):", ""] + _md_table(h, r) + [""]
-        h, r = seed_cells(ds)
-        if r:
-            lines += ["Per seed:", ""] + _md_table(h, r) + [""]
-    from leaderboard.ablation import markdown_sections  # ablation tables, ARC summary (when present)
-
-    lines += markdown_sections(report)
-    lines.append(FOOTNOTE)
-    if any(ds.kind == "pose" for ds in report.datasets):
-        lines += ["", POSE_FOOTNOTE]
-    if report.skipped:
-        lines += ["", "Left out (not complete):", ""]
-        lines += [f"- {s['experiment']}: {s['status']}" for s in report.skipped]
-    return "\n".join(lines) + "\n"
-
-
 STAT_NAMES = ("mean", "ci_lo", "ci_hi", "std", "median", "robust30", "seed_std", "p_holm", "diff", "diff_lo", "diff_hi")
 
 
-def _flat_rows(ds: DatasetReport) -> list[dict[str, Any]]:
+def flat_rows(ds: DatasetReport) -> list[dict[str, Any]]:
     out = []
     for ms in ds.methods:
         row: dict[str, Any] = {"dataset": ds.name, "kind": ds.kind, "method": ms.method, "n_cases": ms.n_cases, "n_seeds": ms.n_seeds}
@@ -589,57 +549,3 @@ def _flat_rows(ds: DatasetReport) -> list[dict[str, Any]]:
             row[f"rank_{k}"] = ms.ranks.get(k, math.nan)
         out.append(row)
     return out
-
-
-def csv_text(report: Report) -> str:
-    """One row per (dataset, method); v1 columns first (``<metric>_mean/_std/_median``)."""
-    rows = [r for ds in report.datasets for r in _flat_rows(ds)]
-    cols = ["dataset", "method", "n_cases", "n_seeds"] + [f"{m}_{s}" for m in LEADERBOARD_METRICS for s in ("mean", "std", "median")]
-    extra = []
-    for r in rows:
-        for k in r:
-            if k not in cols and k not in extra:
-                extra.append(k)
-    cols += extra
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append("" if isinstance(v, float) and not np.isfinite(v) else v)
-        w.writerow(cells)
-    return buf.getvalue()
-
-
-def write_leaderboard(root: str | Path, formats: Sequence[str] | str = DEFAULT_FORMATS,
-                      rank_metrics: Mapping[str, Sequence[str]] | None = None, view: int = 2) -> Path:
-    """Write ``leaderboard.<fmt>`` under ``root`` for each format; returns the Markdown path.
-
-    Args:
-        formats: any of ``md``, ``csv``, ``tex``, ``html`` (list or comma-separated);
-            Markdown is always written (its path is the return value).
-        rank_metrics: see :func:`build_report`.
-        view: the HTML panels show the mid-slice orthogonal to this array axis.
-    """
-    root = Path(root)
-    if isinstance(formats, str):
-        formats = [f.strip() for f in formats.split(",") if f.strip()]
-    unknown = set(formats) - set(ALL_FORMATS)
-    if unknown:
-        raise ValueError(f"unknown leaderboard format(s) {sorted(unknown)} (allowed: {', '.join(ALL_FORMATS)})")
-    report = build_report(root, rank_metrics)
-    md = root / "leaderboard.md"
-    atomic_write_text(md, markdown(report))
-    if "csv" in formats:
-        atomic_write_text(root / "leaderboard.csv", csv_text(report))
-    if "tex" in formats:
-        from leaderboard.latex import latex
-
-        atomic_write_text(root / "leaderboard.tex", latex(report))
-    if "html" in formats:
-        from leaderboard.html import html_page
-
-        atomic_write_text(root / "leaderboard.html", html_page(report, view=view))
-    return md

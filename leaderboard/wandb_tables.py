@@ -79,7 +79,7 @@ def log_leaderboard_wandb(root: str | Path, wandb_options: Mapping[str, Any] | N
     try:
         import wandb
 
-        from leaderboard.table import _flat_rows, build_report
+        from leaderboard.table import build_report, flat_rows
 
         report = build_report(root)
         if not report.datasets:
@@ -95,7 +95,7 @@ def log_leaderboard_wandb(root: str | Path, wandb_options: Mapping[str, Any] | N
         run = wandb.init(dir=str(save_dir), mode=mode, **init)
         try:
             for ds in report.datasets:
-                run.log({f"leaderboard_{ds.name}": _table(_flat_rows(ds))})
+                run.log({f"leaderboard_{ds.name}": _table(flat_rows(ds))})
             run_dir = Path(run.dir).parent
         finally:
             run.finish()

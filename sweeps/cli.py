@@ -50,14 +50,14 @@ def _spec(args: argparse.Namespace):
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from benchmark.runner import ConfigError
-    from sweeps.study import _resolve, run_sweep, run_worker
+    from sweeps.study import resolve_spec, run_sweep, run_worker
 
     # `regbench --debug` is taken off the line by benchmark.cli before parsing
     debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
     try:
         spec = _spec(args)
         if args.worker_index is not None:  # a local worker started by run_sweep
-            run_worker(_resolve(spec), args.worker_index, args.worker_trials)
+            run_worker(resolve_spec(spec), args.worker_index, args.worker_trials)
             return 0
         run_sweep(spec)
     except (ConfigError, ValueError) as exc:

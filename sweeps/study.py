@@ -44,7 +44,7 @@ import yaml
 from sweeps.space import assemble, space_of, suggest
 
 __all__ = ["SweepSpec", "PruningCallback", "run_sweep", "run_worker", "open_study", "storage_url", "write_reports",
-           "best_config", "OBJECTIVES"]
+           "best_config", "OBJECTIVES", "resolve_spec"]
 
 OBJECTIVES = {"dice": ["maximize"], "dice+folds": ["maximize", "minimize"]}
 _PRUNED_AT = "pruned_at_step"
@@ -95,7 +95,7 @@ class _Resolved:
     directions: list[str]
 
 
-def _resolve(spec: SweepSpec) -> _Resolved:
+def resolve_spec(spec: SweepSpec) -> _Resolved:
     from benchmark.runner import ConfigError, load_grid_config
 
     if spec.objectives not in OBJECTIVES:
@@ -379,9 +379,9 @@ def _objective(res: _Resolved):
     def objective(trial) -> float | tuple[float, float]:
         import lightning as L
 
-        from benchmark.runner import _quiet_lightning
+        from benchmark.progress import quiet_lightning
 
-        _quiet_lightning()
+        quiet_lightning()
         params = suggest(trial, res.space)
         init_args = {**res.method.init_args, **params}
         trial.set_user_attr("init_args", _plain(init_args))
@@ -482,7 +482,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict[str, Any]:
 
     Returns the summary written to ``<output>/summary.json``.
     """
-    res = _resolve(spec)
+    res = resolve_spec(spec)
     res.output.mkdir(parents=True, exist_ok=True)
     study = open_study(res)  # created once, before the workers race for it
     done = _finished(study)

@@ -46,7 +46,7 @@ from benchmark.core.losses import LocalNCC, diffusion
 from benchmark.core.spatial import compose, integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
 from systems.speed import conv3d_float32_if_unsafe
-from systems.voxelmorph import _up_conv_weight
+from systems.voxelmorph import up_conv_weight
 
 __all__ = ["ConvAct", "UpCatConv", "SharedEncoder", "AuxiliaryDecoder", "FusionBlock", "MSFFNet", "MSFF"]
 
@@ -120,7 +120,7 @@ class UpCatConv(nn.Module):
 
     With ``fused=True`` the upsampled and the concatenated tensors are never built: the
     convolution of the concatenation equals ``conv(skip, W_skip) + conv_transpose(low, T)``
-    where ``T`` sums neighbouring taps of ``W_up`` (:func:`systems.voxelmorph._up_conv_weight`,
+    where ``T`` sums neighbouring taps of ``W_up`` (:func:`systems.voxelmorph.up_conv_weight`,
     tested there), which saves two full-resolution tensors per call. Same parameters, same
     function either way.
 
@@ -141,7 +141,7 @@ class UpCatConv(nn.Module):
             return _leaky(_conv(torch.cat([up, skip], dim=1), self.conv))
         fmt = torch.channels_last_3d
         out = F.conv3d(skip.contiguous(memory_format=fmt), w[:, self.c_up :], self.conv.bias, padding=1)
-        up = F.conv_transpose3d(low.contiguous(memory_format=fmt), _up_conv_weight(w[:, : self.c_up]), None, stride=2, padding=1)
+        up = F.conv_transpose3d(low.contiguous(memory_format=fmt), up_conv_weight(w[:, : self.c_up]), None, stride=2, padding=1)
         return _leaky(out + up)
 
 

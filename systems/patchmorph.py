@@ -76,7 +76,6 @@ stride 1/2 of the extent.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -84,6 +83,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
+from benchmark.core.classpath import ClassPathError, import_object
 from benchmark.core.losses import LocalNCC, diffusion
 from benchmark.core.spatial import identity_grid, warp
 from systems.base import RegistrationSystem
@@ -422,12 +422,12 @@ def _resolve_factory(backbone: str | Callable[..., nn.Module] | nn.Module | None
     if isinstance(backbone, nn.Module):
         return lambda: copy.deepcopy(backbone)
     if isinstance(backbone, str):
-        mod_name, _, attr = backbone.rpartition(".")
-        if not mod_name:
-            raise ValueError(f"backbone: expected 'package.module.Class', got {backbone!r}")
-        target = getattr(importlib.import_module(mod_name), attr, None)
-        if target is None:
-            raise ValueError(f"backbone: {mod_name!r} has no attribute {attr!r}")
+        try:
+            target = import_object(backbone)
+        except ClassPathError as exc:
+            if exc.kind == "module":  # the import's own error, as before the one importer
+                raise exc.__cause__ from None
+            raise ValueError(f"backbone: {exc.reason}") from None
         return lambda: target(**args)
     if callable(backbone):
         return lambda: backbone(**args)

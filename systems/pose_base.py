@@ -27,7 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from benchmark.core.drr import CArmGeometry, render_pose
+from benchmark.core.drr import CArmGeometry, normalise_xray, render_pose
 from benchmark.core.metrics_pose import pose_metrics
 from benchmark.core.results import POSE_ESTIMATE_COLUMNS
 from benchmark.core.timing import timed_call
@@ -146,8 +146,6 @@ class PoseSystem(L.LightningModule):
 
     def panel_arrays(self, batch: dict[str, Any], pose: torch.Tensor, b: int, rec: dict[str, Any]) -> dict[str, np.ndarray]:
         """Figure arrays of case ``b``: X-ray, DRRs at the start and the estimate (float32)."""
-        from datamodules.spine import normalise_xray
-
         sub = {k: (v[b : b + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         with torch.no_grad():
             d0 = normalise_xray(self.drr(sub, sub["pose_init"].float()))[0, 0]

@@ -16,7 +16,7 @@ Speed (CPU training step; the function computed is the same, to float rounding):
   upsampled or the concatenated tensor: a 3×3(×3) convolution ``W`` applied to
   ``cat(nearest_up2(x), skip)`` equals ``W_skip ⋆ skip + W_up ⋆ nearest_up2(x)``, and the
   second term is a stride-2 transposed convolution of the low-resolution ``x`` whose 4-tap
-  kernel sums neighbouring taps of ``W_up`` (:func:`_up_conv_weight`): 8 instead of 27
+  kernel sums neighbouring taps of ``W_up`` (:func:`up_conv_weight`): 8 instead of 27
   multiply-adds per input channel, output channel and output voxel, and neither the
   upsampled nor the concatenated full-resolution tensor is stored for the backward pass;
 * the LeakyReLUs inside the U-Net are in place, and so is their backward (it overwrites the
@@ -38,7 +38,7 @@ from benchmark.core.spatial import integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
 from systems.speed import conv3d_float32_if_unsafe
 
-__all__ = ["VxmUNet", "VoxelMorphNet", "VoxelMorph"]
+__all__ = ["VxmUNet", "VoxelMorphNet", "VoxelMorph", "up_conv_weight"]
 
 _LEAKY_SLOPE = 0.2
 #: Convolutions with fewer input channels are padded with zero channels up to this count
@@ -46,7 +46,7 @@ _LEAKY_SLOPE = 0.2
 _MIN_FAST_IN_CHANNELS = 3
 #: ``_UP_TAPS[k, j]``: along one axis, tap ``k`` of the stride-2, 4-tap transposed
 #: convolution that equals "nearest 2× upsampling, then a 3-tap convolution" is the sum of the
-#: 3-tap kernel's taps ``j`` with ``_UP_TAPS[k, j] = 1`` (derivation in :func:`_up_conv_weight`).
+#: 3-tap kernel's taps ``j`` with ``_UP_TAPS[k, j] = 1`` (derivation in :func:`up_conv_weight`).
 _UP_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
@@ -108,7 +108,7 @@ def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_
     return (F.conv3d if nd == 3 else F.conv2d)(x, w, b, padding=1)
 
 
-def _up_conv_weight(w: torch.Tensor) -> torch.Tensor:
+def up_conv_weight(w: torch.Tensor) -> torch.Tensor:
     """Transposed-convolution kernel equal to ``conv(nearest_up2(x), w, padding=1)``.
 
     Along one axis, with ``U(y) = x(floor(y / 2))`` and zero outside the grid, the
@@ -219,7 +219,7 @@ class VxmUNet(nn.Module):
         convt = F.conv_transpose3d if self.ndim == 3 else F.conv_transpose2d
         if self.channels_last:
             low = low.contiguous(memory_format=_memory_format(self.ndim))
-        up = convt(low, _up_conv_weight(w[:, :c_up]), None, stride=2, padding=1, output_padding=extra)
+        up = convt(low, up_conv_weight(w[:, :c_up]), None, stride=2, padding=1, output_padding=extra)
         return out.add_(up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

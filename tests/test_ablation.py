@@ -22,8 +22,11 @@ from scipy import stats as st
 from benchmark.core.results import read_cases_csv, write_cases_csv
 from benchmark.runner import ConfigError, config_hash, load_grid_config, run_grid
 from benchmark.variants import expand_variants
-from leaderboard.ablation import ablation_tables, bootstrap_mean_ci, html_sections, markdown_sections
-from leaderboard.table import build_report, write_leaderboard
+from leaderboard.ablation import ablation_tables, bootstrap_mean_ci
+from leaderboard.html import ablation_sections
+from leaderboard.markdown import markdown_sections
+from leaderboard.table import build_report
+from leaderboard.write import write_leaderboard
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -204,7 +207,7 @@ def test_ablation_table_statistics_match_scipy_and_hand_holm(tmp_path):
         assert a.significant and not b.significant  # 12 cases all one way: exact p = 2/4096, x2 by Holm
     md = "\n".join(markdown_sections(build_report(root)))
     assert "### d: m" in md and "no significant effect: m-b" in md and "significant: a (Dice Δ -0.05" in md
-    page = html_sections(build_report(root))
+    page = ablation_sections(build_report(root))
     assert 'data-method="m"' in page and "<sup>*</sup>" in page
 
 

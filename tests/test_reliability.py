@@ -280,7 +280,7 @@ def test_unreachable_database_and_bad_n_trials_are_one_line(tmp_path):
 # ------------------------------------------------------------------------- 5. resumed sweeps
 @pytest.mark.slow
 def test_resumed_sweep_never_repeats_a_parameter_set(tmp_path):
-    from sweeps.study import SweepSpec, open_study, run_sweep, _resolve
+    from sweeps.study import SweepSpec, open_study, run_sweep, resolve_spec
 
     sw = {"class_path": "systems.diffop.DiffOpNet",
           "init_args": {"width": 2, "ncc_window": [3, 3, 5], "lr": 0.01, "compute_hd95": False, "compute_ndv": False},
@@ -290,7 +290,7 @@ def test_resumed_sweep_never_repeats_a_parameter_set(tmp_path):
     out = tmp_path / "sweep"
     for n in (2, 4):  # the second invocation resumes the same study
         run_sweep(SweepSpec(config=str(cfg), method="diffop", n_trials=n, prune=False, output=str(out)), log=lambda *_: None)
-    trials = open_study(_resolve(SweepSpec(config=str(cfg), method="diffop", n_trials=4, output=str(out)))).trials
+    trials = open_study(resolve_spec(SweepSpec(config=str(cfg), method="diffop", n_trials=4, output=str(out)))).trials
     params = [tuple(sorted(t.params.items())) for t in trials if t.state.name == "COMPLETE"]
     assert len(params) == 4 and len(set(params)) == 4, params
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leaderboard.table import write_leaderboard
+from leaderboard.write import write_leaderboard
 
 PIL = pytest.importorskip("PIL.Image", reason="Pillow is needed to check the screenshot")
 

@@ -19,7 +19,9 @@ from scipy import stats as st
 from benchmark.core.results import experiment_dir, write_cases_csv
 from leaderboard import ranking
 from leaderboard.stats import holm, paired_wilcoxon, worst_fraction_mean
-from leaderboard.table import build_report, markdown, write_leaderboard
+from leaderboard.markdown import markdown
+from leaderboard.table import build_report
+from leaderboard.write import write_leaderboard
 
 LABELS = [1, 2, 3, 4, 5]
 

@@ -18,6 +18,7 @@ from benchmark.core.io import DataError
 from benchmark.core.drr import CArmGeometry, pose_transform, project_points, reference_transform
 from benchmark.core.metrics_pose import aggregate_pose, pose_metrics
 from benchmark.core.se3 import so3_exp, so3_log
+from benchmark.runner import initial_system
 from datamodules.spine import SpineDRRDataModule
 from datamodules.synthetic_spine import label_centroids, make_spine_ct
 from systems.pose_base import InitialPose
@@ -62,7 +63,7 @@ def test_test_poses_fixed_seeded_and_distributed() -> None:
     dm.skip_cases = set(dm.case_ids()[:498])
     got = [c for b in dm.test_dataloader() for c in b["case_id"]]
     assert got == dm.case_ids()[498:]
-    assert isinstance(dm.initial_system(), InitialPose)
+    assert isinstance(initial_system(dm), InitialPose)
 
 
 def test_perturbed_start_and_training_samples() -> None:
@@ -160,7 +161,7 @@ def _run_test(system, dm) -> tuple[list[dict], list]:
 
 def test_initial_and_baselines_records_and_improvement() -> None:
     dm = SpineDRRDataModule(**SMALL, poses_per_ct=3, rot_std_deg=6, trans_std_mm=10, depth_std_mm=15)
-    init, panels = _run_test(dm.initial_system(), dm)
+    init, panels = _run_test(initial_system(dm), dm)
     keys = {"case_id", "fixed_id", "moving_id", "mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm",
             "success_2mm", "runtime_s", "peak_mem_mb", "mtre_initial_mm"}
     assert [r["case_id"] for r in init] == dm.case_ids() and all(keys <= set(r) for r in init)

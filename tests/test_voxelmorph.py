@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.core.spatial import integrate_velocity, warp
-from systems.voxelmorph import VoxelMorph, VoxelMorphNet, VxmUNet, _up_conv_weight
+from systems.voxelmorph import VoxelMorph, VoxelMorphNet, VxmUNet, up_conv_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_transposed_conv_equals_upsample_then_conv(low: tuple[int, ...], full: t
     want = conv(F.pad(up, pad), w, padding=1)
     convt = F.conv_transpose3d if nd == 3 else F.conv_transpose2d
     extra = [n - 2 * m for n, m in zip(full, low)]
-    got = convt(x, _up_conv_weight(w), stride=2, padding=1, output_padding=extra)
+    got = convt(x, up_conv_weight(w), stride=2, padding=1, output_padding=extra)
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 

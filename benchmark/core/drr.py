@@ -47,6 +47,7 @@ __all__ = [
     "render",
     "render_pose",
     "project_points",
+    "normalise_xray",
 ]
 
 #: Linear attenuation of water near 70 keV, per mm.
@@ -291,3 +292,11 @@ def project_points(points: torch.Tensor, transform: torch.Tensor, geometry: CArm
     col = q[..., 0] * mag / geometry.delx + (geometry.width - 1) / 2
     row = q[..., 1] * mag / geometry.dely + (geometry.height - 1) / 2
     return torch.stack([row, col], -1)
+
+
+def normalise_xray(img: torch.Tensor) -> torch.Tensor:
+    """Min–max scale each image of ``(B, C, H, W)`` to ``[0, 1]`` (constant images → 0)."""
+    flat = img.flatten(1)
+    lo = flat.min(1).values.view(-1, 1, 1, 1)
+    hi = flat.max(1).values.view(-1, 1, 1, 1)
+    return (img - lo) / (hi - lo).clamp_min(1e-8)

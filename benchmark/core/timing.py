@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["CallStats", "timed_call", "current_rss_mb", "peak_rss_mb", "device_description"]
+__all__ = ["CallStats", "RssSampler", "timed_call", "current_rss_mb", "peak_rss_mb", "device_description"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -62,7 +62,7 @@ class CallStats:
     peak_mem_mb: float
 
 
-class _RssSampler:
+class RssSampler:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.peak = current_rss_mb()
@@ -73,7 +73,7 @@ class _RssSampler:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, current_rss_mb())
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> "RssSampler":
         self._thread.start()
         return self
 
@@ -105,7 +105,7 @@ def timed_call(fn: Callable[[], Any], device: torch.device | str = "cpu", rss_in
         _sync(device)
         dt = time.perf_counter() - t0
         return out, CallStats(dt, torch.cuda.max_memory_allocated(device) / 2**20)
-    with _RssSampler(rss_interval_s) as sampler:
+    with RssSampler(rss_interval_s) as sampler:
         t0 = time.perf_counter()
         out = fn()
         _sync(device)

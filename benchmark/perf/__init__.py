@@ -3,5 +3,6 @@
 ``metrics`` (core ops and metrics), ``systems`` (SyN vs FireANTs/ANTs; learned systems'
 training step), ``training`` (VoxelMorph step vs the peer packages), ``data`` (+ ``anatomy``:
 loading and preprocessing), ``drr`` (DRR rendering vs DiffDRR), ``patchmorph`` (memory flat in
-image size), ``gpu`` (CUDA figures). ``peers/`` holds the scripts run in the peers' own venvs.
+image size), ``gpu`` (CUDA figures). Every measurement in a fresh process goes through
+:mod:`benchmark.perf.child`; ``peers/`` holds the scripts run in the peers' own venvs.
 """

@@ -36,7 +36,7 @@ SHAPE = (160, 224, 192)
 TARGET_WARM_S = 0.050
 
 
-def _write_pair(folder: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
+def write_pair(folder: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     aff = np.diag([1.0, 1.0, 1.0, 1.0])
     aff[:3, 3] = -(np.asarray(shape) - 1) / 2
@@ -89,7 +89,7 @@ def perf_data(repeats: int = 5, threads: int | None = None, shape: tuple[int, in
         data = tmp / "pair"
         data.mkdir()
         t0 = time.perf_counter()
-        _write_pair(data, shape)
+        write_pair(data, shape)
         write_s = time.perf_counter() - t0
         file_mb = sum(p.stat().st_size for p in data.iterdir()) / 2**20
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,13 +37,14 @@ import torch.nn.functional as F
 
 from benchmark.core.drr import CArmGeometry, hu_to_mu, reference_transform, render_pose
 from benchmark.core.timing import current_rss_mb, timed_call
+from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
 __all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "find_drr_peer_python", "image_agreement", "AGREEMENT_NCC"]
 
 #: Lowest NCC at the geometry's own orientation that counts as agreement with the peer.
 AGREEMENT_NCC = 0.99
 
-DEFAULT_PEER_VENV = Path(__file__).resolve().parents[3] / "peers_drr_venv"
+DEFAULT_PEER_VENV = PROJECT_ROOT.parent / "peers_drr_venv"
 SIZE = 256
 N_SAMPLES = 256
 
@@ -215,16 +215,11 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
             nib.save(nib.Nifti1Image(hu, affine), ct_path)
             args = {"ct": ct_path, "sdd": 1020.0, "sid": 510.0, "size": size, "pixel": 0.798, "n_samples": n_samples,
                     "threads": int(threads), "repeats": int(repeats), "out": str(Path(tmp) / "peer.json"), "img": str(Path(tmp) / "img.npy")}
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            try:
-                proc = subprocess.run([py, "-c", _PEER_SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=3600, env=env)
-            except subprocess.TimeoutExpired:
-                proc = None
-            if proc is None or proc.returncode != 0 or not Path(args["out"]).exists():
-                tail = "timed out" if proc is None else (proc.stderr or proc.stdout or "")[-2000:]
-                result["diffdrr"] = {"status": "failed", "error": tail}
+            run = run_child([py, "-c", _PEER_SCRIPT, json.dumps(args)], args["out"], timeout_s=3600, env=child_env(threads))
+            if run.record is None:
+                result["diffdrr"] = {"status": "failed", "error": "timed out" if run.timed_out else run.tail_chars(2000)}
             else:
-                peer = json.loads(Path(args["out"]).read_text())
+                peer = run.record
                 peer["status"] = "measured"
                 ours_img = fwd()[0, 0].cpu().numpy()
                 agreement = image_agreement(ours_img, np.load(args["img"]))

@@ -112,7 +112,7 @@ def _autocast(dev: torch.device, mode: str):
 
 
 def _build(name: str, dev: torch.device, compile_: bool) -> torch.nn.Module:
-    import importlib
+    from benchmark.core.classpath import import_object
 
     if name == "cdreg":
         from systems.cdreg import CDReg
@@ -120,7 +120,7 @@ def _build(name: str, dev: torch.device, compile_: bool) -> torch.nn.Module:
         model = CDReg(compile=compile_)
     else:
         mod, cls, kw = SYSTEMS[name]
-        model = getattr(importlib.import_module(mod), cls)(**kw, compile=compile_)
+        model = import_object(f"{mod}.{cls}")(**kw, compile=compile_)
     model = model.to(dev)
     model.configure_model()  # compiles when asked, as Lightning does before fit
     return model
@@ -242,7 +242,7 @@ def measure_loader(shape: Sequence[int], dev: torch.device, workers: Sequence[in
 
     from torch.utils.data import ConcatDataset, DataLoader
 
-    from benchmark.perf.data import _write_pair
+    from benchmark.perf.data import write_pair
     from datamodules.nifti_pairs import NiftiPairsDataModule
 
     tmp = Path(tempfile.mkdtemp(prefix="regbench_perf_gpu_", dir=workdir))
@@ -250,7 +250,7 @@ def measure_loader(shape: Sequence[int], dev: torch.device, workers: Sequence[in
     try:
         data = tmp / "pair"
         data.mkdir()
-        _write_pair(data, tuple(shape))
+        write_pair(data, tuple(shape))
         dm = NiftiPairsDataModule(str(data), cache_dir=str(tmp / "cache"), num_workers=0, pin_memory=dev.type == "cuda",
                                   label_ids=list(range(1, 37)), val_pairs=1)
         dm.setup("test")

@@ -33,46 +33,34 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
+
 __all__ = ["SIZES", "measure_training", "measure_inference", "format_perf_patchmorph", "main_perf_patchmorph"]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SIZES: tuple[int, ...] = (64, 128, 192)
 INFER_SIZE = 64
 INFER_PASSES: tuple[int, ...] = (1, 2, 4, 8)
 METHODS: tuple[str, ...] = ("patchmorph", "voxelmorph")
 
 
-def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-        "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-    })
-    return env
-
-
 def _run_child(argv: list[str], threads: int, timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = [sys.executable, "-m", "benchmark.perf.patchmorph", "--child", *argv, "--threads", str(threads), "--out", str(out)]
-        try:
-            proc = subprocess.run(cmd, cwd=str(PROJECT_ROOT), env=_env(threads), capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout_s:.0f} s"}
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-        return json.loads(out.read_text())
+        env = child_env(threads, wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), on_path=True,
+                        MALLOC_MMAP_THRESHOLD_="65536")
+        run = run_child(cmd, out, timeout_s=timeout_s, env=env, cwd=PROJECT_ROOT)
+        if run.timed_out:
+            return {"error": run.timeout_message}
+        if run.record is None:
+            return {"error": f"exit {run.returncode}: " + run.tail_lines(5)}
+        return run.record
 
 
 def _median(xs: Sequence[float]) -> float:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from benchmark.core import metrics as M
 from benchmark.core.io import DataError, atomic_write_json, load_segmentation, load_volume, same_grid
 from benchmark.core.spatial import warp
 from benchmark.core.timing import device_description, timed_call
+from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
 __all__ = [
     "CACHED_ANTS",
@@ -67,7 +67,6 @@ __all__ = [
     "main_perf_systems",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PAIR_DIR = PROJECT_ROOT.parent / "shared" / "data" / "oasis_pair"
 DEFAULT_PEER_VENV = PROJECT_ROOT.parent / "peers_venv"
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -288,14 +287,12 @@ def _run_fireants(
         ]  # fmt: skip
         if s.get("optimizer_params"):
             cmd += ["--optimizer-params", json.dumps(s["optimizer_params"])]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"tool": "fireants", "status": "failed", "error": f"timed out after {timeout_s:.0f} s"}
-        if proc.returncode != 0 or not (tmpd / "info.json").exists():
-            tail = (proc.stderr or proc.stdout or "")[-2000:]
-            return {"tool": "fireants", "status": "failed", "error": f"exit code {proc.returncode}: {tail}"}
-        info = json.loads((tmpd / "info.json").read_text())
+        run = run_child(cmd, tmpd / "info.json", timeout_s=timeout_s)
+        if run.timed_out:
+            return {"tool": "fireants", "status": "failed", "error": run.timeout_message}
+        if run.record is None:
+            return {"tool": "fireants", "status": "failed", "error": f"exit code {run.returncode}: {run.tail_chars(2000)}"}
+        info = run.record
         disp = np.load(tmpd / "disp.npy")
     rec = {
         "tool": "fireants",
@@ -408,9 +405,9 @@ def perf_syn(
                     f"{DEFAULT_PEER_VENV} with `pip install fireants`)"
                 )
             else:
-                check = subprocess.run([py, "-c", "import fireants"], capture_output=True, text=True)
+                check = run_child([py, "-c", "import fireants"], None)
                 if check.returncode != 0:
-                    res["skipped"].append(f"fireants: not importable with {py}: {check.stderr.strip()[-300:]}")
+                    res["skipped"].append(f"fireants: not importable with {py}: {check.output.strip()[-300:]}")
                 else:
                     nthreads = int(threads) if threads is not None else torch.get_num_threads()
                     for run_name in fireants_runs:
@@ -509,15 +506,14 @@ def _median(xs: Sequence[float]) -> float | None:
 
 def _learned_child(system: str, size: Sequence[int], threads: int, repeats: int, device: str, out: str, seed: int = 0) -> None:
     """One measurement process: warm-up, ``repeats`` timed training steps, then inference."""
-    import importlib
+    from benchmark.core.classpath import import_object
 
     from benchmark.core.timing import current_rss_mb
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     path, kwargs = LEARNED_SYSTEMS[system]
-    mod, cls = path.rsplit(".", 1)
-    model = getattr(importlib.import_module(mod), cls)(**kwargs).to(device)
+    model = import_object(path)(**kwargs).to(device)
     opt = model.configure_optimizers()
     g = torch.Generator().manual_seed(seed)
     batch = {
@@ -595,25 +591,22 @@ def perf_learned(
         "results": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = child_env(threads, wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), on_path=True)
     for name in systems:
         with tempfile.TemporaryDirectory(prefix="regbench_learned_") as tmp:
             rec_path = Path(tmp) / "rec.json"
             cmd = [sys.executable, "-m", "benchmark.perf.systems", "--learned-child", "--system", name,
                    "--size", ",".join(str(int(s)) for s in size), "--threads", str(threads),
                    "--repeats", str(repeats), "--device", device, "--out", str(rec_path)]  # fmt: skip
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=str(PROJECT_ROOT))
-            except subprocess.TimeoutExpired:
-                res["results"].append({"system": name, "status": "failed", "error": f"timed out after {timeout_s:.0f} s"})
+            run = run_child(cmd, rec_path, timeout_s=timeout_s, env=env, cwd=PROJECT_ROOT)
+            if run.timed_out:
+                res["results"].append({"system": name, "status": "failed", "error": run.timeout_message})
                 continue
-            if proc.returncode != 0 or not rec_path.exists():
-                tail = (proc.stderr or proc.stdout or "")[-2000:]
-                res["results"].append({"system": name, "status": "failed", "error": f"exit code {proc.returncode}: {tail}"})
+            if run.record is None:
+                res["results"].append({"system": name, "status": "failed",
+                                       "error": f"exit code {run.returncode}: {run.tail_chars(2000)}"})
                 continue
-            raw = json.loads(rec_path.read_text())
+            raw = run.record
         tr, inf = raw["train"], raw["infer"]
         res["results"].append({
             "system": name,

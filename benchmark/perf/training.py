@@ -41,12 +41,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
 import numpy as np
 import torch
@@ -59,7 +60,6 @@ __all__ = [
     "main_perf_training",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 DEFAULT_VXM_VENV = PROJECT_ROOT.parent / "peers_vxm_venv"
 DEFAULT_VXM02_VENV = PROJECT_ROOT.parent / "peers_vxm02_venv"
@@ -118,23 +118,13 @@ def _command(tool: str, size: Sequence[int], loss: str, threads: int, warmup: in
 def _run_child(cmd: list[str], threads: int, timeout_s: float, omp_wait_policy: str | None) -> dict[str, Any]:
     """Run one measurement process; its JSON record, or ``{"error": ...}``."""
     out = cmd[cmd.index("--out") + 1]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = omp_wait_policy
-    else:
-        env.pop("OMP_WAIT_POLICY", None)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=str(PROJECT_ROOT), env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not Path(out).exists():
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    with open(out) as fh:
-        rec = json.load(fh)
-    rec["process_wall_s"] = wall
+    run = run_child(cmd, out, timeout_s=timeout_s, env=child_env(threads, wait_policy=omp_wait_policy or None), cwd=PROJECT_ROOT)
+    if run.timed_out:
+        return {"error": run.timeout_message}
+    if run.record is None:
+        return {"error": f"exit {run.returncode}: " + run.tail_lines(3)}
+    rec = run.record
+    rec["process_wall_s"] = run.wall_s
     return rec
 
 
