@@ -33,7 +33,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from benchmark.core.io import DataError, load_landmarks, load_segmentation, load_volume
+from benchmark.core.io import DataError, load_landmarks, load_segmentation, load_volume, orientation_codes
 
 __all__ = ["DataReport", "check_dataset", "add_cli_commands", "format_report"]
 
@@ -57,10 +57,6 @@ def _guarded(path: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
     from datamodules.real_base import guarded
 
     return guarded(path, fn, *args, **kwargs)
-
-
-def _codes(affine: np.ndarray) -> str:
-    return "".join(nib.aff2axcodes(affine))
 
 
 def _check_subjects(subjects: list[Any], report: DataReport, resample_labels: bool, stray: tuple[int, ...] = (),
@@ -93,7 +89,7 @@ def _check_subjects(subjects: list[Any], report: DataReport, resample_labels: bo
         grid[s.subject_id] = shape
         shapes[str(shape)] += 1
         spacings["×".join(f"{v:.3g}" for v in np.linalg.norm(affine[:3, :3], axis=0))] += 1
-        orients[_codes(affine)] += 1
+        orients[orientation_codes(affine)] += 1
         if s.seg is not None and not headers_only:
             try:
                 with warnings.catch_warnings(record=True) as caught:

@@ -61,7 +61,7 @@ from typing import Any
 import yaml
 
 from benchmark.core.classpath import ClassPathError, import_object, resolve_alias
-from benchmark.core.io import DataError, atomic_write_json, set_default_mode
+from benchmark.core.io import DataError, atomic_path, atomic_write_json, replace_folder
 from benchmark.reliability import (
     ExperimentLock,
     FitStateCallback,
@@ -558,20 +558,10 @@ class ResultsWriter(_make_callback_base()):
             self._field_record = getattr(dm, "field_record", None)
 
     def _save_panel(self, case_id: str, arrays: dict[str, Any]) -> None:
-        import tempfile
-
         import numpy as np
 
-        fd, tmp = tempfile.mkstemp(dir=self.exp_dir, prefix=".tmp_panel_", suffix=".npz")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, case_id=np.array(case_id), **{k: np.asarray(v) for k, v in arrays.items()})
-            set_default_mode(tmp)
-            os.replace(tmp, self.exp_dir / "panel.npz")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(self.exp_dir / "panel.npz", prefix=".tmp_panel_", suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, case_id=np.array(case_id), **{k: np.asarray(v) for k, v in arrays.items()})
 
     def _save_fields(self, batch: dict[str, Any], disp) -> None:
         from benchmark.core.io import write_displacement
@@ -923,8 +913,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
             with critical():
                 old = final_dir.parent / f".{final_dir.name}.old-{replaces}"
                 shutil.rmtree(old, ignore_errors=True)
-                os.replace(final_dir, old)
-                os.replace(exp_dir, final_dir)
+                replace_folder(exp_dir, final_dir, old)
             shutil.rmtree(old, ignore_errors=True)
             for stale in final_dir.parent.glob(f".{final_dir.name}.redo-*"):  # unfinished redos of other configs
                 shutil.rmtree(stale, ignore_errors=True)

@@ -195,8 +195,7 @@ def mni_template(spacing: float = 2.0) -> MNITemplate:
         TemplateError: a file is missing or unreadable (the message names it).
         ValueError: ``spacing`` out of range.
     """
-    import os
-    import tempfile
+    from benchmark.core.io import atomic_path
 
     s = float(spacing)
     if not 1.0 <= s <= 8.0:
@@ -212,11 +211,8 @@ def mni_template(spacing: float = 2.0) -> MNITemplate:
     tpl = _build_template(s, files)
     if cache is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp.npz")
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_path(cache, suffix=".tmp.npz") as tmp, open(tmp, "wb") as fh:  # readers never see half a file
                 np.savez(fh, t1=tpl.t1, seg=tpl.seg, affine=tpl.affine)
-            os.replace(tmp, cache)  # readers see the old state or the whole file, never half of it
         except OSError:
             pass  # a read-only home only costs the rebuild next time
     return tpl

@@ -19,7 +19,7 @@ Layout
 
 Race-free writes (several processes, DDP ranks or nodes on a shared file system)
     An entry is written in full into a temporary folder next to its final place, then moved
-    there with one ``os.replace`` (an atomic rename). A reader sees a whole entry or none.
+    there with one atomic rename (:func:`benchmark.core.io.atomic_path`). A reader sees a whole entry or none.
     When two writers race, the first rename wins; the loser's rename fails because the
     folder exists and is not empty, and its temporary folder is removed. Both wrote the same
     arrays, so nothing is lost. Hash notes are single files written the same way.
@@ -31,13 +31,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from benchmark.core.io import atomic_path, atomic_write_bytes
 
 __all__ = ["ArrayCache", "file_digest", "default_cache_dir", "CACHE_FORMAT"]
 
@@ -109,32 +110,11 @@ def file_digest(path: str | os.PathLike, mode: str = "content", notes_dir: str |
         _memo[sig] = digest
     if note is not None:
         try:
-            _atomic_write_bytes(note, json.dumps({"path": sig[0], "size": sig[1], "mtime_ns": sig[2], "ino": sig[3],
+            atomic_write_bytes(note, json.dumps({"path": sig[0], "size": sig[1], "mtime_ns": sig[2], "ino": sig[3],
                                                   "sha256": digest}).encode())
         except OSError:
             pass  # a read-only cache still works, it just re-hashes next time
     return digest
-
-
-def _default_mode(path: str | os.PathLike, folder: bool = False) -> None:
-    """The mode a plain ``open()`` / ``mkdir()`` would give (``mkstemp``/``mkdtemp`` make
-    0600/0700, which would hide a shared cache from the rest of a lab's group)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class ArrayCache:
@@ -190,24 +170,14 @@ class ArrayCache:
         final = self.entry_dir(key)
         if (final / "meta.json").exists():
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp_{key[:8]}_"))
-        try:
+        # exist_ok: a concurrent identical write that renamed first is a lost race, not a failure
+        with atomic_path(final, prefix=f".tmp_{key[:8]}_", folder=True, exist_ok=True) as tmp:
             for name, arr in arrays.items():
                 if not name.isidentifier():
                     raise ValueError(f"array name {name!r} must be an identifier")
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
             info = {"arrays": list(arrays), **dict(meta or {})}
             (tmp / "meta.json").write_text(json.dumps(info, default=str))
-            _default_mode(tmp, folder=True)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if not (final / "meta.json").exists():
-                    raise  # not a lost race: a real failure
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def get_or_compute(
         self,

@@ -28,7 +28,6 @@ Landmark arrays are ``(N, 3)`` voxel indices in array axis order.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -37,14 +36,13 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
-from benchmark.core.io import DataError
+from benchmark.core.io import DataError, closest_axes
 
 __all__ = [
     "PreprocessConfig",
     "Preprocessed",
     "normalize_intensity",
     "reorient_to_ras",
-    "orientation_codes",
     "resample_to_spacing",
     "crop_or_pad",
     "pad_to_multiple",
@@ -184,32 +182,9 @@ def normalize_intensity(
 
 
 # ----------------------------------------------------------------------------- orientation
-def orientation_codes(affine: np.ndarray) -> str:
-    """Axis codes of the closest orthogonal orientation, e.g. ``"RAS"`` or ``"LPI"``.
-
-    Letter ``d`` is the world direction array axis ``d`` points to (R/L, A/P, S/I).
-    """
-    perm, signs = _closest_axes(affine)
-    pos, neg = "RAS", "LPI"
-    return "".join(pos[w] if s > 0 else neg[w] for w, s in zip(perm, signs))
-
-
-def _closest_axes(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """World axis (0 R, 1 A, 2 S) and sign of every array axis: the assignment (a permutation)
-    that maximises the summed |cosine| between array axes and world axes."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    norms = np.linalg.norm(a, axis=0)
-    if np.any(norms < 1e-12):
-        raise ValueError("affine has a zero-length axis")
-    r = a / norms
-    best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(r[p[j], j]) for j in range(3)))
-    signs = tuple(1 if r[best[j], j] >= 0 else -1 for j in range(3))
-    return tuple(best), signs  # type: ignore[return-value]
-
-
 def _reorient_map(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, list[int], list[int]]:
     """Voxel map (output → input) of the RAS reorientation, the transpose order and flipped output axes."""
-    perm, signs = _closest_axes(affine)
+    perm, signs = closest_axes(affine)
     m = np.zeros((4, 4))
     m[3, 3] = 1.0
     order = [0, 0, 0]

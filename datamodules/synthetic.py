@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from benchmark.core.metrics import displacement_jacobian
 from benchmark.core.spatial import gaussian_smooth, identity_grid, integrate_velocity, warp
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
     "smooth_random_field",
     "sample_field",
     "solve_preimage",
-    "field_jacobian",
     "synthetic_affine",
     "as_size",
 ]
@@ -154,19 +154,6 @@ def sample_field(field: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return warp(field.to(positions.dtype), positions - ident, mode="bilinear", padding_mode="border")
 
 
-def field_jacobian(phi: torch.Tensor) -> torch.Tensor:
-    """Spatial Jacobian ``∂phi_d / ∂x_e`` of a displacement by central differences (one-sided at edges).
-
-    Args:
-        phi: ``(1, 3, X, Y, Z)`` displacement in voxels.
-
-    Returns:
-        ``(1, 9, X, Y, Z)``; channel ``3 d + e`` holds ``∂phi_d / ∂x_e`` (voxel / voxel).
-    """
-    grads = [torch.stack(torch.gradient(phi[0, d], dim=(0, 1, 2)), 0) for d in range(3)]
-    return torch.cat(grads, 0).unsqueeze(0)
-
-
 def solve_preimage(
     phi: torch.Tensor, targets: torch.Tensor, tol: float = 1e-6, max_iter: int = 100
 ) -> tuple[torch.Tensor, float]:
@@ -189,7 +176,7 @@ def solve_preimage(
         residual in voxels.
     """
     phi64 = phi.to(torch.float64)
-    jac = field_jacobian(phi64)
+    jac = displacement_jacobian(phi64, identity=False)  # ∂phi_d/∂x_e, channel 3 d + e
     q = targets.to(torch.float64)
     y = q - sample_field(phi64, q)
     residual = float("inf")

@@ -8,27 +8,22 @@ a warning says why — a grid never fails because of its logger.
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from benchmark.core.io import plain
 
 __all__ = ["log_tables", "log_leaderboard_wandb"]
 
 _INIT_KEYS = {"project", "entity", "name", "group", "tags", "notes", "job_type", "id", "config"}
 
 
-def _cell(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _table(rows: list[dict[str, Any]], columns: list[str] | None = None):
     import wandb
 
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
-    return wandb.Table(columns=cols, data=[[_cell(r.get(c)) for c in cols] for r in rows])
+    return wandb.Table(columns=cols, data=[[plain(r.get(c), finite=True) for c in cols] for r in rows])
 
 
 def log_tables(loggers: Iterable[Any], exp_dir: str | Path, key: str = "cases") -> int:

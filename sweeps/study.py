@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from benchmark.core.io import atomic_write_text, plain
 from sweeps.space import assemble, space_of, suggest
 
 __all__ = ["SweepSpec", "PruningCallback", "run_sweep", "run_worker", "open_study", "storage_url", "write_reports",
@@ -384,7 +386,7 @@ def _objective(res: _Resolved):
         quiet_lightning()
         params = suggest(trial, res.space)
         init_args = {**res.method.init_args, **params}
-        trial.set_user_attr("init_args", _plain(init_args))
+        trial.set_user_attr("init_args", plain(init_args))
         trial.set_user_attr("host", os.uname().nodename)
         trial.set_user_attr("pid", os.getpid())
         trial_dir = res.output / "trials" / f"{trial.number:04d}"
@@ -422,15 +424,6 @@ def _objective(res: _Resolved):
         return dice, folds
 
     return objective
-
-
-def _plain(x: Any) -> Any:
-    """YAML/JSON-safe copy (tuples → lists)."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def _finished(study) -> int:
@@ -526,18 +519,18 @@ def best_config(res: _Resolved, params_list: list[tuple[str, dict[str, Any]]]) -
     methods = {}
     for name, params in params_list:
         blk: dict[str, Any] = {"class_path": res.method.raw["class_path"],
-                               "init_args": _plain({**res.method.init_args, **params})}
+                               "init_args": plain({**res.method.init_args, **params})}
         if res.method.trainer:
-            blk["trainer"] = _plain(res.method.trainer)
+            blk["trainer"] = plain(res.method.trainer)
         if getattr(res.method, "budget", None) is not None:
-            blk["budget"] = _plain(res.method.budget)
+            blk["budget"] = plain(res.method.budget)
         methods[name] = blk
     ds = {k: copy.deepcopy(res.dataset.raw[k]) for k in ("class_path", "init_args") if k in res.dataset.raw}
     out = {"suite": f"{res.cfg.suite}-{res.spec.method}-best", "seeds": list(res.cfg.seeds), "include_initial": True,
-           "trainer": _plain(res.cfg.trainer), "loggers": list(res.cfg.loggers), "datasets": {res.dataset.name: ds},
+           "trainer": plain(res.cfg.trainer), "loggers": list(res.cfg.loggers), "datasets": {res.dataset.name: ds},
            "methods": methods}
     if getattr(res.cfg, "budget", None) is not None:
-        out["budget"] = _plain(res.cfg.budget)
+        out["budget"] = plain(res.cfg.budget)
     return out
 
 
@@ -552,18 +545,11 @@ def _write_trials_csv(study, path: Path, params: list[str]) -> None:
                      "last_step": t.last_step if t.last_step is not None else "",
                      "seconds": t.duration.total_seconds() if t.duration else "",
                      "host": t.user_attrs.get("host", ""), "pid": t.user_attrs.get("pid", "")})
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["number"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["number"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue(), newline="")
 
 
 def write_reports(res: _Resolved, study) -> dict[str, Any]:
@@ -596,14 +582,14 @@ def write_reports(res: _Resolved, study) -> dict[str, Any]:
                                "params": best.params, "rule": "highest Dice on the Pareto front"}
             cfg = best_config(res, [(res.spec.method, assemble(best.params))])
             pareto_cfg = best_config(res, [(f"{res.spec.method}_p{t.number}", assemble(t.params)) for t in front])
-            _atomic_text(res.output / "pareto.yaml", "# Pareto front (Dice up, fold % down), one method per trial\n"
+            atomic_write_text(res.output / "pareto.yaml", "# Pareto front (Dice up, fold % down), one method per trial\n"
                          + yaml.safe_dump(pareto_cfg, sort_keys=False))
         header = (f"# Best parameters of study {res.study_name!r} (trial {best.number}); "
                   f"run with: regbench run {res.output / 'best.yaml'}\n")
-        _atomic_text(res.output / "best.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(res.output / "best.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
     _write_trials_csv(study, res.output / "trials.csv", params)
     plots, skipped = save_plots(study, res.output / "plots", params, res.directions)
     summary["plots"] = [str(p) for p in plots]
     summary["plots_skipped"] = skipped
-    _atomic_text(res.output / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(res.output / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

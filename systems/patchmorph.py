@@ -85,6 +85,7 @@ import torch.nn as nn
 
 from benchmark.core.classpath import ClassPathError, import_object
 from benchmark.core.losses import LocalNCC, diffusion
+from benchmark.core.se3 import so3_exp
 from benchmark.core.spatial import identity_grid, warp
 from systems.base import RegistrationSystem
 
@@ -145,11 +146,7 @@ def random_rotations(n: int, max_deg: float, generator: torch.Generator | None =
     axis = torch.randn(n, 3, generator=generator, dtype=torch.float64)
     axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
     ang = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(max_deg)
-    k = torch.zeros(n, 3, 3, dtype=torch.float64)
-    k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
-    k = k - k.transpose(1, 2)
-    s, c = torch.sin(ang).view(n, 1, 1), torch.cos(ang).view(n, 1, 1)
-    return torch.eye(3, dtype=torch.float64) + s * k + (1 - c) * (k @ k)
+    return so3_exp(axis * ang[:, None])  # Rodrigues, the suite's one (benchmark.core.se3)
 
 
 @dataclass

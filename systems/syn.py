@@ -20,6 +20,7 @@ import torch
 
 from benchmark.core._omp import warn_if_spinning
 from benchmark.core.losses import box_sum
+from benchmark.core.metrics import displacement_jacobian
 from benchmark.core.spatial import compose, gaussian_smooth, resize_field, resize_image, spacing_from_affine, warp
 from systems.base import RegistrationSystem
 
@@ -142,24 +143,6 @@ def _central_gradient(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(grads, dim=1)
 
 
-def _jacobian_matrix(disp: torch.Tensor) -> torch.Tensor:
-    """``I + ∇u`` by central differences (one-sided at the borders), in voxel units.
-
-    Args:
-        disp: ``(B, ndim, *spatial)`` voxels.
-
-    Returns:
-        ``(B, ndim * ndim, *spatial)``; channel ``i * ndim + j`` is ``δ_ij + ∂u_i/∂x_j``.
-    """
-    nd = disp.shape[1]
-    rows = []
-    for i in range(nd):
-        grads = torch.gradient(disp[:, i], dim=tuple(range(1, nd + 1)))
-        for j in range(nd):
-            rows.append(grads[j] + 1.0 if i == j else grads[j])
-    return torch.stack(rows, dim=1)
-
-
 def _solve_small(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Solve ``A x = r`` per voxel for ``ndim`` 2 or 3 by the adjugate (no batched LAPACK).
 
@@ -226,7 +209,7 @@ def invert_displacement(
     """
     nd = disp.shape[1]
     v = -disp if init is None else init
-    jac = _jacobian_matrix(disp)
+    jac = displacement_jacobian(disp)  # I + ∇u, the metrics' finite differences
     both = torch.cat([disp, jac], dim=1)
     for _ in range(iterations):
         sampled = warp(both, v, mode="bilinear", padding_mode="border")

@@ -27,7 +27,8 @@ from datamodules.cache import ArrayCache
 from datamodules.lumir import LUMIRDataModule
 from datamodules.mindboggle import DKT31_CORTICAL, MindBoggle101DataModule
 from datamodules.nifti_pairs import NiftiPairsDataModule
-from datamodules.preprocess import PreprocessConfig, orientation_codes, preprocess_subject, reorient_to_ras
+from benchmark.core.io import orientation_codes
+from datamodules.preprocess import PreprocessConfig, preprocess_subject, reorient_to_ras
 from fake_layouts import (
     WORLD_POINTS,
     build_lumir,

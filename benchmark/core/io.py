@@ -11,14 +11,18 @@ fixed image's affine; LUMIR-style ``[3, X, Y, Z]`` is read as well.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import os
+import shutil
 import tempfile
 import zlib
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -33,8 +37,15 @@ __all__ = [
     "read_displacement",
     "write_displacement",
     "read_landmarks_csv",
+    "atomic_path",
     "atomic_write_text",
+    "atomic_write_bytes",
     "atomic_write_json",
+    "replace_folder",
+    "set_default_mode",
+    "plain",
+    "orientation_codes",
+    "closest_axes",
     "GRID_ATOL_MM",
     "LANDMARK_UNITS",
     "landmarks_to_voxels",
@@ -277,19 +288,12 @@ def write_displacement(path: str | os.PathLike, disp: np.ndarray, affine: np.nda
     out = np.ascontiguousarray(np.moveaxis(arr, 0, -1))
     p.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".npz" if p.name.endswith(".npz") else ".nii.gz"
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp_", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(p, suffix=suffix) as tmp:
         if suffix == ".npz":
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, disp=out)
         else:
-            nib.save(nib.Nifti1Image(out, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), tmp)
-        set_default_mode(tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            nib.save(nib.Nifti1Image(out, np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), str(tmp))
     return p
 
 
@@ -324,49 +328,105 @@ def read_landmarks_csv(path: str | os.PathLike, ndim: int = 3) -> np.ndarray:
     return pts
 
 
-def set_default_mode(path: str | os.PathLike) -> None:
-    """Give a temporary file the mode a plain ``open()`` would (0666 minus the umask):
-    ``mkstemp`` creates files 0600, which would leave results unreadable to a lab's group."""
+def set_default_mode(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a temporary file (``folder``: folder) the mode a plain ``open()`` (``mkdir()``) would,
+    0666 (0777) minus the umask: ``mkstemp``/``mkdtemp`` make 0600/0700, which would leave
+    results and shared caches unreadable to a lab's group."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+# ----------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "", prefix: str = ".tmp_", folder: bool = False,
+                exist_ok: bool = False) -> Iterator[Path]:
+    """The suite's one atomic write: a temporary file (``folder``: folder) beside ``path`` to
+    write into; when the block ends without an error it gets the default mode
+    (:func:`set_default_mode`) and is renamed onto ``path`` in one step, so a reader sees the
+    old state or the whole new one, never half of it. On an error it is removed.
+
+    Args:
+        suffix, prefix: of the temporary name (a writer that picks the format by the
+            extension, e.g. ``nib.save``, needs ``suffix``).
+        exist_ok: a rename that fails because ``path`` exists by then (a concurrent identical
+            write won the race, e.g. a cache entry) is not an error.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp_")
+    if folder:
+        tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=prefix, suffix=suffix))
+    else:
+        fd, name = tempfile.mkstemp(dir=p.parent, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        yield tmp
+        set_default_mode(tmp, folder=folder)
+        try:
+            os.replace(tmp, p)
+        except OSError:
+            if not (exist_ok and p.exists()):
+                raise
+    finally:
+        if folder:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
+    """Write bytes to ``path`` atomically (:func:`atomic_path`); ``fsync`` before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
             fh.flush()
             os.fsync(fh.fileno())
-        set_default_mode(tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return p
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, newline: str | None = None) -> Path:
+    """Write text to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline=newline) as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """JSON (indent 2, NaN written as null) written atomically."""
-    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+    return atomic_write_text(path, json.dumps(plain(obj, finite=True), indent=2, sort_keys=False) + "\n")
 
 
-def _json_safe(obj: Any) -> Any:
+def replace_folder(new: str | os.PathLike, final: str | os.PathLike, backup: str | os.PathLike) -> None:
+    """Put folder ``new`` at ``final``; the folder there moves to ``backup`` first (two renames,
+    each atomic; the caller removes ``backup``)."""
+    os.replace(final, backup)
+    os.replace(new, final)
+
+
+def plain(obj: Any, finite: bool = False) -> Any:
+    """A JSON/YAML-ready copy: the suite's one sanitiser.
+
+    Mapping keys become ``str``, tuples lists, NumPy/torch scalars Python numbers, arrays
+    (nested) lists; with ``finite``, a NaN/Inf float becomes ``None`` (JSON ``null``), else it
+    is kept (``json.dumps`` writes ``NaN``).
+    """
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): plain(v, finite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return None if not np.isfinite(f) else f
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
+        return [plain(v, finite) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.ndim > 0:
+        return plain(obj.tolist(), finite)
+    if not isinstance(obj, (str, bytes)) and callable(getattr(obj, "item", None)):
+        try:
+            obj = obj.item()
+        except (ValueError, RuntimeError):  # a tensor of more than one element
+            return plain(obj.tolist(), finite)
+    if finite and isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
 
 
@@ -489,5 +549,31 @@ def grid_text(affine: np.ndarray, shape: Sequence[int]) -> str:
     a = np.asarray(affine, dtype=np.float64)
     sp = "×".join(f"{s:.4g}" for s in np.linalg.norm(a[:3, :3], axis=0))
     org = ", ".join(f"{o:.4g}" for o in a[:3, 3])
-    codes = "".join(nib.aff2axcodes(a))
+    codes = orientation_codes(a)
     return f"shape {tuple(int(n) for n in shape)}, spacing {sp} mm, {codes}, origin ({org}) mm"
+
+
+# ----------------------------------------------------------------------------- orientation
+def orientation_codes(affine: np.ndarray) -> str:
+    """Axis codes of the closest orthogonal orientation, e.g. ``"RAS"`` or ``"LPI"``.
+
+    Letter ``d`` is the world direction array axis ``d`` points to (R/L, A/P, S/I). The suite's
+    one orientation rule (:func:`closest_axes`): the reorientation to RAS in preprocessing, the
+    data check and the grid descriptions in messages all use it, so they agree on oblique scans.
+    """
+    perm, signs = closest_axes(affine)
+    pos, neg = "RAS", "LPI"
+    return "".join(pos[w] if s > 0 else neg[w] for w, s in zip(perm, signs))
+
+
+def closest_axes(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """World axis (0 R, 1 A, 2 S) and sign of every array axis: the assignment (a permutation)
+    that maximises the summed |cosine| between array axes and world axes."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(a, axis=0)
+    if np.any(norms < 1e-12):
+        raise ValueError("affine has a zero-length axis")
+    r = a / norms
+    best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(r[p[j], j]) for j in range(3)))
+    signs = tuple(1 if r[best[j], j] >= 0 else -1 for j in range(3))
+    return tuple(best), signs  # type: ignore[return-value]

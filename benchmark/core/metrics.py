@@ -34,6 +34,7 @@ __all__ = [
     "hd95_per_label",
     "hd95",
     "jacobian_determinant",
+    "displacement_jacobian",
     "fold_pct",
     "sdlogj",
     "sdlogj_l2r",
@@ -348,6 +349,29 @@ def _gradient(u: Array, axis: int, h: float) -> Array:
     return g
 
 
+def displacement_jacobian(disp: torch.Tensor, identity: bool = True) -> torch.Tensor:
+    """``I + ∇u`` (``identity=False``: ``∇u``) of a batch of fields, by the finite differences of
+    :func:`jacobian_determinant` (central inside, one-sided at the borders), in voxel units.
+
+    The suite's one finite-difference Jacobian as a matrix field (SyN's inverse, the synthetic
+    data's preimage solver); differentiable, on the input's device and dtype.
+
+    Args:
+        disp: ``(B, ndim, *spatial)`` tensor, voxels.
+
+    Returns:
+        ``(B, ndim * ndim, *spatial)``; channel ``i * ndim + j`` is ``δ_ij + ∂u_i/∂x_j``
+        (without ``δ_ij`` when ``identity`` is False).
+    """
+    nd = disp.shape[1]
+    rows = []
+    for i in range(nd):
+        for j in range(nd):
+            g = _gradient(disp[:, i], 1 + j, 1.0)
+            rows.append(g + 1.0 if identity and i == j else g)
+    return torch.stack(rows, dim=1)
+
+
 def _det_from_gradients(g: list[Array]) -> Array:
     """``det(I + G)`` with ``g[j][i] = ∂u_i/∂x_j``; modifies ``g``."""
     nd = len(g)
@@ -410,10 +434,6 @@ def jacobian_determinant(disp: ArrayLike, spacing: Sequence[float] | None = None
     return torch.from_numpy(out)
 
 
-def _jac_tensor(jacdet: ArrayLike) -> torch.Tensor:
-    return _as_tensor(jacdet)
-
-
 def _masked_values(x: torch.Tensor, mask: ArrayLike | None) -> torch.Tensor:
     m = _mask_tensor(mask, x.shape, x.device)
     return x.reshape(-1) if m is None else x[m]
@@ -426,7 +446,7 @@ def fold_pct(jacdet: ArrayLike, mask: ArrayLike | None = None) -> float:
         jacdet: ``(*spatial)`` determinants (:func:`jacobian_determinant`).
         mask: optional ``(*spatial)`` boolean/0-1 mask.
     """
-    v = _masked_values(_jac_tensor(jacdet), mask)
+    v = _masked_values(_as_tensor(jacdet), mask)
     if v.numel() == 0:
         return float("nan")
     return float((v <= 0).sum().item()) * 100.0 / v.numel()
@@ -437,7 +457,7 @@ def sdlogj(jacdet: ArrayLike, mask: ArrayLike | None = None, eps: float = 1e-9) 
 
     Folded voxels (``det <= 0``) enter at ``log(eps)``, so a folding field gets a large value.
     """
-    v = _masked_values(_jac_tensor(jacdet), mask).double()
+    v = _masked_values(_as_tensor(jacdet), mask).double()
     if v.numel() == 0:
         return float("nan")
     return float(torch.log(v.clamp(eps, 1e9)).std(unbiased=False).item())
@@ -453,7 +473,7 @@ def sdlogj_l2r(jacdet: ArrayLike, mask: ArrayLike | None = None) -> float:
     compresses the spread (roughly ``std(J)/4`` for J near 1) and lets folds (J <= 0) through
     without hitting the clip. Reported under its own name; :func:`sdlogj` is the plain one.
     """
-    j = _jac_tensor(jacdet)
+    j = _as_tensor(jacdet)
     crop = tuple(slice(2, -2) for _ in range(j.dim()))
     jc = j[crop]
     m = None

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from benchmark.core.io import atomic_write_text
+from benchmark.core.io import atomic_write_text, plain
 
 __all__ = [
     "ID_COLUMNS",
@@ -78,7 +78,7 @@ class PartialCaseLog:
         the torn fragment stays a line of its own (skipped by :func:`read_partial_records`)
         and this record is not glued onto it.
         """
-        line = json.dumps(_plain(record), allow_nan=True)
+        line = json.dumps(plain(record), allow_nan=True)
         with open(self.path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
             lead = b""
@@ -115,19 +115,6 @@ def read_partial_records(exp_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if hasattr(v, "item") and callable(v.item):
-        try:
-            return v.item()
-        except (ValueError, RuntimeError):
-            return v.tolist()
-    return v
-
-
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -144,7 +131,7 @@ def write_cases_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]], 
 
     Missing values (None, NaN) are written as empty cells.
     """
-    recs = sorted((_plain(r) for r in records), key=lambda r: str(r.get(sort_by, "")))
+    recs = sorted((plain(r) for r in records), key=lambda r: str(r.get(sort_by, "")))
     base = POSE_CASE_COLUMNS if any("mtre_mm" in r for r in recs) else CASE_COLUMNS
     extra = sorted({k for r in recs for k in r} - set(base))
     cols = base + extra

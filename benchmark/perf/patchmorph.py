@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmark.core.io import atomic_write_text
 from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
 __all__ = ["SIZES", "measure_training", "measure_inference", "format_perf_patchmorph", "main_perf_patchmorph"]
@@ -163,10 +164,7 @@ def main_perf_patchmorph(args: argparse.Namespace) -> dict[str, Any]:
     print(text)
     out = getattr(args, "out", None)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(out) + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(res, indent=2))
         print(f"wrote {out}")
     return res
 
