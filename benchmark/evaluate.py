@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmark.core import metrics
+from benchmark.core import metrics, registry
 from benchmark.core.io import (
     GRID_ATOL_MM,
     DataError,
@@ -165,7 +165,8 @@ def evaluate_files(
     """Evaluate a displacement file; returns the metrics dict (JSON-ready).
 
     Keys: ``dice``, ``dice_per_label``, ``hd95``, ``hd95_per_label``, ``tre`` (None without
-    landmarks), ``fold_pct``, ``sdlogj``, ``sdlogj_l2r``, ``ndv_pct``, plus ``labels``,
+    landmarks), ``fold_pct``, ``sdlogj``, ``sdlogj_l2r``, ``ndv_pct``, every registered
+    deformable metric with a ``compute`` (:mod:`benchmark.core.registry`), plus ``labels``,
     ``shape``, ``spacing_mm``, ``n_landmarks``, ``field_resampled`` (and
     ``field_outside_pct`` when it was).
 
@@ -334,16 +335,12 @@ def _fmt(v) -> str:
 
 
 def format_table(res: dict) -> str:
-    """Readable two-column table of the summary metrics and per-label Dice."""
-    rows = [
-        ("Dice (mean)", res.get("dice")),
-        ("HD95 (mm)" if not res.get("hd95_voxel") else "HD95 (vox)", res.get("hd95")),
-        ("TRE (mm)", res.get("tre")),
-        ("fold %", res.get("fold_pct")),
-        ("SDlogJ", res.get("sdlogj")),
-        ("SDlogJ (Learn2Reg)", res.get("sdlogj_l2r")),
-        ("NDV %", res.get("ndv_pct")),
-    ]
+    """Readable two-column table of the summary metrics (the registry's entries with a
+    ``label``) and per-label Dice."""
+    rows = []
+    for m in registry.evaluate_rows("deformable"):
+        label = m.label.replace("(mm)", "(vox)") if m.key == "hd95" and res.get("hd95_voxel") else m.label
+        rows.append((label, res.get(m.key)))
     width = max(len(r[0]) for r in rows)
     lines = [f"{k:<{width}}  {_fmt(v)}" for k, v in rows]
     per = res.get("dice_per_label") or {}

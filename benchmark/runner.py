@@ -157,10 +157,20 @@ def import_class(class_path: str, where: str) -> type:
     return cls
 
 
+def require_data_protocol(dm: Any, where: str) -> None:
+    """Refuse a data module that does not implement :class:`datamodules.base.RegistrationData`
+    (what the runner, the results writer and the test loop use), naming the config block."""
+    from datamodules.base import protocol_problems
+
+    problems = protocol_problems(dm)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
 def initial_system(dm: Any) -> Any:
     """The ``initial`` row's system of a data module: the class its ``initial_system`` names
     (e.g. 2D/3D: the starting pose, unchanged), else :class:`systems.base.NoRegistration`."""
-    path = getattr(dm, "initial_system", None)
+    path = dm.initial_system
     if path is None:
         from systems.base import NoRegistration
 
@@ -512,15 +522,22 @@ def _make_callback_base():
 class ResultsWriter(_make_callback_base()):
     """Writes every finished test case as it completes, and ``cases.csv`` at the end.
 
+    It receives what the system's ``test_step`` returns (:class:`systems.base.TestOutput`:
+    the batch's records and the registration's estimate) through Lightning's
+    ``on_test_batch_end`` and sets nothing on the system. It reads the data module through
+    its declared protocol (:class:`datamodules.base.RegistrationData`): ``case_ids``,
+    ``export_fields``, ``field_record`` and ``task`` (the ``cases.csv`` columns).
+
     Each rank appends its records to ``<exp_dir>/partial/cases.rank<r>.jsonl`` (fsynced per
     case). At the end of the test loop all ranks meet at a barrier and rank 0 merges every
     partial record, from this attempt and earlier ones, into ``cases.csv`` (atomic).
 
     It also keeps what the report needs: ``panel.npz``, the qualitative panel of the first
     test case (the same case for every method of a dataset; written by the rank that holds
-    it), and, when the data module sets ``export_fields = True`` (data without labels, e.g.
-    LUMIR's hidden test labels), every displacement field in Learn2Reg format under
-    ``fields/disp_{fixed_id}_{moving_id}.nii.gz`` for the official evaluation.
+    it, from the system's ``panel_arrays``), and, when the data module sets
+    ``export_fields = True`` (data without labels, e.g. LUMIR's hidden test labels), every
+    displacement field in Learn2Reg format under ``fields/disp_{fixed_id}_{moving_id}.nii.gz``
+    for the official evaluation.
 
     Args:
         exp_dir: the experiment folder.
@@ -533,29 +550,29 @@ class ResultsWriter(_make_callback_base()):
         self.ids = dict(ids or {})
         self.computed = 0
         self._log = None
+        self._dm: Any = None
+        self.panel_case: str | None = None
 
     def on_test_start(self, trainer, pl_module) -> None:
         from benchmark.core.results import PartialCaseLog
 
         self._log = PartialCaseLog(self.exp_dir, trainer.global_rank)
         self.computed = 0
+        self._dm = trainer.datamodule  # None when the test loop was given bare loaders
+        ids = self._dm.case_ids("test") if self._dm is not None else []
+        self.panel_case = str(ids[0]) if ids and not (self.exp_dir / "panel.npz").exists() else None
 
-        def sink(rec: dict[str, Any]) -> None:
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Fields (when exported), the panel case, then the records (what a resumed run trusts)."""
+        estimate = outputs["estimate"]
+        if self._dm is not None and self._dm.export_fields:
+            self._save_fields(batch, estimate)
+        for b, rec in enumerate(outputs["records"]):
+            if self.panel_case is not None and rec["case_id"] == self.panel_case:
+                self._save_panel(self.panel_case, pl_module.panel_arrays(batch, estimate, b, rec))
             with critical():  # a SIGTERM waits until the finished case is on disk
                 self._log.append({**self.ids, **rec})
                 self.computed += 1
-
-        pl_module.record_sink = sink
-        dm = getattr(trainer, "datamodule", None)
-        if hasattr(pl_module, "panel_sink"):
-            ids = dm.case_ids("test") if dm is not None and hasattr(dm, "case_ids") else []
-            if ids and not (self.exp_dir / "panel.npz").exists():
-                pl_module.panel_case = str(ids[0])
-                pl_module.panel_sink = self._save_panel
-        if hasattr(pl_module, "field_sink") and dm is not None and getattr(dm, "export_fields", False):
-            pl_module.field_sink = self._save_fields
-            # The data module's record of each field's grids (written beside it as JSON).
-            self._field_record = getattr(dm, "field_record", None)
 
     def _save_panel(self, case_id: str, arrays: dict[str, Any]) -> None:
         import numpy as np
@@ -570,20 +587,18 @@ class ResultsWriter(_make_callback_base()):
             name = f"disp_{batch['fixed_id'][b]}_{batch['moving_id'][b]}.nii.gz"
             affine = batch["fixed_affine"][b].detach().cpu().numpy() if "fixed_affine" in batch else None
             path = write_displacement(self.exp_dir / "fields" / name, disp[b].detach().float().cpu().numpy(), affine)
-            record = getattr(self, "_field_record", None)
-            if callable(record):
+            # The data module's record of each field's grids (written beside it as JSON).
+            record = self._dm.field_record(batch, b)
+            if record is not None:
                 from benchmark.core.io import field_sidecar_path
 
-                atomic_write_json(field_sidecar_path(path), record(batch, b))
+                atomic_write_json(field_sidecar_path(path), record)
 
     def on_test_end(self, trainer, pl_module) -> None:
-        pl_module.record_sink = None
-        for attr in ("panel_sink", "field_sink", "panel_case"):
-            if hasattr(pl_module, attr):
-                setattr(pl_module, attr, None)
         trainer.strategy.barrier("regbench-results")
         if trainer.is_global_zero:
-            write_cases_csv(self.exp_dir / "cases.csv", read_partial_records(self.exp_dir))
+            task = self._dm.task if self._dm is not None else None  # None: inferred from the records (legacy)
+            write_cases_csv(self.exp_dir / "cases.csv", read_partial_records(self.exp_dir), task=task)
 
 
 # --------------------------------------------------------------------------------------
@@ -772,6 +787,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
 
     L.seed_everything(exp.seed, workers=True, verbose=False)
     dm = exp.dataset.build()
+    require_data_protocol(dm, f"datasets.{exp.dataset.name}")
     if exp.method is not None:
         system = exp.method.build()
     else:
@@ -781,6 +797,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
         "dataset": exp.dataset.name,
         "method": exp.method_name,
         "seed": exp.seed,
+        "task": dm.task,
         "config": resolved,
         "config_hash": chash,
         "config_file": str(Path(cfg.path).resolve()),
@@ -857,17 +874,16 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
         # ---- test: only the cases not yet recorded
         done = read_partial_records(exp_dir)
         done_ids = {str(r["case_id"]) for r in done}
-        if hasattr(dm, "skip_cases"):
-            dm.skip_cases = set(done_ids)
+        dm.skip_cases = set(done_ids)
         writer = ResultsWriter(exp_dir, {"dataset": exp.dataset.name, "method": exp.method_name, "seed": exp.seed})
         test_kw = {k: v for k, v in kw.items() if k not in ("max_steps", "max_epochs", "min_steps", "min_epochs", "max_time",
                                                             "val_check_interval", "check_val_every_n_epoch")}
         trainer = L.Trainer(**{**test_kw, "logger": loggers or False, "callbacks": [writer], "enable_checkpointing": False})
         dev = trainer.strategy.root_device
         trainer.test(system, datamodule=dm, verbose=False)
-        expected = dm.case_ids("test") if hasattr(dm, "case_ids") else None
+        expected = dm.case_ids("test")
         records = read_partial_records(exp_dir)
-        complete = expected is None or records_complete(records, expected)
+        complete = records_complete(records, expected)
         run.update(device_description(dev))
         run["world_size"] = trainer.world_size
         run["warmup_runtime_s"] = list(system.warmup_seconds)
@@ -876,7 +892,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
             run["fit"]["registration_s_median"] = run["registration_s_median"]
         run["attempts"].append({"started": run["started"], "cases_resumed": len(done_ids),
                                 "cases_computed": len(records) - len(done_ids), "seconds": time.perf_counter() - t_start})
-        run["cases_total"] = len(expected) if expected is not None else len(records)
+        run["cases_total"] = len(expected)
         run["status"] = "complete" if complete else "incomplete"
         if not complete:
             missing = sorted(set(expected) - {str(r["case_id"]) for r in records})

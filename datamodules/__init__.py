@@ -1,6 +1,6 @@
 """LightningDataModules of image pairs (batches follow :mod:`datamodules.batch`)."""
 
-from datamodules.base import PairDataModule, UnpaddedDistributedSampler
+from datamodules.base import CheckLine, PairDataModule, RegistrationData, RegistrationDataModule, UnpaddedDistributedSampler
 from datamodules.batch import collate_pairs, validate_batch
 from datamodules.synthetic import SyntheticBrainGenerator
 from datamodules.synthetic_brain import SyntheticBrainDataModule
@@ -11,6 +11,9 @@ from datamodules.lumir import LUMIRDataModule
 from datamodules.spine import SpineDRRDataModule
 
 __all__ = [
+    "RegistrationData",
+    "RegistrationDataModule",
+    "CheckLine",
     "PairDataModule",
     "UnpaddedDistributedSampler",
     "collate_pairs",

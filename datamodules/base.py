@@ -1,4 +1,14 @@
-"""What every registration data module shares: exact evaluation splits under DDP, resume.
+"""What every registration data module shares: the declared protocol, exact evaluation
+splits under DDP, resume.
+
+* :class:`RegistrationData` (a ``typing.Protocol``) lists exactly what the runner, the
+  systems' test loop, the results writer and ``regbench data check`` use of a data module:
+  ``name``, ``task`` (``"deformable"`` or ``"pose"``: which metric family scores it, see
+  :mod:`benchmark.core.registry`), ``initial_system``, ``export_fields``, ``skip_cases``,
+  ``label_ids``, ``case_ids(stage)``, ``field_record(batch, b)``, ``check_inputs()`` and
+  ``check()`` (the data check: a list of :class:`CheckLine`). :class:`RegistrationDataModule` implements it with
+  defaults; every data module of the suite derives from it (the pair modules through
+  :class:`PairDataModule`, the 2D/3D spine module directly).
 
 * Test and validation cases are split over ranks **without padding** (Lightning's default
   ``DistributedSampler`` repeats cases to even out the ranks, which would count them
@@ -13,7 +23,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import dataclasses
+from typing import Any, ClassVar, Iterator, Mapping, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -21,9 +32,139 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from benchmark.core.io import DataError
 from datamodules.batch import collate_pairs
 
-__all__ = ["UnpaddedDistributedSampler", "RandomPairSampler", "PairDataModule", "dist_rank_world"]
+__all__ = [
+    "CheckLine",
+    "RegistrationData",
+    "RegistrationDataModule",
+    "protocol_problems",
+    "UnpaddedDistributedSampler",
+    "RandomPairSampler",
+    "PairDataModule",
+    "dist_rank_world",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckLine:
+    """One line of a data check: a ``summary`` entry (``text`` is the key, ``value`` a
+    JSON-able value), a ``note`` (reported, not a problem) or a ``problem`` (the check fails);
+    notes and problems name their file first."""
+
+    kind: str
+    text: str
+    value: Any = None
+
+    @classmethod
+    def summary(cls, key: str, value: Any) -> "CheckLine":
+        return cls("summary", key, value)
+
+    @classmethod
+    def note(cls, text: str) -> "CheckLine":
+        return cls("note", text)
+
+    @classmethod
+    def problem(cls, text: str) -> "CheckLine":
+        return cls("problem", text)
+
+
+@runtime_checkable
+class RegistrationData(Protocol):
+    """What the runner, the test loop and ``regbench data check`` need of a data module
+    (besides Lightning's loaders); :class:`RegistrationDataModule` gives the defaults."""
+
+    #: dataset name (folder of its results).
+    name: str
+    #: metric family that scores it: ``"deformable"`` or ``"pose"`` (written to ``run.json``).
+    task: str
+    #: class path of the ``initial`` row's system; ``None``: no registration (zero field).
+    initial_system: str | None
+    #: the results writer exports every test displacement field (Learn2Reg layout).
+    export_fields: bool
+    #: case ids already finished (set by the runner on resume), left out of the test loader.
+    skip_cases: set[str]
+
+    @property
+    def label_ids(self) -> list[int]:
+        """The label ids scored by Dice / HD95 (``[]`` when the data has none to score)."""
+        ...
+
+    def case_ids(self, stage: str = "test") -> list[str]:
+        """The fixed, ordered case ids of ``stage`` (``"val"`` or ``"test"``)."""
+        ...
+
+    def field_record(self, batch: Mapping[str, Any], b: int) -> dict[str, Any] | None:
+        """The JSON record written beside exported field ``b`` of a batch (``None``: none)."""
+        ...
+
+    def check_inputs(self) -> None:
+        """Raise :class:`benchmark.core.io.DataError` when the inputs are missing or unreadable
+        (cheap: reads no volume; the runner calls it when it loads a config)."""
+        ...
+
+    def check(self, resample_labels: bool = False, headers_only: bool = False) -> list[CheckLine]:
+        """Read the data the way the module will and report on it (``regbench data check``)."""
+        ...
+
+
+#: The members of :class:`RegistrationData` (for :func:`protocol_problems`).
+PROTOCOL_MEMBERS = ("name", "task", "initial_system", "export_fields", "skip_cases", "label_ids", "case_ids",
+                    "field_record", "check_inputs", "check")
+
+
+def protocol_problems(dm: Any) -> list[str]:
+    """What keeps ``dm`` from implementing :class:`RegistrationData` (empty: nothing)."""
+    from benchmark.core.registry import TASKS
+
+    cls = type(dm)
+    missing = [m for m in PROTOCOL_MEMBERS if not any(m in vars(k) for k in cls.__mro__) and m not in vars(dm)]
+    out = [f"{cls.__name__} lacks {', '.join(missing)} (see datamodules.base.RegistrationData; "
+           "derive from datamodules.base.RegistrationDataModule for the defaults)"] if missing else []
+    task = getattr(dm, "task", None) if "task" not in missing else None
+    if "task" not in missing and task not in TASKS:
+        out.append(f"{cls.__name__}.task is {task!r}; declare one of {', '.join(TASKS)}")
+    return out
+
+
+class RegistrationDataModule(L.LightningDataModule):
+    """Base of every data module: :class:`RegistrationData` with its defaults (a deformable
+    dataset, no-registration ``initial`` row, no field export, no field record, the data
+    check of :meth:`check_inputs`)."""
+
+    name: str = "data"
+    task: ClassVar[str] = "deformable"
+    initial_system: str | None = None
+    export_fields: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: case ids already finished (set by the runner on resume); left out of the test loader.
+        self.skip_cases: set[str] = set()
+
+    @property
+    def label_ids(self) -> list[int]:
+        return []
+
+    def case_ids(self, stage: str = "test") -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} must define case_ids(stage)")
+
+    def check_inputs(self) -> None:
+        """Check that the inputs exist and are readable, without loading them (override)."""
+
+    def field_record(self, batch: Mapping[str, Any], b: int) -> dict[str, Any] | None:
+        return None
+
+    def check(self, resample_labels: bool = False, headers_only: bool = False) -> list[CheckLine]:
+        """The default data check: :meth:`check_inputs` (a :class:`DataError` is the problem)
+        and the task; data modules that read files override it with a full report."""
+        lines = [CheckLine.summary("task", self.task)]
+        try:
+            self.check_inputs()
+        except DataError as exc:
+            lines.append(CheckLine.problem(str(exc)))
+        return lines
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -108,7 +249,7 @@ class RandomPairSampler(DistributedSampler):
         return self.num_samples
 
 
-class PairDataModule(L.LightningDataModule):
+class PairDataModule(RegistrationDataModule):
     """Base for data modules of image pairs.
 
     Subclasses implement ``pair_dataset(stage)`` returning a map-style dataset of samples
@@ -124,11 +265,6 @@ class PairDataModule(L.LightningDataModule):
     #: collate function of every loader (the real-data modules use a copy-free one).
     collate_fn: Any = staticmethod(collate_pairs)
 
-    def __init__(self) -> None:
-        super().__init__()
-        #: case ids already finished (set by the runner on resume); left out of the test loader.
-        self.skip_cases: set[str] = set()
-
     # -- to implement
     def pair_dataset(self, stage: str) -> Dataset:
         raise NotImplementedError(f"{type(self).__name__} must define pair_dataset(stage) returning a dataset with case_ids")
@@ -138,9 +274,6 @@ class PairDataModule(L.LightningDataModule):
         raise NotImplementedError(f"{type(self).__name__} must define label_ids (the labels scored by Dice)")
 
     # -- shared
-    def check_inputs(self) -> None:
-        """Check that the inputs exist and are readable, without loading them (override)."""
-
     def case_ids(self, stage: str = "test") -> list[str]:
         """The fixed, ordered list of case ids of ``stage`` ("val" or "test")."""
         if not getattr(self, "_setup_done", False):

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from benchmark.core.io import DataError
+from datamodules.base import CheckLine
+from datamodules.check import DataCheck, check_pairs, check_subjects
 from datamodules.real_base import RealPairDataModule, SubjectFiles, nifti_stem
 
 __all__ = ["LUMIRDataModule", "read_lumir_json", "lumir_id"]
@@ -167,6 +169,36 @@ class LUMIRDataModule(RealPairDataModule):
             else:
                 raise DataError(self.landmarks_dir / image.name, f"landmark file of {image.name} missing")
         return SubjectFiles(lumir_id(image), image, seg, lm)
+
+    def check(self, resample_labels: bool = False, headers_only: bool = False) -> list[CheckLine]:
+        """``regbench data check``: ``LUMIR_dataset.json`` (malformed entries, missing files),
+        every listed image (labels and landmarks for the validation images when their folders
+        are given) and the validation pairs (see :mod:`datamodules.check`)."""
+        report = DataCheck(self.root)
+        report.summary["task"] = self.task
+        try:
+            train, val, problems = read_lumir_json(self.root)
+            report.problems.extend(problems)
+            report.summary["training_images"] = len(train)
+            report.summary["validation_pairs"] = len(val)
+            subs = []
+            for p in dict.fromkeys([*train, *(q for pr in val for q in pr)]):
+                if not p.is_file():
+                    continue
+                in_val = any(p in pr for pr in val)
+                try:
+                    subs.append(self._subject(p) if in_val else SubjectFiles(p.name, p))
+                except DataError as exc:
+                    report.problems.append(str(exc))
+                    subs.append(SubjectFiles(p.name, p))
+            report.summary["subjects"] = len(subs)
+            grid = check_subjects(subs, report, resample_labels, (), headers_only, self.loader.landmark_units)
+            by_path = {s.image: s for s in subs}
+            check_pairs(report, "test", [(by_path[f], by_path[m]) for f, m in val if f in by_path and m in by_path],
+                        grid, self.preprocess_config.shape)
+        except DataError as exc:
+            report.problems.append(str(exc))
+        return report.lines()
 
     def discover(self) -> dict[str, list[SubjectFiles]]:
         for d in (self.labels_dir, self.landmarks_dir):

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from benchmark.core.io import DataError
+from datamodules.base import CheckLine
+from datamodules.check import DataCheck, check_pairs, check_subjects
 from datamodules.real_base import RealPairDataModule, SubjectFiles, all_ordered_pairs, seeded_subset
 
 __all__ = [
@@ -164,6 +167,37 @@ class MindBoggle101DataModule(RealPairDataModule):
         self.max_subjects = max_subjects
         self._label_ids: list[int] | None = None
         self.save_hyperparameters()
+
+    def check(self, resample_labels: bool = False, headers_only: bool = False) -> list[CheckLine]:
+        """``regbench data check``: every subject folder of the release (problems for missing
+        label files, unreadable or corrupt volumes, notes for stray labels), the cohort splits
+        and their pairs (see :mod:`datamodules.check`)."""
+        report = DataCheck(self.root)
+        report.summary["task"] = self.task
+        try:
+            subs, problems = find_mindboggle_subjects(self.root, self.space, self.label_set)
+            report.problems.extend(problems)
+            report.summary["subjects"] = len(subs)
+            report.summary["cohorts"] = dict(Counter(s.group for s in subs))
+            grid = check_subjects(subs, report, resample_labels, STRAY_LABELS, headers_only, self.loader.landmark_units)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    self.check_inputs()
+                except DataError as exc:
+                    report.problems.append(str(exc))
+                    return report.lines()
+            for split in ("train", "val", "test"):
+                report.summary.setdefault("split_subjects", {})[split] = len(self.subjects[split])
+                if split != "train":
+                    sl = self.subjects[split]
+                    check_pairs(report, split, [(sl[a], sl[b]) for a, b in self.eval_pairs(split)], grid,
+                                self.preprocess_config.shape)
+            n = len(self.subjects["train"])
+            report.summary["pairs"]["train (random, of)"] = n * (n - 1)
+        except DataError as exc:
+            report.problems.append(str(exc))
+        return report.lines()
 
     def discover(self) -> dict[str, list[SubjectFiles]]:
         subs, problems = find_mindboggle_subjects(self.root, self.space, self.label_set)

@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 
 from benchmark.core.io import DataError
+from datamodules.base import CheckLine
+from datamodules.check import DataCheck, check_pairs, check_subjects
 from datamodules.real_base import RealPairDataModule, SubjectFiles, all_ordered_pairs, is_nifti, nifti_stem, seeded_subset
 
 __all__ = ["NiftiPairsDataModule", "find_nifti_subjects", "read_pairs_csv"]
@@ -196,6 +198,37 @@ class NiftiPairsDataModule(RealPairDataModule):
         self._label_ids = None if label_ids is None else [int(v) for v in label_ids]
         self._pairs: dict[str, list[tuple[int, int]]] = {}
         self.save_hyperparameters()
+
+    def check(self, resample_labels: bool = False, headers_only: bool = False) -> list[CheckLine]:
+        """``regbench data check``: every image of the folder (a missing label file where the
+        others have one is a problem), and the validation and test pairs (see
+        :mod:`datamodules.check`)."""
+        report = DataCheck(self.root)
+        report.summary["task"] = self.task
+        try:
+            subs = find_nifti_subjects(self.root, self.images, self.label_suffix, self.labels_dir,
+                                       self.landmark_suffix, self.landmarks_dir)
+            report.summary["subjects"] = len(subs)
+            with_seg = [s for s in subs if s.seg is not None]
+            report.summary["with_labels"] = len(with_seg)
+            if with_seg and len(with_seg) != len(subs):
+                for s in subs:
+                    if s.seg is None:
+                        report.problems.append(f"{s.image}: no label file (the other images have one)")
+            grid = check_subjects(subs, report, resample_labels, (), headers_only, self.loader.landmark_units)
+            try:
+                self.check_inputs()
+            except DataError as exc:
+                if str(exc) not in report.problems and not (with_seg and len(with_seg) != len(subs)):
+                    report.problems.append(str(exc))
+                return report.lines()
+            for split in ("val", "test"):
+                sl = self.subjects[split]
+                check_pairs(report, split, [(sl[a], sl[b]) for a, b in self.eval_pairs(split)], grid,
+                            self.preprocess_config.shape)
+        except DataError as exc:
+            report.problems.append(str(exc))
+        return report.lines()
 
     def discover(self) -> dict[str, list[SubjectFiles]]:
         subs = find_nifti_subjects(self.root, self.images, self.label_suffix, self.labels_dir,

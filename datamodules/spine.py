@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -64,8 +63,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from benchmark.core.drr import CArmGeometry, hu_to_mu, normalise_xray, reference_transform, render_pose
-from benchmark.core.io import DataError
-from datamodules.base import UnpaddedDistributedSampler
+from benchmark.core.io import DataError, load_volume
+from datamodules.base import CheckLine, RegistrationDataModule, UnpaddedDistributedSampler
+from datamodules.real_base import guarded
 from datamodules.synthetic_spine import label_centroids, make_spine_ct
 
 __all__ = ["SpineCT", "SpineDRRDataModule", "collate_pose", "domain_randomise", "sample_poses",
@@ -239,7 +239,7 @@ class _TrainDataset(Dataset):
                               randomise=dm.domain_randomization)
 
 
-class SpineDRRDataModule(L.LightningDataModule):
+class SpineDRRDataModule(RegistrationDataModule):
     """Spine CT / DRR pose data for 2D/3D registration.
 
     Args:
@@ -272,6 +272,8 @@ class SpineDRRDataModule(L.LightningDataModule):
     """
 
     name = "spine"
+    #: 2D/3D pose registration: scored by the registry's pose metrics (mTRE, success, ...).
+    task = "pose"
     #: class path of the ``initial`` row's system (the runner builds it): the starting pose, unchanged.
     initial_system = "systems.pose_base.InitialPose"
 
@@ -331,8 +333,6 @@ class SpineDRRDataModule(L.LightningDataModule):
         self.seed = int(seed)
         if min(self.poses_per_ct, self.n_test_cts if self.root is None else 1) < 1:
             raise ValueError("poses_per_ct and n_test_cts must be >= 1")
-        #: case ids already finished (set by the runner on resume); left out of the test loader.
-        self.skip_cases: set[str] = set()
         self._cts: dict[str, list[SpineCT]] | None = None
         self._datasets: dict[str, Dataset] = {}
 
@@ -395,6 +395,62 @@ class SpineDRRDataModule(L.LightningDataModule):
                     raise DataError(lab, f"expected a 3D label map, got shape {limg.shape}")
             if ctd is not None:
                 self._read_ctd(ctd, img.affine)
+
+    def check(self, resample_labels: bool = False, headers_only: bool = False) -> list[CheckLine]:
+        """``regbench data check`` of a spine CT folder, read the way :meth:`_load` reads it.
+
+        Problems: no CTs, unreadable or non-3D CTs and label maps, empty label maps, named
+        ``vertebra_labels`` absent from a map, unreadable centroid JSON, CTs without
+        landmarks, unknown ``test_ids``. Notes: maps whose every id would become a landmark
+        although they hold more than :data:`MAX_AUTO_VERTEBRAE` labels (a multi-organ map?),
+        and a split that trains and tests on the same CT. Synthetic data (no ``root``): the
+        default check. (``resample_labels`` / ``headers_only`` do not apply.)
+        """
+        if self.root is None:
+            return super().check()
+        import nibabel as nib
+
+        lines = [CheckLine.summary("task", self.task)]
+        try:
+            items = self._folder_items()
+        except (DataError, ValueError) as exc:
+            return lines + [CheckLine.problem(str(exc))]
+        lines.append(CheckLine.summary("cts", len(items)))
+        per_ct: dict[str, int] = {}
+        for cid, ct, lab, ctd in items:
+            try:
+                img = nib.load(str(ct))
+                if len(img.shape) != 3:
+                    raise DataError(ct, f"expected a 3D CT, got shape {img.shape}")
+                n = 0
+                if lab is not None:
+                    lvol = guarded(lab, load_volume, dtype=np.int64)
+                    found = [int(v) for v in np.unique(lvol.data) if v != 0]
+                    if not found:
+                        raise DataError(lab, "the label map is empty (no vertebra labels)")
+                    ids, note = vertebra_ids_of(found, self.vertebra_labels, lab)
+                    if note:
+                        lines.append(CheckLine.note(note))
+                    n = len(ids)
+                elif ctd is not None:
+                    n = len(self._read_ctd(ctd, np.asarray(img.affine)))
+                if n == 0:
+                    lines.append(CheckLine.problem(f"{ct}: no landmarks (mTRE needs them; add {cid}_vertebrae.nii.gz labels "
+                                                   f"or {cid}_ctd.json centroids)"))
+                per_ct[cid] = n
+            except DataError as exc:
+                lines.append(CheckLine.problem(str(exc)))
+        lines.append(CheckLine.summary("landmarks_per_ct", per_ct))
+        try:
+            train, test = self.split_ids([i[0] for i in items])
+            lines += [CheckLine.summary("train_cts", train), CheckLine.summary("test_cts", test)]
+            shared = sorted(set(train) & set(test))
+            if shared:
+                lines.append(CheckLine.note(f"{self.root}: training and testing share CT(s) {shared}: test poses are "
+                                            "rendered from a CT the method trained on (add CTs, or list test_ids)"))
+        except DataError as exc:
+            lines.append(CheckLine.problem(str(exc)))
+        return lines
 
     @staticmethod
     def _read_ctd(path: Path, affine: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmark.core import registry
 from leaderboard import stats
 from leaderboard.table import case_means, num
 
@@ -62,7 +63,8 @@ __all__ = [
 ]
 
 #: metric -> (title, higher is better)
-ABLATION_METRICS: dict[str, tuple[str, bool]] = {"dice": ("Dice", True), "epe_mm": ("EPE mm", False)}
+ABLATION_METRICS: dict[str, tuple[str, bool]] = {
+    k: (registry.metric(k).title, registry.metric(k).higher_is_better) for k in ("dice", "epe_mm")}
 ALPHA = 0.05
 N_BOOT = 2000
 BOOT_SEED = 0

@@ -27,10 +27,11 @@ reproduce theirs. ``mannwhitneyu`` would add a tie correction and exact small-sa
 p-values; it tests the same hypothesis and is more powerful with many ties (e.g. binary
 success), but would not give Learn2Reg's numbers.
 
-Metrics by dataset kind (:data:`RANK_METRICS`; ``a|b`` = the first of ``a``, ``b`` that
-the dataset has): deformable — Dice, robust Dice (``dice_robust30``), HD95, SDlogJ (else
-NDV), TRE; 2D/3D ("pose") — mTRE and success (< 10 mm); both add ``runtime_s`` for the
-``_rt`` score.
+Orientation (higher or lower is better) comes from the metric registry
+(:mod:`benchmark.core.registry`). Metrics by dataset kind (:data:`RANK_METRICS`; ``a|b`` =
+the first of ``a``, ``b`` that the dataset has): deformable — Dice, robust Dice
+(``dice_robust30``), HD95, SDlogJ (else NDV), TRE; 2D/3D ("pose") — mTRE and success
+(< 10 mm); both add ``runtime_s`` for the ``_rt`` score.
 
 Robust Dice (``dice_robust30``, Learn2Reg's "DSC30"): the (case, label) pairs whose Dice
 *before* registration (the ``initial`` row) is among the lowest 30 % are fixed once per
@@ -41,16 +42,15 @@ an ``initial`` row each method's own worst 30 % of cases enter.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as _st
 
+from benchmark.core import registry
+
 __all__ = [
-    "MetricDef",
-    "METRIC_DEFS",
     "RANK_METRICS",
     "RUNTIME_METRIC",
     "resolve_metrics",
@@ -64,38 +64,6 @@ __all__ = [
 
 ALPHA = 0.05
 
-
-@dataclasses.dataclass(frozen=True)
-class MetricDef:
-    """A metric as tables and rankings see it."""
-
-    key: str
-    title: str
-    higher_is_better: bool
-    digits: int = 3
-
-
-METRIC_DEFS: dict[str, MetricDef] = {
-    m.key: m
-    for m in [
-        MetricDef("dice", "Dice", True, 3),
-        MetricDef("dice_robust30", "Dice30 (robust)", True, 3),
-        MetricDef("hd95", "HD95 mm", False, 2),
-        MetricDef("tre", "TRE mm", False, 2),
-        MetricDef("epe_mm", "EPE mm", False, 2),
-        MetricDef("epe_p90_mm", "EPE p90 mm", False, 2),
-        MetricDef("fold_pct", "fold %", False, 4),
-        MetricDef("sdlogj", "SDlogJ", False, 4),
-        MetricDef("ndv_pct", "NDV %", False, 4),
-        MetricDef("runtime_s", "runtime s", False, 3),
-        MetricDef("mtre_mm", "mTRE mm", False, 2),
-        MetricDef("ptre_mm", "pTRE mm", False, 2),
-        MetricDef("rot_err_deg", "rot. err deg", False, 2),
-        MetricDef("trans_err_mm", "trans. err mm", False, 2),
-        MetricDef("success_10mm", "success <10 mm", True, 3),
-        MetricDef("success_2mm", "success <2 mm", True, 3),
-    ]
-}
 
 #: Metrics of the rank score per dataset kind; ``a|b`` takes the first the dataset has.
 RANK_METRICS: dict[str, list[str]] = {
@@ -265,7 +233,7 @@ def rank_dataset(
         else:
             vals = case_values.get(key, {})
             samples = {m: list(vals.get(m, {}).values()) for m in methods}
-            hib = METRIC_DEFS[key].higher_is_better if key in METRIC_DEFS else True
+            hib = registry.metric(key).higher_is_better
         if not any(_clean(s).size for s in samples.values()):
             continue
         scores = rank_scores(samples, hib, alpha)

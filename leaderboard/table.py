@@ -19,9 +19,12 @@ on the cases both have (paired by ``case_id``; a case's value is its mean over s
 the p-values of one metric are Holm-corrected together. In the tables the best value is
 bold and ``*`` marks a method significantly different from the best (adjusted p < 0.05).
 
-A dataset whose cases carry ``mtre_mm`` is a 2D/3D ("pose") dataset: its table has mTRE
+A dataset's kind is the ``task`` its data module declares, recorded in each experiment's
+``run.json`` (results saved before that fall back to
+:func:`benchmark.core.registry.legacy_task`). A 2D/3D ("pose") dataset's table has mTRE
 percentiles (50/75/95), success rates (< 10 mm, < 2 mm), projected TRE, rotation and
-translation errors and runtime.
+translation errors and runtime. Titles, orientation, digits and the columns of every table
+come from the metric registry (:mod:`benchmark.core.registry`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from benchmark.core import registry
 from benchmark.core.results import experiment_dir, read_cases_csv
 from leaderboard import ranking, stats
 
@@ -55,13 +59,13 @@ __all__ = [
 ]
 
 INITIAL = "initial"
-#: metric column -> (title, higher is better): the deformable table (v1 columns, kept).
+#: metric column -> (title, higher is better): the deformable table of the built-in metrics
+#: (the leading columns of ``leaderboard.csv``; tables ask :func:`registry.table_metrics`).
 LEADERBOARD_METRICS: dict[str, tuple[str, bool]] = {
-    k: (ranking.METRIC_DEFS[k].title, ranking.METRIC_DEFS[k].higher_is_better)
-    for k in ("dice", "hd95", "tre", "epe_mm", "fold_pct", "sdlogj", "ndv_pct", "runtime_s")
+    k: (registry.metric(k).title, registry.metric(k).higher_is_better) for k in registry.table_metrics("deformable")
 }
 DEFORMABLE_METRICS = list(LEADERBOARD_METRICS)
-POSE_METRICS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s"]
+POSE_METRICS = registry.table_metrics("pose")
 DEFAULT_FORMATS = ("md", "csv", "html")
 ALL_FORMATS = ("md", "csv", "tex", "html")
 
@@ -218,10 +222,22 @@ def _has(rows: Iterable[dict[str, Any]], key: str) -> bool:
     return any(np.isfinite(num(r.get(key))) for r in rows)
 
 
-def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metrics: Sequence[str] | None = None) -> DatasetReport:
-    """Aggregate, rank and test one dataset's case rows (see the module docstring)."""
-    kind = "pose" if any("mtre_mm" in r for r in rows) else "deformable"
-    candidates = POSE_METRICS if kind == "pose" else DEFORMABLE_METRICS
+def dataset_task(root: str | Path, name: str, rows: Sequence[dict[str, Any]]) -> str:
+    """The task of a dataset: the ``task`` its experiments' ``run.json`` record (declared by
+    the data module), else, for results saved before that, :func:`registry.legacy_task`."""
+    for method, seed in sorted({(str(r["method"]), int(r["seed"])) for r in rows}):
+        task = _run_json(experiment_dir(root, name, method, seed)).get("task")
+        if task in registry.TASKS:
+            return str(task)
+    return registry.legacy_task(rows)
+
+
+def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metrics: Sequence[str] | None = None,
+                  kind: str | None = None) -> DatasetReport:
+    """Aggregate, rank and test one dataset's case rows (see the module docstring); ``kind``
+    is the dataset's task (default: :func:`dataset_task`)."""
+    kind = kind or dataset_task(root, name, rows)
+    candidates = registry.table_metrics(kind)
     metrics = [m for m in candidates if _has(rows, m)]
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -229,7 +245,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
     ranked = sorted(m for m in by_method if m != INITIAL)
 
     case_values: dict[str, dict[str, dict[str, float]]] = {}
-    for key in set(metrics) | {"dice"} | set(POSE_METRICS if kind == "pose" else []):
+    for key in set(metrics) | {"dice"} | set(candidates if kind == "pose" else []):
         case_values[key] = {m: case_means(rs, key) for m, rs in by_method.items()}
     per_label_cases: dict[str, dict[str, dict[str, float]]] = {}
     per_label: dict[str, dict[str, float]] = {}
@@ -249,7 +265,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
         per_seed: dict[int, dict[str, float]] = {s: {"n_cases": float(sum(1 for r in rs if int(r["seed"]) == s))} for s in seeds}
         for key in metrics:
             vals = [num(r.get(key)) for r in rs]
-            hib = ranking.METRIC_DEFS[key].higher_is_better
+            hib = registry.metric(key).higher_is_better
             s = stats.pooled_stats(vals)
             by_seed = {sd: [num(r.get(key)) for r in rs if int(r["seed"]) == sd] for sd in seeds}
             p50, p75, p95 = stats.percentiles(vals)
@@ -265,7 +281,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
     # Significance against the best, per metric, Holm over the ranked methods.
     best: dict[str, str] = {}
     for key in metrics:
-        hib = ranking.METRIC_DEFS[key].higher_is_better
+        hib = registry.metric(key).higher_is_better
         cands = [(summaries[m].stats[key]["mean"], m) for m in ranked if np.isfinite(summaries[m].stats[key]["mean"])]
         if not cands:
             continue
@@ -309,11 +325,11 @@ def build_report(root: str | Path, rank_metrics: Mapping[str, Sequence[str]] | N
         by_ds.setdefault(str(r["dataset"]), []).append(r)
     out = []
     for ds in sorted(by_ds):
-        kind = "pose" if any("mtre_mm" in r for r in by_ds[ds]) else "deformable"
+        kind = dataset_task(root, ds, by_ds[ds])
         spec = None
         if rank_metrics:
             spec = rank_metrics.get(ds) or rank_metrics.get(kind)
-        out.append(build_dataset(root, ds, by_ds[ds], spec))
+        out.append(build_dataset(root, ds, by_ds[ds], spec, kind))
     return Report(root, out, skipped)
 
 
@@ -324,7 +340,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def digits(key: str) -> int:
-    return ranking.METRIC_DEFS[key].digits if key in ranking.METRIC_DEFS else 3
+    return registry.metric(key).digits
 
 
 def column_best(ds: DatasetReport, values: Mapping[str, float], higher_is_better: bool) -> str | None:
@@ -336,18 +352,11 @@ def column_best(ds: DatasetReport, values: Mapping[str, float], higher_is_better
 
 
 def pose_columns() -> list[tuple[str, str, str, bool, int]]:
-    """The 2D/3D table: (column id, title, (metric, statistic) source, higher is better, digits)."""
-    return [
-        ("mtre_p50", "mTRE p50 mm", "mtre_mm:p50", False, 2),
-        ("mtre_p75", "mTRE p75 mm", "mtre_mm:p75", False, 2),
-        ("mtre_p95", "mTRE p95 mm", "mtre_mm:p95", False, 2),
-        ("success_10mm", "success <10 mm", "success_10mm:mean", True, 3),
-        ("success_2mm", "success <2 mm", "success_2mm:mean", True, 3),
-        ("ptre_mm", "pTRE mm", "ptre_mm:mean", False, 2),
-        ("rot_err_deg", "rot. err deg", "rot_err_deg:mean", False, 2),
-        ("trans_err_mm", "trans. err mm", "trans_err_mm:mean", False, 2),
-        ("runtime_s", "runtime s", "runtime_s:mean", False, 3),
-    ]
+    """The 2D/3D table: (column id, title, (metric, statistic) source, higher is better,
+    digits), one column per statistic in each registry entry's ``table``, sorted by
+    ``table_order`` (mTRE percentiles, success rates, then the means)."""
+    ms = sorted((m for m in registry.metrics_of("pose") if m.table), key=lambda m: m.table_order)
+    return [(f"{m.key}:{st}", m.column_title(st), f"{m.key}:{st}", m.higher_is_better, m.digits) for m in ms for st in m.table]
 
 
 def _src(ms: MethodSummary, src: str) -> float:
@@ -383,7 +392,7 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
                 cells.append(s)
             rows.append(cells)
     else:
-        head += [f"{ranking.METRIC_DEFS[k].title} ({'↑' if ranking.METRIC_DEFS[k].higher_is_better else '↓'})" for k in ds.metrics]
+        head += [f"{registry.metric(k).title} ({'↑' if registry.metric(k).higher_is_better else '↓'})" for k in ds.metrics]
         for ms in ds.methods:
             cells = [ms.method, str(ms.n_cases), str(ms.n_seeds)]
             for k in ds.metrics:
@@ -411,7 +420,7 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
 
 def robust_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     """Median and robustness value (mean of the 30 % worst cases) per metric."""
-    head = ["method"] + [f"{ranking.METRIC_DEFS[k].title}: median / worst 30 %" for k in ds.metrics]
+    head = ["method"] + [f"{registry.metric(k).title}: median / worst 30 %" for k in ds.metrics]
     rows = []
     for ms in ds.methods:
         rows.append([ms.method] + [f"{fmt(ms.stats[k]['median'], digits(k))} / {fmt(ms.stats[k]['robust30'], digits(k))}" for k in ds.metrics])
@@ -421,7 +430,7 @@ def robust_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
 def ranking_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     """Per-metric rank scores and their geometric means."""
     keys = ds.rank_metrics + [ranking.RUNTIME_METRIC]
-    head = ["method"] + [ranking.METRIC_DEFS[k].title for k in keys] + ["rank score", "with runtime"]
+    head = ["method"] + [registry.metric(k).title for k in keys] + ["rank score", "with runtime"]
     rows = []
     for ms in ds.methods:
         if ms.method == INITIAL:
@@ -432,7 +441,7 @@ def ranking_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
 
 def seed_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     """Per-seed means (one row per method and seed) and the std of the seed means."""
-    head = ["method", "seed", "cases"] + [ranking.METRIC_DEFS[k].title for k in ds.metrics]
+    head = ["method", "seed", "cases"] + [registry.metric(k).title for k in ds.metrics]
     rows = []
     for ms in ds.methods:
         if ms.n_seeds < 2:
@@ -444,16 +453,12 @@ def seed_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-#: Metrics of the paired-difference table (those the dataset has).
-PAIRED_METRICS = ("dice", "epe_mm", "tre", "hd95", "mtre_mm")
-
-
 def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     """Each ranked method against the best one, per metric: the mean paired difference over
     cases with its 95 % bootstrap CI, the Holm-corrected Wilcoxon p, and the verdict the test
     supports ("better" / "worse" / "not distinguishable"), so a gap inside the noise says so."""
-    keys = [k for k in PAIRED_METRICS if k in ds.metrics and k in ds.best]
-    head = ["method"] + [f"{ranking.METRIC_DEFS[k].title}: Δ vs {ds.best[k]} [95 % CI], p (Holm)" for k in keys]
+    keys = [k for k in registry.paired_metrics(ds.kind) if k in ds.metrics and k in ds.best]
+    head = ["method"] + [f"{registry.metric(k).title}: Δ vs {ds.best[k]} [95 % CI], p (Holm)" for k in keys]
     rows = []
     for ms in ds.methods:
         if ms.method == INITIAL or all(ms.method == ds.best[k] for k in keys):
@@ -465,7 +470,7 @@ def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
                 cells.append("best")
                 continue
             d = digits(k)
-            hib = ranking.METRIC_DEFS[k].higher_is_better
+            hib = registry.metric(k).higher_is_better
             if st.get("significant"):
                 verdict = "better" if (st["diff"] > 0) == hib else "worse"
             else:
@@ -540,8 +545,8 @@ def flat_rows(ds: DatasetReport) -> list[dict[str, Any]]:
         for k, st in ms.stats.items():
             for s in STAT_NAMES:
                 row[f"{k}_{s}"] = st.get(s, math.nan)
-            if ds.kind == "pose" and k == "mtre_mm":
-                for s in ("p50", "p75", "p95"):
+            for s in registry.metric(k).table:  # the percentiles a table shows (2D/3D mTRE)
+                if s not in STAT_NAMES:
                     row[f"{k}_{s}"] = st[s]
         row["rank_score"] = ms.ranks.get("rank_score", math.nan)
         row["rank_score_rt"] = ms.ranks.get("rank_score_rt", math.nan)

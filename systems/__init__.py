@@ -1,6 +1,6 @@
 """LightningModules: one per registration method (see :mod:`systems.base` for the interface)."""
 
-from systems.base import DivergenceError, NoRegistration, RegistrationSystem
+from systems.base import BenchmarkSystem, DivergenceError, NoRegistration, RegistrationSystem
 from systems.ants_reference import ANTsPyReference
 from systems.syn import SyN
 from systems.voxelmorph import VoxelMorph
@@ -11,5 +11,5 @@ from systems.pose_base import InitialPose, PoseSystem
 from systems.pose_baseline import CMAESPose, GradientPose
 from systems.cdreg import CDReg
 
-__all__ = ["RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet", "PatchMorph",
+__all__ = ["BenchmarkSystem", "RegistrationSystem", "NoRegistration", "DivergenceError", "VoxelMorph", "SyN", "ANTsPyReference", "MSFF", "DiffOpNet", "PatchMorph",
            "PoseSystem", "InitialPose", "CMAESPose", "GradientPose", "CDReg"]

@@ -1,16 +1,27 @@
-"""The interface every deformable registration method implements.
+"""The interface every registration method implements, and the one test loop.
 
-A system is a :class:`lightning.LightningModule` with
+:class:`BenchmarkSystem` is the base of every system, deformable and 2D/3D
+(:class:`systems.pose_base.PoseSystem`): it owns the test loop. ``test_step`` makes the
+untimed warm-up calls, times ``register`` alone under :func:`benchmark.core.timing.timed_call`,
+builds one record per case with ``case_records`` (every metric of the registry's family,
+:mod:`benchmark.core.registry`, plus runtime and memory) and **returns**
+:class:`TestOutput` ``{"records": [...], "estimate": <register's output>}``. The results
+writer (:class:`benchmark.runner.ResultsWriter`) receives it through Lightning's
+``on_test_batch_end`` (its ``outputs`` argument) and writes the records, the qualitative
+panel (:meth:`BenchmarkSystem.panel_arrays`) and the exported fields: nothing is set on the
+system from outside.
+
+A deformable system is a :class:`RegistrationSystem` with
 
 * ``register(batch) -> disp``: the registration call, ``(B, 3, *S)`` displacement in voxels
   of the fixed grid, pull convention (``warped = warp(moving, disp)``);
 * ``training_step`` when it learns (``learns = True``); iterative methods set
   ``learns = False`` and optimise inside ``register`` (gradients are enabled there even in
   the test loop);
-* a shared ``validation_step`` (Dice, fold %; logged, synced over ranks) and a shared
-  ``test_step`` that times ``register`` alone under :func:`benchmark.core.timing.timed_call`,
-  computes every metric with :func:`benchmark.core.metrics.deformable_metrics` and hands one
-  record per case to ``self.record_sink`` (the results writer callback).
+* a shared ``validation_step`` (Dice, fold %; logged, synced over ranks) and the shared
+  test loop above, its records computed with :func:`benchmark.core.metrics.deformable_metrics`
+  on the labels the data module declares (``label_ids``, datamodules/base.py
+  ``RegistrationData``).
 
 Batches follow :mod:`datamodules.batch`.
 """
@@ -18,18 +29,18 @@ Batches follow :mod:`datamodules.batch`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import lightning as L
 import numpy as np
 import torch
 
-from benchmark.core import metrics
+from benchmark.core import metrics, registry
 from benchmark.core.spatial import spacing_from_affine, warp
 from benchmark.core.timing import timed_call
 from systems.speed import CompileSpec, check_compile, compile_modules
 
-__all__ = ["RegistrationSystem", "DivergenceError", "NoRegistration", "checked_loss"]
+__all__ = ["BenchmarkSystem", "TestOutput", "RegistrationSystem", "DivergenceError", "NoRegistration", "checked_loss"]
 
 
 class DivergenceError(RuntimeError):
@@ -51,7 +62,104 @@ def checked_loss(module: L.LightningModule, loss: torch.Tensor, parts: dict[str,
     return loss
 
 
-class RegistrationSystem(L.LightningModule):
+class TestOutput(TypedDict):
+    """What ``test_step`` returns for one batch (Lightning hands it to the callbacks'
+    ``on_test_batch_end`` as ``outputs``)."""
+
+    #: one record per case of the batch (ids, the family's metrics, runtime_s, peak_mem_mb).
+    records: list[dict[str, Any]]
+    #: ``register``'s output for the batch: ``(B, ndim, *S)`` displacement or ``(B, 6)`` pose.
+    estimate: torch.Tensor
+
+
+class BenchmarkSystem(L.LightningModule):
+    """The base of every system: learning flag, search space, optimiser, training step and
+    the test loop (see the module docstring).
+
+    Subclasses define ``register(batch)``, ``training_loss(batch)`` when they learn,
+    ``case_records`` (the records of one batch) and ``panel_arrays`` (the report's panel).
+
+    Class attributes:
+        learns: whether ``fit`` trains it.
+        search_space: hyperparameter → Optuna distribution spec, for ``regbench sweep``.
+        batch_key: the batch entry whose first dimension is the batch size.
+        test_log_key: the record key whose batch mean is logged as ``test/<key>``.
+    """
+
+    learns: ClassVar[bool] = True
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    batch_key: ClassVar[str] = "fixed"
+    test_log_key: ClassVar[str] = "dice"
+
+    def __init__(self, lr: float = 1e-4, warmup_calls: int | None = None) -> None:
+        super().__init__()
+        self.lr = float(lr)
+        self.warmup_calls = (1 if self.learns else 0) if warmup_calls is None else int(warmup_calls)
+        #: Every record of the current test run (the progress bar shows the last one).
+        self.test_records: list[dict[str, Any]] = []
+        self.warmup_seconds: list[float] = []
+        self._warmed = False
+
+    # ---- the method -------------------------------------------------------------------
+    def register(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The registration call (deformable: displacement; 2D/3D: pose)."""
+        raise NotImplementedError(f"{type(self).__name__} must define register(batch)")
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, parts)`` for one training batch (learned methods)."""
+        raise NotImplementedError(f"{type(self).__name__} learns, so it must define training_loss(batch)")
+
+    def case_records(self, batch: dict[str, Any], estimate: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
+        """One record per case of a batch."""
+        raise NotImplementedError(f"{type(self).__name__} must define case_records")
+
+    def panel_arrays(self, batch: dict[str, Any], estimate: torch.Tensor, b: int,
+                     record: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The report's qualitative panel of case ``b`` (``kind`` says which panel)."""
+        raise NotImplementedError(f"{type(self).__name__} must define panel_arrays")
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+    def configure_optimizers(self):
+        if not any(p.requires_grad for p in self.parameters()):
+            return None
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.training_loss(batch)
+        return checked_loss(self, loss, parts, batch_size=batch[self.batch_key].shape[0])
+
+    def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``register`` with autograd usable by iterative methods, even inside eval loops."""
+        if self.learns:
+            with torch.no_grad():
+                return self.register(batch)
+        with torch.inference_mode(False), torch.enable_grad():
+            clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            return self.register(clean).detach()
+
+    def on_test_start(self) -> None:
+        self.test_records = []
+        self._warmed = False
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> TestOutput:
+        """Warm up (first batch), time ``register`` alone, score every case; returns the
+        records and the estimate (:class:`TestOutput`)."""
+        if not self._warmed:
+            for _ in range(self.warmup_calls):
+                _, st = timed_call(lambda: self._register_grad_ok(batch), self.device)
+                self.warmup_seconds.append(st.seconds)
+            self._warmed = True
+        estimate, stats = timed_call(lambda: self._register_grad_ok(batch), self.device)
+        bsz = estimate.shape[0]
+        records = self.case_records(batch, estimate, stats.seconds / bsz, stats.peak_mem_mb)
+        self.test_records.extend(records)
+        vals = [float(r.get(self.test_log_key, math.nan)) for r in records]
+        if not all(math.isnan(v) for v in vals):
+            self.log(f"test/{self.test_log_key}", float(np.nanmean(vals)), sync_dist=True, batch_size=bsz)
+        return TestOutput(records=records, estimate=estimate)
+
+
+class RegistrationSystem(BenchmarkSystem):
     """Base class of deformable registration systems.
 
     Args:
@@ -66,13 +174,8 @@ class RegistrationSystem(L.LightningModule):
             the model; ``True`` (inductor) or a backend name (:mod:`systems.speed`, which also
             says what stays float32 under ``precision: bf16-mixed`` / ``16-mixed``).
 
-    Class attributes:
-        learns: whether ``fit`` trains it.
-        search_space: hyperparameter → Optuna distribution spec, for ``regbench sweep``.
+    Class attributes: those of :class:`BenchmarkSystem`.
     """
-
-    learns: ClassVar[bool] = True
-    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(
         self,
@@ -83,34 +186,18 @@ class RegistrationSystem(L.LightningModule):
         compute_ndv: bool = True,
         compile: CompileSpec = False,
     ) -> None:
-        super().__init__()
+        super().__init__(lr=lr, warmup_calls=warmup_calls)
         self.compile_network: CompileSpec = check_compile(compile)
         self.lambda_ = float(lambda_)
-        self.lr = float(lr)
-        self.warmup_calls = (1 if self.learns else 0) if warmup_calls is None else int(warmup_calls)
         self.compute_hd95 = compute_hd95
         self.compute_ndv = compute_ndv
-        #: Called with each finished test-case record (set by the results writer).
-        self.record_sink: Callable[[dict[str, Any]], None] | None = None
-        #: Label ids for Dice/HD95 (set from the datamodule's ``label_ids`` at test time).
+        #: Label ids for Dice/HD95: the data module's declared ``label_ids``, read at test start.
         self.label_ids: list[int] | None = None
-        self.test_records: list[dict[str, Any]] = []
-        self.warmup_seconds: list[float] = []
-        self._warmed = False
-        #: Case whose qualitative panel the results writer wants, and where to send it.
-        self.panel_case: str | None = None
-        self.panel_sink: Callable[[str, dict[str, np.ndarray]], None] | None = None
-        #: Called with ``(batch, disp)`` for every test batch (Learn2Reg field export).
-        self.field_sink: Callable[[dict[str, Any], torch.Tensor], None] | None = None
 
     # ---- the method -------------------------------------------------------------------
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         """Register moving to fixed: ``(B, 3, *S)`` displacement, voxels, pull."""
         raise NotImplementedError(f"{type(self).__name__} must define register(batch) -> (B, ndim, *S) displacement")
-
-    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss, parts)`` for one training batch (learned methods)."""
-        raise NotImplementedError(f"{type(self).__name__} learns, so it must define training_loss(batch)")
 
     # ---- Lightning hooks ----------------------------------------------------------------
     def networks(self) -> list[torch.nn.Module]:
@@ -127,11 +214,6 @@ class RegistrationSystem(L.LightningModule):
         """Lightning hook (before fit / test): compile the networks when ``compile`` asks."""
         compile_modules(self.networks(), self.compile_network)
 
-    def configure_optimizers(self):
-        if not any(p.requires_grad for p in self.parameters()):
-            return None
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
     def configure_callbacks(self) -> list:
         """Lightning hook: progress as ``train step k/total`` over the whole fit and
         ``test case k/N`` (case id, Dice) in test, in place of Lightning's default bar (a
@@ -139,19 +221,6 @@ class RegistrationSystem(L.LightningModule):
         from benchmark.progress_bar import StepProgressBar, wants_step_bar
 
         return [StepProgressBar()] if self._trainer is not None and wants_step_bar(self.trainer) else []
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, parts = self.training_loss(batch)
-        return checked_loss(self, loss, parts, batch_size=batch["fixed"].shape[0])
-
-    def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``register`` with autograd usable by iterative methods, even inside eval loops."""
-        if self.learns:
-            with torch.no_grad():
-                return self.register(batch)
-        with torch.inference_mode(False), torch.enable_grad():
-            clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            return self.register(clean).detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         disp = self._register_grad_ok(batch)
@@ -164,44 +233,18 @@ class RegistrationSystem(L.LightningModule):
             dices = [metrics.dice(batch["fixed_seg"][b, 0], warped[b, 0], labels) for b in range(bs)]
             self.log("val/dice", float(np.nanmean(dices)), sync_dist=True, prog_bar=True, batch_size=bs)
 
-    def on_test_start(self) -> None:
-        self.test_records = []
-        self._warmed = False
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.label_ids is None and dm is not None and hasattr(dm, "label_ids"):
-            self.label_ids = list(dm.label_ids)
-
     def _labels(self) -> list[int]:
+        """The Dice/HD95 labels: ``label_ids`` when given, else the data module's declared
+        ``label_ids`` (its protocol member, datamodules/base.py ``RegistrationData``)."""
         if self.label_ids is None:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if dm is None or not hasattr(dm, "label_ids"):
-                raise RuntimeError("label ids unknown: the datamodule must expose `label_ids`")
-            self.label_ids = list(dm.label_ids)
+            dm = self.trainer.datamodule if self._trainer is not None else None
+            if dm is None:
+                raise RuntimeError("label ids unknown: test with a data module (it declares `label_ids`) or set label_ids")
+            self.label_ids = [int(v) for v in dm.label_ids]
         return self.label_ids
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if not self._warmed:
-            for _ in range(self.warmup_calls):
-                _, st = timed_call(lambda: self._register_grad_ok(batch), self.device)
-                self.warmup_seconds.append(st.seconds)
-            self._warmed = True
-        disp, stats = timed_call(lambda: self._register_grad_ok(batch), self.device)
-        bsz = disp.shape[0]
-        if self.field_sink is not None:
-            self.field_sink(batch, disp)
-        if self.panel_sink is not None and self.panel_case is not None:
-            for b in range(bsz):
-                if str(batch["case_id"][b]) == self.panel_case:
-                    self.panel_sink(self.panel_case, self.panel_arrays(batch, disp, b))
-        for rec in self.case_records(batch, disp, stats.seconds / bsz, stats.peak_mem_mb):
-            self.test_records.append(rec)
-            if self.record_sink is not None:
-                self.record_sink(rec)
-        dices = [r["dice"] for r in self.test_records[-bsz:]]
-        if not all(math.isnan(d) for d in dices):
-            self.log("test/dice", float(np.nanmean(dices)), sync_dist=True, batch_size=bsz)
-
-    def panel_arrays(self, batch: dict[str, Any], disp: torch.Tensor, b: int) -> dict[str, np.ndarray]:
+    def panel_arrays(self, batch: dict[str, Any], disp: torch.Tensor, b: int,
+                     record: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """What the report's qualitative panel shows for case ``b`` of a batch.
 
         For each view ``a`` in 0, 1, 2, the mid-slice orthogonal to array axis ``a``:
@@ -241,7 +284,8 @@ class RegistrationSystem(L.LightningModule):
         return out
 
     def case_records(self, batch: dict[str, Any], disp: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
-        """Every metric of the foundation for each case of a batch.
+        """Every deformable metric of the registry (:mod:`benchmark.core.registry`) for each
+        case of a batch, with runtime and memory.
 
         Unlabelled batches (no ``fixed_seg`` / ``moving_seg``) get NaN Dice and HD95; the
         metrics that need no labels (fold %, SDlogJ, NDV, TRE from landmarks) are computed.
@@ -272,9 +316,10 @@ class RegistrationSystem(L.LightningModule):
                 "fixed_id": str(batch["fixed_id"][b]),
                 "moving_id": str(batch["moving_id"][b]),
             }
-            for k in ("dice", "hd95", "tre", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "epe_mm", "epe_p90_mm"):
-                v = res.get(k)
-                rec[k] = math.nan if v is None else float(v)
+            for m in registry.metrics_of("deformable"):
+                if m.column and m.family == "deformable":
+                    v = res.get(m.key)
+                    rec[m.key] = math.nan if v is None else float(v)
             rec["runtime_s"] = float(runtime_s)
             rec["peak_mem_mb"] = float(peak_mem_mb)
             rec["dice_per_label"] = {str(k): v for k, v in res.get("dice_per_label", {}).items()}

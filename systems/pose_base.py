@@ -8,35 +8,34 @@ A pose system is a :class:`lightning.LightningModule` with
 * ``training_loss(batch)`` when it learns (``learns = True``); iterative methods set
   ``learns = False`` and optimise inside ``register`` (autograd enabled there even in the
   test loop);
-* a shared ``test_step`` that times ``register`` alone with :func:`benchmark.core.timing.timed_call`,
-  computes :func:`benchmark.core.metrics_pose.pose_metrics` and hands one record per case to
-  ``self.record_sink``: ``case_id, fixed_id, moving_id, mtre_mm, ptre_mm, rot_err_deg,
-  trans_err_mm, success_10mm, success_2mm, runtime_s, peak_mem_mb, mtre_initial_mm``;
-  for the case ``panel_case`` it calls ``panel_sink(case_id, arrays)`` with ``kind="pose"``,
-  ``xray``, ``drr_initial``, ``drr_final`` (H, W) and ``mtre_initial_mm``,
-  ``mtre_final_mm``.
+* the test loop of :class:`systems.base.BenchmarkSystem`: ``test_step`` times ``register``
+  alone with :func:`benchmark.core.timing.timed_call`, computes
+  :func:`benchmark.core.metrics_pose.pose_metrics` and returns one record per case:
+  ``case_id, fixed_id, moving_id, mtre_mm, ptre_mm, rot_err_deg, trans_err_mm,
+  success_10mm, success_2mm`` (the registry's 2D/3D metrics), ``runtime_s, peak_mem_mb,
+  mtre_initial_mm`` and the estimated pose; the results writer asks
+  :meth:`PoseSystem.panel_arrays` for the panel case: ``kind="pose"``, ``xray``,
+  ``drr_initial``, ``drr_final`` (H, W) and ``mtre_initial_mm``, ``mtre_final_mm``.
 
 Batches follow :mod:`datamodules.spine`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
 
 from benchmark.core.drr import CArmGeometry, normalise_xray, render_pose
 from benchmark.core.metrics_pose import pose_metrics
 from benchmark.core.results import POSE_ESTIMATE_COLUMNS
-from benchmark.core.timing import timed_call
-from systems.base import checked_loss
+from systems.base import BenchmarkSystem
 
 __all__ = ["PoseSystem", "InitialPose"]
 
 
-class PoseSystem(L.LightningModule):
+class PoseSystem(BenchmarkSystem):
     """Base class of 2D/3D pose registration systems.
 
     Args:
@@ -46,32 +45,17 @@ class PoseSystem(L.LightningModule):
             learned methods, 0 for iterative ones).
     """
 
-    learns: ClassVar[bool] = True
-    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    batch_key: ClassVar[str] = "xray"
+    test_log_key: ClassVar[str] = "mtre_mm"
 
     def __init__(self, lr: float = 1e-4, n_samples: int = 64, warmup_calls: int | None = None) -> None:
-        super().__init__()
-        self.lr = float(lr)
+        super().__init__(lr=lr, warmup_calls=warmup_calls)
         self.n_samples = int(n_samples)
-        self.warmup_calls = (1 if self.learns else 0) if warmup_calls is None else int(warmup_calls)
-        #: Called with each finished test-case record (set by the results writer).
-        self.record_sink: Callable[[dict[str, Any]], None] | None = None
-        #: Case whose panel arrays go to ``panel_sink`` (set by the results writer).
-        self.panel_case: str | None = None
-        self.panel_sink: Callable[[str, dict[str, np.ndarray]], None] | None = None
-        self.field_sink: Callable[[dict, torch.Tensor], None] | None = None
-        self.test_records: list[dict[str, Any]] = []
-        self.warmup_seconds: list[float] = []
-        self._warmed = False
 
     # ---- the method -------------------------------------------------------------------
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         """Estimate the pose: ``(B, 6)`` (rad, mm)."""
         raise NotImplementedError(f"{type(self).__name__} must define register(batch) -> (B, 6) pose")
-
-    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss, parts)`` for one training batch (learned methods)."""
-        raise NotImplementedError(f"{type(self).__name__} learns, so it must define training_loss(batch)")
 
     # ---- helpers ----------------------------------------------------------------------
     def drr(self, batch: dict[str, Any], pose: torch.Tensor, geometry: CArmGeometry | None = None,
@@ -82,15 +66,6 @@ class PoseSystem(L.LightningModule):
                            batch["base"].to(pose.device), geometry or batch["geometry"], n_samples or self.n_samples)
 
     # ---- Lightning hooks ----------------------------------------------------------------
-    def configure_optimizers(self):
-        if not any(p.requires_grad for p in self.parameters()):
-            return None
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, parts = self.training_loss(batch)
-        return checked_loss(self, loss, parts, batch_size=batch["xray"].shape[0])
-
     def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
         """``register`` with autograd usable (pose optimisation needs it even in eval loops)."""
         with torch.inference_mode(False), torch.enable_grad():
@@ -102,27 +77,6 @@ class PoseSystem(L.LightningModule):
         res = pose_metrics(pose, batch["pose_true"], batch["base"], batch["landmarks"], batch["geometry"])
         bs = pose.shape[0]
         self.log("val/mtre_mm", float(np.nanmean([r["mtre_mm"] for r in res])), sync_dist=True, prog_bar=True, batch_size=bs)
-
-    def on_test_start(self) -> None:
-        self.test_records = []
-        self._warmed = False
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if not self._warmed:
-            for _ in range(self.warmup_calls):
-                _, st = timed_call(lambda: self._register_grad_ok(batch), self.device)
-                self.warmup_seconds.append(st.seconds)
-            self._warmed = True
-        pose, stats = timed_call(lambda: self._register_grad_ok(batch), self.device)
-        bsz = pose.shape[0]
-        recs = self.case_records(batch, pose, stats.seconds / bsz, stats.peak_mem_mb)
-        for b, rec in enumerate(recs):
-            self.test_records.append(rec)
-            if self.record_sink is not None:
-                self.record_sink(rec)
-            if self.panel_sink is not None and self.panel_case is not None and rec["case_id"] == self.panel_case:
-                self.panel_sink(rec["case_id"], self.panel_arrays(batch, pose, b, rec))
-        self.log("test/mtre_mm", float(np.nanmean([r["mtre_mm"] for r in recs])), sync_dist=True, batch_size=bsz)
 
     def case_records(self, batch: dict[str, Any], pose: torch.Tensor, runtime_s: float, peak_mem_mb: float) -> list[dict[str, Any]]:
         """One record per case of the batch (metrics of :mod:`benchmark.core.metrics_pose`)."""
@@ -144,9 +98,15 @@ class PoseSystem(L.LightningModule):
             out.append(rec)
         return out
 
-    def panel_arrays(self, batch: dict[str, Any], pose: torch.Tensor, b: int, rec: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Figure arrays of case ``b``: X-ray, DRRs at the start and the estimate (float32)."""
+    def panel_arrays(self, batch: dict[str, Any], pose: torch.Tensor, b: int,
+                     rec: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Figure arrays of case ``b``: X-ray, DRRs at the start and the estimate (float32);
+        ``rec`` is the case's record (its initial and final mTRE; computed when not given)."""
         sub = {k: (v[b : b + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        if rec is None:
+            args = (sub["pose_true"], sub["base"], sub["landmarks"], sub["geometry"])
+            rec = {"mtre_initial_mm": pose_metrics(sub["pose_init"], *args)[0]["mtre_mm"],
+                   "mtre_mm": pose_metrics(pose[b : b + 1], *args)[0]["mtre_mm"]}
         with torch.no_grad():
             d0 = normalise_xray(self.drr(sub, sub["pose_init"].float()))[0, 0]
             d1 = normalise_xray(self.drr(sub, pose[b : b + 1].float().to(d0.device)))[0, 0]

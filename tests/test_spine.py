@@ -147,16 +147,25 @@ def test_pose_metrics_analytic() -> None:
     assert np.allclose(so3_exp(torch.zeros(3)), np.eye(3))
 
 
+class _Collect(L.Callback):
+    """The records ``test_step`` returns (Lightning's ``outputs``) and the first case's panel."""
+
+    def __init__(self, panel_case: str) -> None:
+        self.panel_case, self.recs, self.panels = panel_case, [], []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        for b, rec in enumerate(outputs["records"]):
+            self.recs.append(rec)
+            if rec["case_id"] == self.panel_case:
+                self.panels.append((rec["case_id"], pl_module.panel_arrays(batch, outputs["estimate"], b, rec)))
+
+
 def _run_test(system, dm) -> tuple[list[dict], list]:
-    recs: list[dict] = []
-    panels: list = []
-    system.record_sink = recs.append
-    system.panel_case = dm.case_ids()[0]
-    system.panel_sink = lambda cid, arrays: panels.append((cid, arrays))
+    got = _Collect(dm.case_ids()[0])
     tr = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   inference_mode=False, accelerator="cpu", devices=1)
+                   inference_mode=False, accelerator="cpu", devices=1, callbacks=[got])
     tr.test(system, datamodule=dm, verbose=False)
-    return recs, panels
+    return got.recs, got.panels
 
 
 def test_initial_and_baselines_records_and_improvement() -> None:

@@ -21,12 +21,15 @@ the robustness aggregate).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+
+from benchmark.core import registry
 
 __all__ = [
     "dice_per_label",
@@ -46,6 +49,7 @@ __all__ = [
     "tre_centroids_warped",
     "aggregate",
     "worst_fraction_mean",
+    "DeformableCase",
     "deformable_metrics",
 ]
 
@@ -868,6 +872,37 @@ def aggregate(values: Iterable[float | None], higher_is_better: bool) -> dict:
     }
 
 
+@dataclasses.dataclass
+class DeformableCase:
+    """The per-case inputs a registered metric's ``compute`` receives
+    (:mod:`benchmark.core.registry`), with the metrics computed so far in ``values``.
+
+    ``disp`` is the ``(ndim, *spatial)`` float tensor (voxels, pull); the others are the
+    arguments of :func:`deformable_metrics` (``None`` where the case lacks them; ``labels``
+    the resolved list); :attr:`jacdet` is computed once and shared.
+    """
+
+    disp: torch.Tensor
+    fixed_seg: ArrayLike | None = None
+    warped_seg: ArrayLike | None = None
+    labels: list[int] = dataclasses.field(default_factory=list)
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+    fixed_points: ArrayLike | None = None
+    moving_points: ArrayLike | None = None
+    moving_affine: ArrayLike | None = None
+    mask: ArrayLike | None = None
+    true_disp: ArrayLike | None = None
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _jac: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def jacdet(self) -> torch.Tensor:
+        """``det(I + ∇u)`` of the voxel field (:func:`jacobian_determinant`), computed once."""
+        if self._jac is None:
+            self._jac = jacobian_determinant(self.disp)
+        return self._jac
+
+
 def deformable_metrics(
     disp: ArrayLike,
     fixed_seg: ArrayLike | None = None,
@@ -902,7 +937,9 @@ def deformable_metrics(
 
     Returns:
         ``{"dice", "dice_per_label", "hd95", "hd95_per_label", "tre", "fold_pct", "sdlogj",
-        "sdlogj_l2r", "ndv_pct", "epe_mm", "epe_p90_mm"}``; plain floats (NaN allowed),
+        "sdlogj_l2r", "ndv_pct", "epe_mm", "epe_p90_mm"}``, plus every metric registered for
+        the deformable family with a ``compute`` function (:mod:`benchmark.core.registry`,
+        called with a :class:`DeformableCase`); plain floats (NaN allowed),
         per-label dicts ``{id: value}``.
         Metrics whose inputs are missing are ``None`` (Dice/HD95 without segmentations, TRE
         without landmarks), with empty per-label dicts. The Jacobian uses the voxel field
@@ -914,6 +951,7 @@ def deformable_metrics(
     if len(spacing) != nd and all(v == 1.0 for v in spacing):
         spacing = (1.0,) * nd  # the (1, 1, 1) default on a 2D field
     out: dict = {}
+    lab: list[int] = []
     if fixed_seg is not None and warped_seg is not None:
         for name, seg in (("fixed", fixed_seg), ("warped", warped_seg)):
             if tuple(seg.shape) != tuple(u.shape[1:]):
@@ -941,7 +979,9 @@ def deformable_metrics(
         out["tre"] = _nanmean(t)
     else:
         out["tre"] = None
-    jac = jacobian_determinant(u)
+    case = DeformableCase(u, fixed_seg, warped_seg, lab, spacing, fixed_points, moving_points, moving_affine, mask, true_disp,
+                          out)
+    jac = case.jacdet
     out["fold_pct"] = fold_pct(jac, mask)
     out["sdlogj"] = sdlogj(jac, mask)
     out["sdlogj_l2r"] = sdlogj_l2r(jac, mask)
@@ -952,4 +992,7 @@ def deformable_metrics(
         out["epe_mm"], out["epe_p90_mm"] = endpoint_error(u, true_disp, aff, region)
     else:
         out["epe_mm"] = out["epe_p90_mm"] = None
+    for m in registry.metrics_of("deformable", computed=True):
+        if m.family == "deformable":
+            out[m.key] = m.compute_fn()(case)
     return out

@@ -10,23 +10,42 @@ frame (:mod:`benchmark.core.drr`): ``T(θ) = P(θ) · B``.
   landmarks under the two poses.
 * ``rot_err_deg``: angle of ``R_estᵀ R_true``; ``trans_err_mm``: ``|t_est − t_true|`` (the
   isocentre's displacement).
-* ``success_10mm`` / ``success_2mm``: 1.0 when ``mtre_mm`` is below 10 / 2 mm, else 0.0.
+* ``success_10mm`` / ``success_2mm``: 1.0 when ``mtre_mm`` is below 10 / 2 mm, else 0.0
+  (their ``compute`` in the metric registry, :mod:`benchmark.core.registry`, which also
+  computes any other registered 2D/3D metric from a :class:`PoseCase`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from benchmark.core import registry
 from benchmark.core.drr import CArmGeometry, pose_transform, project_points
 from benchmark.core.se3 import rotation_angle
 
-__all__ = ["POSE_METRIC_KEYS", "pose_metrics", "aggregate_pose"]
+__all__ = ["POSE_METRIC_KEYS", "PoseCase", "pose_metrics", "aggregate_pose"]
 
-POSE_METRIC_KEYS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm"]
+#: The 2D/3D metrics of the registry (built-in ones, at import).
+POSE_METRIC_KEYS = [m.key for m in registry.metrics_of("pose") if m.family == "pose" and m.column]
+
+
+@dataclasses.dataclass
+class PoseCase:
+    """The per-case inputs a registered 2D/3D metric's ``compute`` receives: poses ``(6,)``
+    (float64, rad / mm), the reference placement ``(4, 4)``, the finite landmarks ``(N, 3)``
+    (CT world mm), the C-arm, and the metrics computed so far in ``values``."""
+
+    pose_est: torch.Tensor
+    pose_true: torch.Tensor
+    base: torch.Tensor
+    landmarks: torch.Tensor
+    geometry: CArmGeometry
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def pose_metrics(
@@ -45,7 +64,8 @@ def pose_metrics(
         geometry: the C-arm (for the projected error).
 
     Returns:
-        One dict per case with :data:`POSE_METRIC_KEYS` (NaN mTRE/pTRE if no landmark).
+        One dict per case with :data:`POSE_METRIC_KEYS` and every other registered 2D/3D
+        metric that has a ``compute`` (NaN mTRE/pTRE if no landmark).
     """
     est = pose_est.detach().to(torch.float64).cpu()
     tru = pose_true.detach().to(torch.float64).cpu()
@@ -62,19 +82,21 @@ def pose_metrics(
     d2 = ((project_points(safe, t_est, geometry) - project_points(safe, t_tru, geometry)) * spacing).norm(dim=-1)
     rot = torch.rad2deg(rotation_angle(est, tru))
     tr = (est[:, 3:] - tru[:, 3:]).norm(dim=-1)
+    own = [m for m in registry.metrics_of("pose", computed=True) if m.family == "pose"]
+    keys, computed = [m.key for m in own], [m.compute_fn() for m in own]
     out = []
     for k in range(est.shape[0]):
         n = int(valid[k].sum())
-        mtre = float(d3[k][valid[k]].mean()) if n else math.nan
-        ptre = float(d2[k][valid[k]].mean()) if n else math.nan
-        out.append({
-            "mtre_mm": mtre,
-            "ptre_mm": ptre,
+        values: dict[str, Any] = {
+            "mtre_mm": float(d3[k][valid[k]].mean()) if n else math.nan,
+            "ptre_mm": float(d2[k][valid[k]].mean()) if n else math.nan,
             "rot_err_deg": float(rot[k]),
             "trans_err_mm": float(tr[k]),
-            "success_10mm": float(mtre < 10.0) if n else math.nan,
-            "success_2mm": float(mtre < 2.0) if n else math.nan,
-        })
+        }
+        case = PoseCase(est[k], tru[k], b[k if b.shape[0] > 1 else 0], pts[k][valid[k]], geometry, values)
+        for m, fn in zip(keys, computed):
+            values[m] = fn(case)
+        out.append(values)
     return out
 
 

@@ -8,7 +8,8 @@ Layout::
         partial/           per-rank JSON-lines of finished cases while the test runs
                            (merged into cases.csv at the end; what a resumed run keeps)
 
-A case row carries every metric under the same name as ``regbench evaluate``'s JSON.
+A case row carries every metric under the same name as ``regbench evaluate``'s JSON; the
+metric columns of each task come from the metric registry (:mod:`benchmark.core.registry`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from benchmark.core import registry
 from benchmark.core.io import atomic_write_text, plain
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "POSE_METRIC_COLUMNS",
     "POSE_CASE_COLUMNS",
     "POSE_ESTIMATE_COLUMNS",
+    "case_columns",
     "experiment_dir",
     "PartialCaseLog",
     "read_partial_records",
@@ -40,18 +43,29 @@ __all__ = [
 ]
 
 ID_COLUMNS = ["dataset", "method", "seed", "case_id", "fixed_id", "moving_id"]
-#: Metric columns, named like `regbench evaluate`'s JSON keys, then runtime and memory.
-METRIC_COLUMNS = ["dice", "hd95", "tre", "epe_mm", "epe_p90_mm", "fold_pct", "sdlogj", "sdlogj_l2r", "ndv_pct", "runtime_s",
-                  "peak_mem_mb"]
-CASE_COLUMNS = ID_COLUMNS + METRIC_COLUMNS
-#: 2D/3D (pose) cases: mean target registration error (mm, 3D landmarks, true vs estimated
-#: pose), projected error on the detector (mm), rotation (degrees) and translation (mm)
-#: errors, success flags (mTRE < 10 mm, < 2 mm), runtime and memory.
-POSE_METRIC_COLUMNS = ["mtre_mm", "ptre_mm", "rot_err_deg", "trans_err_mm", "success_10mm", "success_2mm", "runtime_s", "peak_mem_mb"]
 #: The estimated pose of each 2D/3D case (rotation vector in rad, translation in mm, the
 #: parameters of :func:`benchmark.core.drr.pose_transform`), so a result can be re-rendered or re-scored.
 POSE_ESTIMATE_COLUMNS = ["est_rx_rad", "est_ry_rad", "est_rz_rad", "est_tx_mm", "est_ty_mm", "est_tz_mm"]
-POSE_CASE_COLUMNS = ID_COLUMNS + POSE_METRIC_COLUMNS + POSE_ESTIMATE_COLUMNS
+#: Fixed columns of a task after its metrics (before the extra keys, sorted).
+_TASK_TAIL = {"deformable": [], "pose": POSE_ESTIMATE_COLUMNS}
+
+
+def case_columns(task: str) -> list[str]:
+    """The leading ``cases.csv`` columns of a task: ids, the registry's metric columns of the
+    task (runtime and memory last), then, for 2D/3D, the estimated pose."""
+    return ID_COLUMNS + registry.metric_columns(task) + _TASK_TAIL[task]
+
+
+#: The columns of the built-in metrics at import (the registry may grow later; writers ask
+#: :func:`case_columns`). Deformable: named like `regbench evaluate`'s JSON keys, then
+#: runtime and memory.
+METRIC_COLUMNS = registry.metric_columns("deformable")
+CASE_COLUMNS = case_columns("deformable")
+#: 2D/3D (pose) cases: mean target registration error (mm, 3D landmarks, true vs estimated
+#: pose), projected error on the detector (mm), rotation (degrees) and translation (mm)
+#: errors, success flags (mTRE < 10 mm, < 2 mm), runtime and memory.
+POSE_METRIC_COLUMNS = registry.metric_columns("pose")
+POSE_CASE_COLUMNS = case_columns("pose")
 
 
 def experiment_dir(root: str | os.PathLike, dataset: str, method: str, seed: int) -> Path:
@@ -125,14 +139,16 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def write_cases_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]], sort_by: str = "case_id") -> Path:
-    """Write case records atomically; columns: :data:`CASE_COLUMNS` (deformable) or
-    :data:`POSE_CASE_COLUMNS` (records carrying ``mtre_mm``), then any extra keys sorted.
+def write_cases_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]], sort_by: str = "case_id",
+                    task: str | None = None) -> Path:
+    """Write case records atomically; columns: :func:`case_columns` of ``task`` (the data
+    module's declared ``task``; ``None``: :func:`benchmark.core.registry.legacy_task` of the
+    records), then any extra keys sorted.
 
     Missing values (None, NaN) are written as empty cells.
     """
     recs = sorted((plain(r) for r in records), key=lambda r: str(r.get(sort_by, "")))
-    base = POSE_CASE_COLUMNS if any("mtre_mm" in r for r in recs) else CASE_COLUMNS
+    base = case_columns(task or registry.legacy_task(recs))
     extra = sorted({k for r in recs for k in r} - set(base))
     cols = base + extra
     buf = io.StringIO()
@@ -169,8 +185,8 @@ def check_cases_csv(path: str | os.PathLike, expected_rows: int | None = None) -
     """Problems that make a ``cases.csv`` unfit for ranking, one line each (empty: fine).
 
     Checks: the file ends with a newline (a truncated copy usually does not), every row has
-    the header's number of cells, every cell of a metric column (:data:`METRIC_COLUMNS`,
-    :data:`POSE_METRIC_COLUMNS`) is empty or a number, and, when ``expected_rows`` is given
+    the header's number of cells, every cell of a metric column (the registry's columns of
+    every task) is empty or a number, and, when ``expected_rows`` is given
     (``cases_total`` of the experiment's ``run.json``), the row count matches.
     """
     p = Path(path)
@@ -189,7 +205,7 @@ def check_cases_csv(path: str | os.PathLike, expected_rows: int | None = None) -
         return [f"{p}: not a text CSV file"]
     rows = list(csv.reader(io.StringIO(text)))
     header, body = rows[0], [r for r in rows[1:] if r]
-    numeric = set(METRIC_COLUMNS) | set(POSE_METRIC_COLUMNS)
+    numeric = {k for task in registry.TASKS for k in registry.metric_columns(task)}
     for i, r in enumerate(body, start=2):
         if len(r) != len(header):
             problems.append(f"{p}: line {i} has {len(r)} cells, the header has {len(header)} (truncated?)")
