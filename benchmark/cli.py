@@ -7,7 +7,7 @@ Subcommands (``regbench --help`` lists them all):
   leaderboard  aggregate a results folder into tables and the HTML report
   data         dataset tools (``data check``)
   sweep        Optuna studies over a method's search space
-  perf         the performance harness
+  perf         the performance harness, one subcommand per target (``regbench perf systems --help``)
 
 Start-up: a subcommand's module is imported only when that subcommand runs, so
 ``regbench --help`` and ``regbench <cmd> --help`` never import torch (tested). Global
@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 #: name → (module whose ``add_cli_commands(sub)`` registers it, or None for this module;
 #: the one-line help shown by ``regbench --help`` without importing the module).
 COMMANDS: dict[str, tuple[str | None, str]] = {
-    "run": ("benchmark.runner", "run a grid of methods x datasets x seeds (resumable)"),
+    "run": (None, "run a grid of methods x datasets x seeds (resumable)"),
     "fit": (None, "train one experiment through LightningCLI (--model, --data, --trainer.*; see `regbench fit --help`)"),
     "test": (None, "test one experiment through LightningCLI (--ckpt_path, --model, --data)"),
     "validate": (None, "validate one experiment through LightningCLI"),
@@ -43,7 +43,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "data": ("benchmark.datacheck", "dataset tools (check a dataset folder)"),
     "sweep": ("sweeps.cli", "Optuna study over a method's search space (TPE / NSGA-II, pruning, many workers)"),
     "arc": ("benchmark.arc", "accuracy-regularity curves: each method at K log-spaced regularisation weights (resumable)"),
-    "perf": (None, "performance harness (JSON out)"),
+    "perf": ("benchmark.perf.cli", "performance harness, one subcommand per target (JSON out; `regbench perf TARGET --help`)"),
 }
 #: Subcommands handed to LightningCLI with the rest of the line untouched.
 LIGHTNING_COMMANDS = ("fit", "test", "validate")
@@ -80,44 +80,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_perf(args: argparse.Namespace) -> int:
-    if args.what == "metrics":
-        from benchmark.perf.metrics import main_perf_metrics
+def _cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.runner import cmd_run
 
-        main_perf_metrics(out=args.out, repeats=args.repeats, threads=args.threads)
-        return 0
-    if args.what == "data":
-        from benchmark.perf.data import main_perf_data
+    return cmd_run(args)
 
-        main_perf_data(args)
-        if args.out:  # perf_data writes it without saying so
-            print(f"wrote {args.out}")
-        return 0
-    if args.what == "patchmorph":
-        from benchmark.perf.patchmorph import main_perf_patchmorph
 
-        main_perf_patchmorph(args)
-        return 0
-    if args.what == "drr":
-        from benchmark.perf.drr import main_perf_drr
-
-        main_perf_drr(args)
-        return 0
-    if args.what == "gpu":
-        from benchmark.perf.gpu import main_perf_gpu
-
-        main_perf_gpu(args)
-        return 0
-    if args.what == "training":
-        from benchmark.perf.training import main_perf_training
-
-        main_perf_training(out=args.out, repeats=args.repeats, threads=args.threads or 2,
-                           peer_python=args.peer_python, loss=args.loss)
-        return 0
-    from benchmark.perf.systems import main_perf_systems
-
-    main_perf_systems(args)
-    return 0
+def _add_run(sub: Any) -> None:
+    """``regbench run``'s options, declared here so that ``regbench run --help`` does not import
+    the runner (which imports Lightning and torch)."""
+    r = sub.add_parser("run", help=COMMANDS["run"][1])
+    r.add_argument("config", help="grid YAML (see benchmark/configs/quickstart.yaml)")
+    r.add_argument("--output", help="results folder (default: the config's `output`, else results/<suite>)")
+    r.add_argument("--methods", help="comma-separated subset of the config's methods (and/or 'initial')")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. datasets.lumir.init_args.root=/data/LUMIR (repeatable; value read as YAML)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op and inter-op threads (default: torch's); recorded in run.json")
+    r.add_argument("--print_config", action="store_true",
+                   help="check the config, print it resolved (--set, ${VAR} and the defaults of its own keys applied) "
+                   "as YAML and exit; nothing runs")
+    r.set_defaults(func=_cmd_run)
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -146,25 +129,8 @@ def _add_evaluate(sub: Any) -> None:
     e.set_defaults(func=_cmd_evaluate)
 
 
-def _add_perf(sub: Any) -> None:
-    pf = sub.add_parser("perf", help=COMMANDS["perf"][1])
-    pf.add_argument("what", choices=["metrics", "systems", "training", "data", "drr", "patchmorph", "gpu"],
-                    help="metrics: core ops and metrics at 160x224x192; systems: SyN vs FireANTs/ANTs on the real pair, "
-                    "MSFF vs VoxelMorph training step; training: VoxelMorph training step vs the voxelmorph and MONAI "
-                    "packages; data: loading a 160x224x192 pair cold and with a warm cache; drr: DRR rendering vs DiffDRR; "
-                    "patchmorph: training memory at 64/128/192 cubed beside VoxelMorph, inference time vs patches; "
-                    "gpu: every learned system's training step (fp32/bf16/fp16/compiled), registration, loader rate and "
-                    "DDP scaling on CUDA (without CUDA it says so and exits 0; --device cpu checks the harness)")
-    pf.add_argument("--out", help="JSON output path")
-    pf.add_argument("--repeats", type=int, default=5)
-    pf.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    pf.add_argument("--pair-dir", default=None, help="real brain pair folder (systems; default ../shared/data/oasis_pair)")
-    pf.add_argument("--peer-python", default=None, help="python of a venv with the peers (fireants, voxelmorph, monai)")
-    pf.add_argument("--only", default=None, help="comma-separated subset of benchmarks (systems)")
-    pf.add_argument("--size", default=None, help="volume size X,Y,Z (systems --only msff; default 160,224,192)")
-    pf.add_argument("--device", default=None, help="torch device (systems --only msff; default cpu)")
-    pf.add_argument("--loss", default="mse", choices=["mse", "ncc"], help="training: similarity used side by side with the peers")
-    pf.set_defaults(func=_cmd_perf)
+#: Subcommands whose options this module declares itself.
+_OWN = {"run": _add_run, "evaluate": _add_evaluate}
 
 
 def _add_global_options(p: argparse.ArgumentParser) -> None:
@@ -201,10 +167,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if not _available(name):
             continue
         if only in (name, "*") and name not in LIGHTNING_COMMANDS:
-            if name == "evaluate":
-                _add_evaluate(sub)
-            elif name == "perf":
-                _add_perf(sub)
+            if name in _OWN:
+                _OWN[name](sub)
             else:
                 importlib.import_module(module).add_cli_commands(sub)
             registered.add(name)

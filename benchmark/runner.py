@@ -25,8 +25,11 @@ overridden on the command line: ``regbench run CONFIG --set datasets.lumir.init_
 (the value is read as YAML, so ``--set methods.voxelmorph.trainer.max_steps=50`` is an int).
 
 ``class_path`` / ``init_args`` blocks are LightningCLI's, so a block can be copied into a
-``regbench fit --config`` file and back. The whole config is checked (every key, every
-class, every init argument, every dataset path) before any work starts.
+``regbench fit --config`` file and back. The whole config is checked (every key's type and
+range, every class, every init argument against its class's signature, every dataset path)
+before any work starts, by ``jsonargparse`` (:mod:`benchmark.config`); a bad value is one
+line naming the file and the key. ``regbench run CONFIG --print_config`` prints the
+resolved config (defaults of its own keys filled in) and exits.
 
 Per experiment the runner fits (learned methods; checkpoints kept under ``ckpt/``), tests,
 and writes ``cases.csv`` and ``run.json`` (see :mod:`benchmark.core.results`). Finished cases
@@ -49,7 +52,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -58,9 +60,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmark.core.classpath import ClassPathError, import_object, resolve_alias
+from benchmark.config import (
+    BLOCK_KEYS,
+    ConfigError,
+    apply_overrides,
+    check_budget,
+    check_init_args,
+    check_trainer,
+    class_defaults,
+    dump_config,
+    expand_env,
+    read_config,
+    resolve_top,
+)
 from benchmark.core.io import DataError, atomic_path, atomic_write_json, replace_folder
 from benchmark.reliability import (
     ExperimentLock,
@@ -81,30 +94,7 @@ from benchmark.core.results import (
     write_cases_csv,
 )
 
-__all__ = ["ConfigError", "load_grid_config", "apply_overrides", "expand_env", "run_grid", "add_cli_commands", "lightning_cli_main", "ResultsWriter"]
-
-TOP_KEYS = {
-    "suite": "name of the suite",
-    "output": "results folder",
-    "seeds": "list of integer seeds",
-    "include_initial": "add the no-registration row per dataset",
-    "trainer": "lightning.Trainer arguments shared by all experiments",
-    "loggers": "list of: csv, tensorboard, wandb",
-    "wandb": "WandbLogger options (offline unless offline: false)",
-    "datasets": "name -> {class_path, init_args}",
-    "methods": "name -> {class_path, init_args, trainer, variants}",
-    "arc": "options of `regbench arc` (k, sdlogj_bound, per-method ranges); ignored by `regbench run`",
-    "budget": "training budget of every learned method: {max_steps, max_time_s} (a method's own budget overrides it)",
-    "checkpoint_every_n_steps": "training steps between resumable checkpoints (ckpt/last.ckpt; default 50)",
-}
-BLOCK_KEYS = {"class_path", "init_args", "trainer", "budget"}
-BUDGET_KEYS = ("max_steps", "max_time_s")
-KNOWN_LOGGERS = {"csv", "tensorboard", "wandb"}
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key."""
-
+__all__ = ["ConfigError", "check_grid_config", "print_config", "load_grid_config", "apply_overrides", "expand_env", "run_grid", "experiment_config", "config_hash", "cmd_run", "lightning_cli_main", "ResultsWriter"]
 
 # --------------------------------------------------------------------------------------
 # config
@@ -178,99 +168,8 @@ def initial_system(dm: Any) -> Any:
     return import_class(path, f"{type(dm).__name__}.initial_system")()
 
 
-def _check_init_args(cls: type, init_args: dict[str, Any], where: str) -> None:
-    sig = inspect.signature(cls.__init__)
-    params = {k: p for k, p in sig.parameters.items() if k != "self"}
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    for key in init_args:
-        if key not in allowed:
-            raise ConfigError(f"{where}.init_args.{key}: unknown argument of {cls.__name__} (allowed: {', '.join(sorted(allowed))})")
-
-
-def _check_trainer_args(trainer: dict[str, Any], where: str) -> None:
-    import lightning as L
-
-    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    for key in trainer:
-        if key not in allowed:
-            raise ConfigError(f"{where}.{key}: not a lightning.Trainer argument")
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_budget(raw: Any, where: str) -> dict[str, Any] | None:
-    """A ``budget`` block: ``{max_steps: int >= 1 | null, max_time_s: float > 0 | null}``."""
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with max_steps and/or max_time_s, got {type(raw).__name__}")
-    for key in raw:
-        if key not in BUDGET_KEYS:
-            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(BUDGET_KEYS)})")
-    steps, secs = raw.get("max_steps"), raw.get("max_time_s")
-    if steps is not None and (not _is_int(steps) or steps < 1):
-        raise ConfigError(f"{where}.max_steps: expected a positive integer (training steps) or null, got {steps!r}")
-    if secs is not None and (isinstance(secs, bool) or not isinstance(secs, (int, float)) or not math.isfinite(secs) or secs <= 0):
-        raise ConfigError(f"{where}.max_time_s: expected a positive number of seconds or null, got {secs!r}")
-    return {"max_steps": steps, "max_time_s": None if secs is None else float(secs)}
-
-
-def _check_trainer_values(trainer: dict[str, Any], where: str) -> None:
-    """Ranges of the trainer values that would otherwise fail (or silently do nothing) at run time."""
-
-    def bad(key: str, want: str) -> ConfigError:
-        return ConfigError(f"{where}.{key}: expected {want}, got {trainer[key]!r}")
-
-    for key in ("max_steps", "max_epochs"):
-        if key in trainer and trainer[key] is not None and (not _is_int(trainer[key]) or not (trainer[key] == -1 or trainer[key] >= 1)):
-            raise bad(key, "a positive integer (or -1 for no limit)")
-    for key in ("min_steps", "min_epochs"):
-        if key in trainer and trainer[key] is not None and (not _is_int(trainer[key]) or trainer[key] < 0):
-            raise bad(key, "an integer >= 0")
-    for key in ("num_nodes", "accumulate_grad_batches", "log_every_n_steps"):
-        if key in trainer and (not _is_int(trainer[key]) or trainer[key] < 1):
-            raise bad(key, "a positive integer")
-    if "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is not None and (
-            not _is_int(trainer["check_val_every_n_epoch"]) or trainer["check_val_every_n_epoch"] < 1):
-        raise bad("check_val_every_n_epoch", "a positive integer or null")
-    if "devices" in trainer:
-        d = trainer["devices"]
-        ok = (_is_int(d) and (d >= 1 or d == -1)) or d == "auto" \
-            or (isinstance(d, str) and re.fullmatch(r"\s*(-1|\d+\s*(,\s*\d+\s*)*,?)\s*", d) is not None and d.strip() not in ("0", "0,"))
-        ok = ok or (isinstance(d, list) and len(d) > 0 and all(_is_int(x) and x >= 0 for x in d))
-        if not ok:
-            raise bad("devices", "a positive integer, -1 (all), 'auto', or a list of device indices")
-    for key, lo_open in (("limit_train_batches", True), ("limit_test_batches", True), ("limit_val_batches", False)):
-        if key in trainer and trainer[key] is not None:
-            v = trainer[key]
-            if _is_int(v):
-                ok = v >= (1 if lo_open else 0)
-            elif isinstance(v, float):
-                ok = (0.0 < v <= 1.0) if lo_open else (0.0 <= v <= 1.0)
-            else:
-                ok = False
-            if not ok:
-                raise bad(key, "a batch count >= 1 or a fraction in (0, 1]" if lo_open else "a batch count >= 0 or a fraction in [0, 1]")
-    if "val_check_interval" in trainer and trainer["val_check_interval"] is not None:
-        v = trainer["val_check_interval"]
-        if not ((_is_int(v) and v >= 1) or (isinstance(v, float) and 0.0 < v <= 1.0)):
-            raise bad("val_check_interval", "a step count >= 1 or a fraction in (0, 1]")
-
-
-#: dataset arguments that count things: null or an integer >= 1 (num_workers: >= 0)
-_COUNT_ARG = re.compile(r"^(n_\w+|\w*_pairs|\w*_pairs_per_epoch|batch_size)$")
-
-
-def _check_dataset_values(init_args: dict[str, Any], where: str) -> None:
-    for key, v in init_args.items():
-        if _COUNT_ARG.match(key) and v is not None and (not _is_int(v) or v < 1):
-            raise ConfigError(f"{where}.init_args.{key}: expected a positive integer (or null), got {v!r}")
-        if key == "num_workers" and (not _is_int(v) or v < 0):
-            raise ConfigError(f"{where}.init_args.{key}: expected an integer >= 0, got {v!r}")
 
 
 def _check_budget_conflicts(blk: Block, top: dict[str, Any] | None, trainer: dict[str, Any]) -> None:
@@ -313,7 +212,8 @@ def apply_budget(trainer_kwargs: dict[str, Any], budget: dict[str, Any] | None) 
     return kw
 
 
-def _parse_block(name: str, raw: Any, where: str) -> Block:
+def _parse_block(name: str, raw: Any, where: str, dataset: bool = False) -> Block:
+    """One ``class_path`` block, checked against its class (:mod:`benchmark.config`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with class_path/init_args, got {type(raw).__name__}")
     for key in raw:
@@ -323,118 +223,41 @@ def _parse_block(name: str, raw: Any, where: str) -> Block:
         raise ConfigError(f"{where}.class_path: missing")
     cls = import_class(raw["class_path"], where)
     init_args = raw.get("init_args") or {}
-    if not isinstance(init_args, dict):
-        raise ConfigError(f"{where}.init_args: expected a mapping")
-    _check_init_args(cls, init_args, where)
-    trainer = raw.get("trainer") or {}
-    _check_trainer_args(trainer, f"{where}.trainer")
-    _check_trainer_values(trainer, f"{where}.trainer")
-    budget = _check_budget(raw.get("budget"), f"{where}.budget")
-    return Block(name, where, cls, dict(init_args), dict(trainer), raw, budget=budget)
+    check_init_args(cls, init_args, where, counts=dataset)
+    trainer = check_trainer(raw.get("trainer"), f"{where}.trainer")
+    budget = check_budget(raw.get("budget"), f"{where}.budget")
+    return Block(name, where, cls, dict(init_args), trainer, raw, budget=budget)
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+def check_grid_config(path: str | os.PathLike, output: str | None = None,
+                      overrides: list[str] | None = None) -> tuple[dict[str, Any], GridConfig]:
+    """Every check of a grid config that builds nothing (keys, types and ranges, classes and
+    their arguments, trainer arguments, variants, budgets); a :class:`ConfigError` names the
+    file and the key.
 
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides (value parsed as YAML) to a raw config mapping.
-
-    Intermediate mappings are created when missing; a key that runs into a non-mapping is
-    an error naming it.
-    """
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-        key, _, text = item.partition("=")
-        parts = [k for k in key.strip().split(".") if k]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: value is not valid YAML ({exc})") from exc
-        node = raw
-        for i, k in enumerate(parts[:-1]):
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
-            node = nxt
-        node[parts[-1]] = value
-    return raw
-
-
-def expand_env(value: Any, where: str = "") -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a config, recursively."""
-    if isinstance(value, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "${" not in value:
-        return value
-
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        got = os.environ.get(name)
-        if got is None or got == "":
-            if default is not None:
-                return default
-            raise ConfigError(f"{where}: environment variable {name} is not set "
-                              f"(export {name}=..., or pass --set {where}=VALUE)")
-        return got
-
-    return _ENV_REF.sub(sub, value)
-
-
-def load_grid_config(path: str | os.PathLike, output: str | None = None, overrides: list[str] | None = None) -> GridConfig:
-    """Read and fully check a grid config; raises :class:`ConfigError` naming the key.
-
-    ``overrides`` are ``dotted.key=value`` strings applied before environment variables
-    are expanded.
+    Returns:
+        ``(resolved, cfg)``: the config with the defaults of its own keys filled in (what
+        ``--print_config`` prints; it loads back to the same experiments and config hashes)
+        and the :class:`GridConfig`, whose data modules have not been built yet.
     """
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: config file not found")
-    if p.is_dir():
-        raise ConfigError(f"{p}: is a folder, not a config file (give the YAML file, e.g. benchmark/configs/quickstart.yaml)")
     try:
-        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a text file (expected a YAML grid config)") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
-    raw = expand_env(apply_overrides(raw, overrides))
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise ConfigError(f"{p}: unknown key {key!r} at the top level (allowed: {', '.join(sorted(TOP_KEYS))})")
-    for key in ("datasets", "methods"):
-        if not raw.get(key) or not isinstance(raw[key], dict):
-            raise ConfigError(f"{p}: {key!r} must be a non-empty mapping of name -> block")
-    suite = str(raw.get("suite") or p.stem)
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{p}: 'seeds' must be a list of integers")
-    trainer = raw.get("trainer") or {}
-    _check_trainer_args(trainer, "trainer")
-    _check_trainer_values(trainer, "trainer")
-    budget = _check_budget(raw.get("budget"), "budget")
-    ckpt_every = raw.get("checkpoint_every_n_steps", 50)
-    if not _is_int(ckpt_every) or ckpt_every < 1:
-        raise ConfigError(f"checkpoint_every_n_steps: expected a positive integer, got {ckpt_every!r}")
-    loggers = raw.get("loggers") or ["csv"]
-    for lg in loggers:
-        if lg not in KNOWN_LOGGERS:
-            raise ConfigError(f"loggers: unknown logger {lg!r} (allowed: {', '.join(sorted(KNOWN_LOGGERS))})")
-    datasets = {n: _parse_block(n, b, f"datasets.{n}") for n, b in raw["datasets"].items()}
+        return _check_grid_config(p, output, overrides)
+    except ConfigError as exc:
+        if str(exc).startswith(f"{p}:"):
+            raise
+        raise ConfigError(f"{p}: {exc}") from exc
+
+
+def _check_grid_config(p: Path, output: str | None, overrides: list[str] | None) -> tuple[dict[str, Any], GridConfig]:
+    top = resolve_top(read_config(p, overrides), p, output)
+    trainer = check_trainer(top["trainer"], "trainer")
+    budget = top["budget"]
+    datasets = {n: _parse_block(n, b, f"datasets.{n}", dataset=True) for n, b in top["datasets"].items()}
     from benchmark.variants import VariantError, expand_variants
 
     try:
-        raw_methods, origin = expand_variants(raw["methods"])
+        raw_methods, origin = expand_variants(top["methods"])
     except VariantError as exc:
         raise ConfigError(str(exc)) from exc
     methods = {n: _parse_block(n, b, f"methods.{origin[n][0]}.variants.{origin[n][1]}" if n in origin else f"methods.{n}")
@@ -446,12 +269,31 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None, overrid
     for name, blk in datasets.items():
         if blk.budget is not None:
             raise ConfigError(f"datasets.{name}.budget: a budget belongs to a method block (or the top level)")
-        _check_dataset_values(blk.init_args, f"datasets.{name}")
     for name, blk in methods.items():
         _check_budget_conflicts(blk, budget, trainer)
-    out = Path(output or raw.get("output") or Path("results") / suite)
-    cfg = GridConfig(str(p), suite, out, seeds, bool(raw.get("include_initial", True)), trainer, list(loggers),
-                     dict(raw.get("wandb") or {}), datasets, methods, budget=budget, checkpoint_every_n_steps=ckpt_every)
+    cfg = GridConfig(str(p), top["suite"], Path(top["output"]), top["seeds"], top["include_initial"], trainer, top["loggers"],
+                     top["wandb"], datasets, methods, budget=budget, checkpoint_every_n_steps=top["checkpoint_every_n_steps"])
+    return top, cfg
+
+
+def print_config(path: str | os.PathLike, output: str | None = None, overrides: list[str] | None = None) -> str:
+    """``--print_config``: the resolved config as YAML, after every check of
+    :func:`check_grid_config` (nothing is built or run), then each block's class defaults
+    that it does not set, as comments."""
+    resolved, cfg = check_grid_config(path, output, overrides)
+    blocks = [*cfg.datasets.values(), *(b for b in cfg.methods.values() if b.variant_of is None)]
+    return dump_config(resolved, {f"{b.where} ({b.raw['class_path']})": class_defaults(b.cls, b.init_args) for b in blocks})
+
+
+def load_grid_config(path: str | os.PathLike, output: str | None = None, overrides: list[str] | None = None) -> GridConfig:
+    """Read and fully check a grid config; raises :class:`ConfigError` naming the key.
+
+    ``overrides`` are ``dotted.key=value`` strings applied before environment variables
+    are expanded. The checks of :func:`check_grid_config` come first, then every data
+    module is built and checks its inputs, and every method is built.
+    """
+    _, cfg = check_grid_config(path, output, overrides)
+    datasets, methods = cfg.datasets, cfg.methods
     # Datasets check their inputs (paths, files) now, before any work.
     for name, blk in datasets.items():
         try:
@@ -687,6 +529,18 @@ def _resolved(cfg: GridConfig, exp: Experiment, trainer_kwargs: dict[str, Any]) 
     }
 
 
+def experiment_config(cfg: GridConfig, exp: Experiment) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(resolved, trainer_kwargs)`` of an experiment: its resolved config, which
+    :func:`config_hash` hashes (class arguments as the file writes them, the budget applied),
+    and its Trainer arguments."""
+    budget, overridden = effective_budget(cfg, exp.method)
+    trainer_kwargs = apply_budget({**cfg.trainer, **(exp.method.trainer if exp.method else {})}, budget)
+    resolved = _resolved(cfg, exp, trainer_kwargs)
+    if budget is not None:
+        resolved["budget"] = {**budget, "overridden": overridden}
+    return resolved, trainer_kwargs
+
+
 def lock_path(cfg: GridConfig, exp: Experiment) -> Path:
     """``<output>/.locks/<dataset>/<method>/seed<k>.lock`` (outside the experiment folder, which a
     redo swaps)."""
@@ -759,10 +613,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     final_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
     exp_dir = final_dir
     budget, overridden = effective_budget(cfg, exp.method)
-    trainer_kwargs = apply_budget({**cfg.trainer, **(exp.method.trainer if exp.method else {})}, budget)
-    resolved = _resolved(cfg, exp, trainer_kwargs)
-    if budget is not None:
-        resolved["budget"] = {**budget, "overridden": overridden}
+    resolved, trainer_kwargs = experiment_config(cfg, exp)
     chash = config_hash(resolved)
     prev = read_run_json(final_dir)
     replaces: str | None = None  # config hash of a complete result that this run recomputes aside
@@ -1070,7 +921,8 @@ def set_threads(n: int | None) -> None:
         pass
 
 
-def _cmd_run(args) -> int:
+def cmd_run(args) -> int:
+    """``regbench run`` (its options are declared in :mod:`benchmark.cli`)."""
     # `regbench --debug` is taken off the line by benchmark.cli before parsing
     debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
     threads = getattr(args, "threads", None)
@@ -1080,9 +932,14 @@ def _cmd_run(args) -> int:
     set_threads(threads)
     restore = install_signal_handlers()
     try:
+        if getattr(args, "print_config", False):  # check and print; nothing runs
+            sys.stdout.write(print_config(args.config, output=args.output, overrides=args.set))
+            return 0
         statuses = run_grid(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None,
                             overrides=args.set)
     except ConfigError as exc:
+        if debug:
+            raise
         print(f"regbench run: config error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
@@ -1118,18 +975,6 @@ def _cmd_run(args) -> int:
     if bad and is_rank_zero():
         print(f"regbench run: {len(bad)} experiment(s) did not complete: {bad}", file=sys.stderr)
     return 1 if bad else 0
-
-
-def add_cli_commands(sub) -> None:
-    r = sub.add_parser("run", help="run a grid of methods x datasets x seeds (resumable)")
-    r.add_argument("config", help="grid YAML (see benchmark/configs/quickstart.yaml)")
-    r.add_argument("--output", help="results folder (default: the config's `output`, else results/<suite>)")
-    r.add_argument("--methods", help="comma-separated subset of the config's methods (and/or 'initial')")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. datasets.lumir.init_args.root=/data/LUMIR (repeatable; value read as YAML)")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op and inter-op threads (default: torch's); recorded in run.json")
-    r.set_defaults(func=_cmd_run)
 
 
 def lightning_cli_main(argv: list[str]) -> int:

@@ -18,7 +18,8 @@ __all__ = ["add_cli_commands", "add_arguments", "main"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``regbench sweep`` on a parser."""
     p.add_argument("config", help="grid YAML whose dataset and method blocks the trials use")
-    p.add_argument("--method", required=True, help="method name in the config (its class declares `search_space`)")
+    p.add_argument("--method", default=None, help="method name in the config (its class declares `search_space`); "
+                   "required unless --print_config")
     p.add_argument("--dataset", default=None, help="dataset name in the config (default: the only one)")
     p.add_argument("--n-trials", type=int, default=20, help="finished trials wanted in the study, all workers together (20)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds (per worker)")
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampler seed (worker i: seed + i)")
     p.add_argument("--heartbeat", type=float, default=10.0,
                    help="seconds between trial heartbeats; a trial silent for twice that is failed and retried")
+    p.add_argument("--print_config", action="store_true",
+                   help="check the config, print it resolved (${VAR} and the defaults of its own keys applied) as YAML and exit")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-trials", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -55,6 +58,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     # `regbench --debug` is taken off the line by benchmark.cli before parsing
     debug = bool(getattr(args, "debug", False)) or "--debug" in sys.argv[1:]
     try:
+        if args.print_config:
+            from benchmark.runner import print_config
+
+            sys.stdout.write(print_config(args.config))
+            return 0
+        if args.method is None:
+            raise ConfigError("--method: required (a method of the config whose class declares `search_space`)")
         spec = _spec(args)
         if args.worker_index is not None:  # a local worker started by run_sweep
             run_worker(resolve_spec(spec), args.worker_index, args.worker_trials)
