@@ -29,6 +29,7 @@ from leaderboard.table import (
     Report,
     fmt,
     budget_cells,
+    initial_cells,
     paired_cells,
     ranking_cells,
     robust_cells,
@@ -127,6 +128,10 @@ def _tables(ds: DatasetReport) -> str:
     h, r = paired_cells(ds)
     if r:
         parts += ["<p>Differences from the best method (paired over cases; Δ = method − best, mean over seeds per "
+                  "case; 95 % bootstrap CI, Holm-corrected Wilcoxon p):</p>", _table(h, _esc_rows(r))]
+    h, r = initial_cells(ds)
+    if r:
+        parts += ["<p>Change from no registration (paired over cases; Δ = method − initial, mean over seeds per "
                   "case; 95 % bootstrap CI, Holm-corrected Wilcoxon p):</p>", _table(h, _esc_rows(r))]
     h, r = budget_cells(ds)
     if r:

@@ -23,6 +23,7 @@ from leaderboard.table import (
     POSE_FOOTNOTE,
     Report,
     budget_cells,
+    initial_cells,
     paired_cells,
     ranking_cells,
     robust_cells,
@@ -52,6 +53,10 @@ def markdown(report: Report) -> str:
         h, r = paired_cells(ds)
         if r:
             lines += ["Differences from the best method (paired over cases; Δ = method − best, mean over seeds per case):",
+                      ""] + md_table(h, r) + [""]
+        h, r = initial_cells(ds)
+        if r:
+            lines += ["Change from no registration (paired over cases; Δ = method − initial, mean over seeds per case):",
                       ""] + md_table(h, r) + [""]
         h, r = budget_cells(ds)
         if r:

@@ -303,6 +303,23 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
             d, dlo, dhi = stats.paired_difference_ci([cv[m][c] for c in common], [cv[b][c] for c in common])
             summaries[m].stats[key].update(diff=d, diff_lo=dlo, diff_hi=dhi)
 
+    # Change from no registration, per metric, Holm over the ranked methods: "does this
+    # method register at all on these pairs?", with the same paired test and intervals.
+    if INITIAL in by_method:
+        for key in metrics:
+            cv = case_values[key]
+            others = [m for m in ranked if set(cv[m]) & set(cv[INITIAL])]
+            raw = []
+            for m in others:
+                common = sorted(set(cv[INITIAL]) & set(cv[m]))
+                p, _ = stats.paired_wilcoxon([cv[m][c] for c in common], [cv[INITIAL][c] for c in common])
+                raw.append(p)
+            for m, p, pa in zip(others, raw, stats.holm(raw)):
+                common = sorted(set(cv[INITIAL]) & set(cv[m]))
+                d, dlo, dhi = stats.paired_difference_ci([cv[m][c] for c in common], [cv[INITIAL][c] for c in common])
+                summaries[m].stats[key].update(init_diff=d, init_diff_lo=dlo, init_diff_hi=dhi, init_p_holm=float(pa),
+                                               init_significant=float(np.isfinite(pa) and pa < ranking.ALPHA))
+
     def order(m: str) -> tuple:
         rs = summaries[m].ranks.get("rank_score", math.nan)
         return (m != INITIAL, -(rs if np.isfinite(rs) else -1.0), m)
@@ -469,14 +486,43 @@ def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
             if ms.method == ds.best[k]:
                 cells.append("best")
                 continue
-            d = digits(k)
-            hib = registry.metric(k).higher_is_better
-            if st.get("significant"):
-                verdict = "better" if (st["diff"] > 0) == hib else "worse"
-            else:
-                verdict = "not distinguishable"
-            cells.append(f"{fmt(st.get('diff'), d)} [{fmt(st.get('diff_lo'), d)}, {fmt(st.get('diff_hi'), d)}], "
-                         f"p={fmt(st.get('p_holm'), 3)}: {verdict}")
+            cells.append(_diff_cell(st, k, "", ("better", "worse", "not distinguishable")))
+        rows.append(cells)
+    return head, rows
+
+
+def _diff_cell(st: Mapping[str, float], key: str, prefix: str, words: tuple[str, str, str]) -> str:
+    """``Δ [lo, hi], p=…: verdict`` from the stats ``{prefix}diff``, ``…_lo``, ``…_hi``,
+    ``{prefix}p_holm``, ``{prefix}significant``; ``words`` = (in the metric's good direction,
+    in the bad one, not significant)."""
+    d = digits(key)
+    diff = st.get(prefix + "diff", math.nan)
+    if st.get(prefix + "significant"):
+        verdict = words[0] if (diff > 0) == registry.metric(key).higher_is_better else words[1]
+    else:
+        verdict = words[2]
+    return (f"{fmt(diff, d)} [{fmt(st.get(prefix + 'diff_lo'), d)}, {fmt(st.get(prefix + 'diff_hi'), d)}], "
+            f"p={fmt(st.get(prefix + 'p_holm'), 3)}: {verdict}")
+
+
+def initial_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
+    """Each ranked method against ``initial`` (no registration), per metric: the mean paired
+    difference over cases with its 95 % bootstrap CI, the Holm-corrected Wilcoxon p (over the
+    ranked methods), and the verdict the test supports ("improves" / "worsens" / "no
+    change shown"). Empty when the results have no ``initial`` row."""
+    keys = [k for k in registry.paired_metrics(ds.kind) if k in ds.metrics]
+    head = ["method"] + [f"{registry.metric(k).title}: Δ vs initial [95 % CI], p (Holm)" for k in keys]
+    rows = []
+    for ms in ds.methods:
+        if ms.method == INITIAL or not any("init_diff" in ms.stats[k] for k in keys):
+            continue
+        cells = [ms.method]
+        for k in keys:
+            st = ms.stats[k]
+            if "init_diff" not in st:
+                cells.append("")
+                continue
+            cells.append(_diff_cell(st, k, "init_", ("improves", "worsens", "no change shown")))
         rows.append(cells)
     return head, rows
 

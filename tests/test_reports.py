@@ -385,3 +385,37 @@ def test_ids_missing_from_cases_come_from_the_folder(tmp_path):
     assert rep.datasets[0].name == "ds"
     ms = rep.datasets[0].method("m1")
     assert ms.seeds == [3] and ms.n_cases == 4
+
+
+def test_change_from_initial_is_paired_holm_and_says_when_no_change_is_shown(tmp_path):
+    """The "vs initial" table: Wilcoxon on seed-averaged cases against ``initial`` (scipy),
+    Holm over the ranked methods, a signed difference; a method equal to initial is not
+    reported as an improvement."""
+    root = tmp_path / "res"
+    g = np.random.default_rng(3)
+    init = 0.5 + 0.05 * g.standard_normal(10)
+    shifts = {"better": 0.05, "same": 0.0, "worse": -0.04}
+    for method, shift in [("initial", None), *shifts.items()]:
+        recs = []
+        for c in range(10):
+            d = init[c] if shift is None else init[c] + shift + (0.01 * g.standard_normal() if shift else 0.0)
+            recs.append({"dataset": "synth", "method": method, "seed": 0, "case_id": f"c{c:02d}", "fixed_id": f"f{c}",
+                         "moving_id": f"m{c}", "dice": float(d), "hd95": 5.0, "tre": 3.0, "fold_pct": 0.0, "sdlogj": 0.05,
+                         "sdlogj_l2r": 0.01, "ndv_pct": 0.0, "runtime_s": 0.1, "peak_mem_mb": 100.0})
+        _exp(root, "synth", method, 0, recs)
+    rep = build_report(root)
+    synth = rep.datasets[0]
+    dice = {m: [r["dice"] for r in sorted(synth.rows, key=lambda r: r["case_id"]) if r["method"] == m]
+            for m in ("initial", *shifts)}
+    raw = {m: st.wilcoxon(dice[m], dice["initial"]).pvalue if m != "same" else 1.0 for m in ("better", "worse")}
+    adj = dict(zip(raw, holm(list(raw.values()) + [1.0])[:2]))
+    for m in ("better", "worse"):
+        s = synth.method(m).stats["dice"]
+        assert s["init_p_holm"] == pytest.approx(adj[m])
+        assert s["init_diff"] == pytest.approx(np.mean(np.subtract(dice[m], dice["initial"])))
+        assert s["init_diff_lo"] < s["init_diff"] < s["init_diff_hi"]
+    md = markdown(rep)
+    table = md.split("Change from no registration")[1].split("\n\n")[1]
+    rows = {l.split("|")[1].strip(): l.split("|")[2] for l in table.splitlines()[2:]}
+    assert "improves" in rows["better"] and "worsens" in rows["worse"]
+    assert "no change shown" in rows["same"] and "initial" not in rows
