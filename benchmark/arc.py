@@ -1,6 +1,6 @@
 """``regbench arc``: accuracy–regularity curves, one grid run per regularisation value.
 
-``regbench arc CONFIG [--k K] [--sdlogj-bound B] [--output DIR] [--methods a,b] [--set KEY=VALUE ...]``
+``regbench arc CONFIG [--k K] [--sdlogj-bound B] [--output DIR] [--methods a,b] [--set KEY=VALUE ...] [--print_config]``
 takes an ordinary grid config (:mod:`benchmark.runner`) and runs every method at ``K``
 (default 5) log-spaced values of its regularisation weight. Where the weight comes from, in
 order:
@@ -45,13 +45,13 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
 
 __all__ = ["DEFAULT_K", "DEFAULT_SDLOGJ_BOUND", "DEFAULT_REGULARISATION", "ArcPoint", "arc_points", "build_arc_config",
-           "write_arc_csv", "run_arc", "add_cli_commands"]
+           "write_arc_csv", "ArcPlan", "plan_arc", "print_arc_config", "run_arc", "add_cli_commands"]
 
 DEFAULT_K = 5
 #: SDlogJ bound of the summary ("best Dice at SDlogJ ≤ bound") unless the config or the
@@ -274,18 +274,37 @@ def write_arc_csv(output: Path, datasets: list[str], seeds: list[int], points: d
     return atomic_write_text(output / "arc.csv", buf.getvalue())
 
 
-def run_arc(config: str | Path, output: str | None = None, methods: list[str] | None = None, k: int | None = None,
-            sdlogj_bound: float | None = None, overrides: list[str] | None = None, log=print) -> dict[str, str]:
-    """Run every point of every curve (resumable), write ``arc.csv`` and the leaderboard.
+class ArcPlan(NamedTuple):
+    """What ``regbench arc`` will run: the config file, its raw mapping (overrides applied),
+    the suite, the results folder, the SDlogJ bound, the seeds, every curve's points and the grid config
+    that runs them (:func:`build_arc_config`)."""
 
-    Returns ``{experiment_dir: status}`` of the grid run. Raises
-    :class:`benchmark.runner.ConfigError` naming the key before any work on a bad config.
-    When the grid stops (a signal: :class:`benchmark.reliability.RunInterrupted`, or an
-    error), ``arc.csv`` and the report are still written from the points finished so far
-    (the unfinished ones with their status) before the exception goes on.
-    """
-    from benchmark.core.io import atomic_write_text
-    from benchmark.runner import ConfigError, is_rank_zero, apply_overrides, expand_env, run_grid
+    path: Path
+    raw: dict[str, Any]
+    suite: str
+    output: Path
+    sdlogj_bound: float
+    seeds: list[int]
+    points: dict[str, list[ArcPoint]]
+    grid: dict[str, Any]
+
+    def header(self) -> str:
+        """The comment lines above the written (or printed) ``arc_config.yaml``."""
+        gen = self.output / "arc_config.yaml"
+        return (f"# Written by `regbench arc {self.path}`: every point of the accuracy-regularity curves as a plain grid.\n"
+                f"# `regbench run {gen}` runs (or resumes) the same experiments.\n")
+
+    def point_lines(self) -> list[str]:
+        """One line per curve: the method, its weight and the values (the default marked)."""
+        return [f"{name}: {pts[0]['param']} = " + ", ".join(_fmt_value(q["value"]) + (" (default)" if q["is_default"] else "")
+                                                       for q in pts) for name, pts in self.points.items()]
+
+
+def plan_arc(config: str | Path, output: str | None = None, methods: list[str] | None = None, k: int | None = None,
+             sdlogj_bound: float | None = None, overrides: list[str] | None = None) -> ArcPlan:
+    """Read an arc config and resolve what it will run (nothing is written or run); raises
+    :class:`benchmark.runner.ConfigError` naming the key on a bad config."""
+    from benchmark.runner import ConfigError, apply_overrides, expand_env
 
     p = Path(config)
     if not p.exists():
@@ -308,17 +327,55 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"arc.sdlogj_bound: expected a number, got {sdlogj_bound!r}") from exc
     points = arc_points(raw, k, methods)
-    cfg = build_arc_config(raw, points, suite, out)
+    return ArcPlan(p, raw, suite, out, bound, top.get("seeds", [0]), points, build_arc_config(raw, points, suite, out))
+
+
+def print_arc_config(config: str | Path, output: str | None = None, methods: list[str] | None = None,
+                     k: int | None = None, sdlogj_bound: float | None = None, overrides: list[str] | None = None) -> str:
+    """``regbench arc CONFIG --print_config``: the grid that ``arc`` would run, as
+    ``regbench run --print_config`` prints it (after every check of
+    :func:`benchmark.runner.check_grid_config`, with the class defaults as comments), under
+    comment lines naming each curve's points. Nothing is written or run."""
+    import tempfile
+
+    from benchmark.runner import ConfigError, print_config
+
+    plan = plan_arc(config, output, methods, k, sdlogj_bound, overrides)
+    with tempfile.TemporaryDirectory(prefix="regbench-arc-") as tmp:
+        gen = Path(tmp) / "arc_config.yaml"
+        gen.write_text(yaml.safe_dump(plan.grid, sort_keys=False))
+        try:
+            text = print_config(gen, output=str(plan.output))
+        except ConfigError as exc:  # name the user's file, not the temporary one
+            raise ConfigError(str(exc).replace(str(gen), f"{plan.path} (arc grid)")) from exc
+    curves = "".join(f"# curve {line}\n" for line in plan.point_lines())
+    head = (f"# `regbench arc {plan.path} --print_config`: the grid of its curves, which `regbench arc` writes to "
+            f"{plan.output / 'arc_config.yaml'} and runs.\n")
+    return head + f"# SDlogJ bound of the summary: {_fmt_value(plan.sdlogj_bound)}\n" + curves + text
+
+
+def run_arc(config: str | Path, output: str | None = None, methods: list[str] | None = None, k: int | None = None,
+            sdlogj_bound: float | None = None, overrides: list[str] | None = None, log=print) -> dict[str, str]:
+    """Run every point of every curve (resumable), write ``arc.csv`` and the leaderboard.
+
+    Returns ``{experiment_dir: status}`` of the grid run. Raises
+    :class:`benchmark.runner.ConfigError` naming the key before any work on a bad config.
+    When the grid stops (a signal: :class:`benchmark.reliability.RunInterrupted`, or an
+    error), ``arc.csv`` and the report are still written from the points finished so far
+    (the unfinished ones with their status) before the exception goes on.
+    """
+    from benchmark.core.io import atomic_write_text
+    from benchmark.runner import expand_env, is_rank_zero, run_grid
+
+    plan = plan_arc(config, output, methods, k, sdlogj_bound, overrides)
+    raw, out, points, bound = plan.raw, plan.output, plan.points, plan.sdlogj_bound
     gen = out / "arc_config.yaml"
-    header = (f"# Written by `regbench arc {p}`: every point of the accuracy-regularity curves as a plain grid.\n"
-              f"# `regbench run {gen}` runs (or resumes) the same experiments.\n")
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(gen, header + yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(gen, plan.header() + yaml.safe_dump(plan.grid, sort_keys=False))
     datasets = list(expand_env(raw.get("datasets") or {}))
-    seeds = top.get("seeds", [0])
-    for name, pts in points.items():
-        log(f"[arc] {name}: {pts[0]['param']} = " + ", ".join(_fmt_value(q["value"]) + (" (default)" if q["is_default"] else "") for q in pts))
+    for line in plan.point_lines():
+        log(f"[arc] {line}")
     started = False
     try:
         statuses = run_grid(gen, output=str(out), leaderboard=False, log=log)
@@ -327,7 +384,7 @@ def run_arc(config: str | Path, output: str | None = None, methods: list[str] | 
         # also after a signal or an error: the finished points are reported, nothing is lost
         if is_rank_zero() and (started or any(out.glob("*/*/seed*/run.json"))):
             try:
-                csv_path = write_arc_csv(out, datasets, seeds, points, bound)
+                csv_path = write_arc_csv(out, datasets, plan.seeds, points, bound)
                 from leaderboard.write import write_leaderboard
 
                 md = write_leaderboard(out)
@@ -350,6 +407,11 @@ def _cmd_arc(args) -> int:
     set_threads(args.threads)
     restore = install_signal_handlers()
     try:
+        if getattr(args, "print_config", False):  # check and print; nothing is written or run
+            sys.stdout.write(print_arc_config(args.config, output=args.output,
+                                              methods=args.methods.split(",") if args.methods else None,
+                                              k=args.k, sdlogj_bound=args.sdlogj_bound, overrides=args.set))
+            return 0
         statuses = run_arc(args.config, output=args.output, methods=args.methods.split(",") if args.methods else None,
                            k=args.k, sdlogj_bound=args.sdlogj_bound, overrides=args.set)
     except ConfigError as exc:
@@ -384,4 +446,7 @@ def add_cli_commands(sub) -> None:
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value before the curves are built (repeatable; value read as YAML)")
     a.add_argument("--threads", type=int, default=None, help="torch intra-op and inter-op threads (default: torch's)")
+    a.add_argument("--print_config", action="store_true",
+                   help="check the config and print the grid the curves run (arc_config.yaml, with each block's "
+                        "class defaults as comments), then exit without writing or running anything")
     a.set_defaults(func=_cmd_arc)

@@ -206,7 +206,9 @@ def _command_of(argv: list[str]) -> str | None:
 def _lightning_cli(argv: list[str]) -> int:
     """``regbench fit|test|validate ...``: one experiment through LightningCLI.
 
-    Takes the same ``model`` / ``data`` ``class_path`` blocks as a grid config. The line is
+    Takes the same ``model`` / ``data`` ``class_path`` blocks as a grid config: any
+    :class:`systems.base.BenchmarkSystem` (deformable and pose systems alike) and any
+    :class:`datamodules.base.RegistrationDataModule`. The line is
     given to LightningCLI as the program's own argv (so it does not warn that both ``args``
     and a command line were given); the seed defaults to 0 (``--seed_everything`` changes
     it) rather than a random one. At the end it names what it wrote: the log folder (with
@@ -215,16 +217,16 @@ def _lightning_cli(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     import datamodules  # noqa: F401  (registers the subclasses for class_path lookup)
-    import lightning as L
     import systems  # noqa: F401
-    from systems.base import RegistrationSystem
+    from datamodules.base import RegistrationDataModule
+    from systems.base import BenchmarkSystem
 
     saved = sys.argv
     sys.argv = ["regbench", *argv]
     try:
         cli = LightningCLI(
-            RegistrationSystem,
-            L.LightningDataModule,
+            BenchmarkSystem,
+            RegistrationDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_defaults={"inference_mode": False},

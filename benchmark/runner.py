@@ -94,7 +94,7 @@ from benchmark.core.results import (
     write_cases_csv,
 )
 
-__all__ = ["ConfigError", "check_grid_config", "print_config", "load_grid_config", "apply_overrides", "expand_env", "run_grid", "experiment_config", "config_hash", "cmd_run", "lightning_cli_main", "ResultsWriter"]
+__all__ = ["ConfigError", "check_grid_config", "print_config", "load_grid_config", "apply_overrides", "expand_env", "run_grid", "experiment_config", "config_hash", "cmd_run", "ResultsWriter"]
 
 # --------------------------------------------------------------------------------------
 # config
@@ -300,12 +300,11 @@ def load_grid_config(path: str | os.PathLike, output: str | None = None, overrid
             dm = blk.build()
         except (DataError, FileNotFoundError, ValueError, TypeError) as exc:
             raise ConfigError(f"datasets.{name}: {exc}") from exc
-        check = getattr(dm, "check_inputs", None)
-        if callable(check):
-            try:
-                check()
-            except (DataError, FileNotFoundError) as exc:
-                raise ConfigError(f"datasets.{name}: {exc}") from exc
+        require_data_protocol(dm, f"datasets.{name}")
+        try:
+            dm.check_inputs()
+        except (DataError, FileNotFoundError) as exc:
+            raise ConfigError(f"datasets.{name}: {exc}") from exc
     for name, blk in methods.items():
         try:
             blk.build()
@@ -975,30 +974,3 @@ def cmd_run(args) -> int:
     if bad and is_rank_zero():
         print(f"regbench run: {len(bad)} experiment(s) did not complete: {bad}", file=sys.stderr)
     return 1 if bad else 0
-
-
-def lightning_cli_main(argv: list[str]) -> int:
-    """``regbench fit|test|validate ...``: one experiment through LightningCLI.
-
-    Takes the same ``model`` / ``data`` ``class_path`` blocks as a grid config. Add
-    ``--trainer.callbacks+=benchmark.runner.ResultsWriter`` with ``--trainer.callbacks.exp_dir DIR``
-    to get ``cases.csv`` from ``regbench test``.
-    """
-    from lightning.pytorch.cli import LightningCLI
-
-    import datamodules  # noqa: F401  (registers the subclasses for class_path lookup)
-    import systems  # noqa: F401
-    from systems.base import RegistrationSystem
-
-    import lightning as L
-
-    LightningCLI(
-        RegistrationSystem,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        trainer_defaults={"inference_mode": False},
-        save_config_kwargs={"overwrite": True},
-    )
-    return 0

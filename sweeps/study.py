@@ -45,7 +45,7 @@ import yaml
 from benchmark.core.io import atomic_write_text, plain
 from sweeps.space import assemble, space_of, suggest
 
-__all__ = ["SweepSpec", "PruningCallback", "run_sweep", "run_worker", "open_study", "storage_url", "write_reports",
+__all__ = ["SweepSpec", "PruningCallback", "run_sweep", "run_worker", "open_study", "storage_url", "make_storage", "write_reports",
            "best_config", "OBJECTIVES", "resolve_spec"]
 
 OBJECTIVES = {"dice": ["maximize"], "dice+folds": ["maximize", "minimize"]}
@@ -189,7 +189,11 @@ def storage_url(url: str) -> str:
     return url
 
 
-def _make_storage(url: str, heartbeat: float):
+def make_storage(url: str, heartbeat: float):
+    """The Optuna storage of a study URL (``sqlite:///PATH``, ``postgresql://...``,
+    ``journal:PATH``): the parent folder of a file is created; an RDB storage beats every
+    ``heartbeat`` seconds, and a trial whose worker stopped beating is failed and retried
+    (at most twice). Raises :class:`StorageError` on a string that is not a storage URL."""
     import optuna
     from optuna.storages import RDBStorage
 
@@ -259,7 +263,7 @@ def _open_study(res: _Resolved, worker: int = 0):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _make_storage(res.storage, res.spec.heartbeat)
+    storage = make_storage(res.storage, res.spec.heartbeat)
     sampler = _sampler(res, res.spec.seed + worker)
     if res.spec.prune and len(res.directions) == 1:
         pruner: optuna.pruners.BasePruner = optuna.pruners.MedianPruner(n_startup_trials=res.spec.prune_startup, n_warmup_steps=0)

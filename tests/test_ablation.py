@@ -74,15 +74,15 @@ def test_variants_expand_with_names_overrides_and_distinct_hashes(tmp_path):
     assert noint.init_args == {"lambda_": 1.0, "int_steps": 0} and noint.trainer == {"max_steps": 5}
     assert base.init_args == VM["init_args"]  # the base (full method) is untouched
     assert noint.build().hparams.int_steps == 0
-    from benchmark.runner import Experiment, _resolved
+    from benchmark.runner import Experiment, experiment_config
 
-    hashes = {n: config_hash(_resolved(cfg, Experiment(cfg.datasets["synth"], b, n, 0), {**cfg.trainer, **b.trainer}))
+    hashes = {n: config_hash(experiment_config(cfg, Experiment(cfg.datasets["synth"], b, n, 0))[0])
               for n, b in cfg.methods.items()}
     assert len(set(hashes.values())) == 3
     # a base without variants keeps the hash it had before variants existed
     plain = load_grid_config(_write(tmp_path, _cfg({"vm": VM}), "plain.yaml"))
     blk = plain.methods["vm"]
-    assert config_hash(_resolved(plain, Experiment(plain.datasets["synth"], blk, "vm", 0), {**plain.trainer, **blk.trainer})) == hashes["vm"]
+    assert config_hash(experiment_config(plain, Experiment(plain.datasets["synth"], blk, "vm", 0))[0]) == hashes["vm"]
 
 
 @pytest.mark.parametrize("variants, key", [

@@ -77,6 +77,38 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
     assert res.stderr.strip().count("\n") == 0 and "methods.n" in res.stderr
 
 
+def test_print_config_shows_the_grid_it_would_run_and_runs_nothing(tmp_path, capsys):
+    """``regbench arc CONFIG --print_config``: the resolved grid of every curve point (the one
+    ``arc`` writes and runs: same experiments and config hashes), exit 0, nothing written."""
+    from benchmark.arc import build_arc_config
+    from benchmark.cli import main
+    from benchmark.runner import check_grid_config, config_hash, experiment_config, experiments
+
+    out = tmp_path / "out"
+    path = _write(tmp_path, _cfg({"s": SINE}, arc={"k": 3, "sdlogj_bound": 0.2}))
+    rc = main(["arc", str(path), "--print_config", "--output", str(out), "--set", "seeds=[0, 1]"])
+    printed_text = capsys.readouterr().out
+    assert rc == 0 and not out.exists()
+    assert "# curve s: smooth = 0.1, 0.3 (default), 0.3162, 1" in printed_text
+    assert "# Class defaults not set above" in printed_text
+    printed = yaml.safe_load(printed_text)
+    assert list(printed["methods"]) == ["s-smooth0.1", "s", "s-smooth0.3162", "s-smooth1"]
+    assert printed["output"] == str(out) and printed["seeds"] == [0, 1] and "arc" not in printed
+
+    def hashes(p: Path) -> dict:
+        _, cfg = check_grid_config(p)
+        return {(e.method_name, e.seed): config_hash(experiment_config(cfg, e)[0]) for e in experiments(cfg)}
+
+    raw = {**yaml.safe_load(path.read_text()), "seeds": [0, 1]}
+    ran = build_arc_config(raw, arc_points(raw), "arc", out)  # what run_arc writes to arc_config.yaml
+    assert hashes(_write(tmp_path, printed, "printed.yaml")) == hashes(_write(tmp_path, ran, "ran.yaml"))
+    # a bad config: the one-line error names the user's file, exit 2, nothing printed
+    bad = _write(tmp_path, _cfg({"s": SINE}, trainer={"max_steps": -5}), "bad.yaml")
+    assert main(["arc", str(bad), "--print_config", "--output", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{bad} (arc grid): trainer.max_steps" in captured.err and not out.exists()
+
+
 def _means(exp: Path) -> dict[str, float]:
     rows = read_cases_csv(exp / "cases.csv")
     return {k: float(np.mean([r[k] for r in rows])) for k in ("dice", "sdlogj", "ndv_pct", "fold_pct")}

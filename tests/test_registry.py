@@ -212,6 +212,21 @@ def test_runner_refuses_a_module_without_the_protocol() -> None:
     assert any("declare one of deformable, pose" in p for p in protocol_problems(bad_task))
 
 
+def test_config_load_refuses_a_module_without_the_protocol(tmp_path) -> None:
+    """``load_grid_config`` checks the protocol when it builds each data module (before any
+    work), not only the runner when the experiment starts."""
+    import yaml
+
+    from benchmark.runner import ConfigError, load_grid_config
+
+    cfg = {"suite": "t", "seeds": [0], "datasets": {"bare": {"class_path": f"{__name__}._Bare"}},
+           "methods": {"m": {"class_path": "systems.VoxelMorph"}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"datasets\.bare: _Bare lacks .*check_inputs"):
+        load_grid_config(path, output=str(tmp_path / "out"))
+
+
 def test_data_check_runs_any_data_module(tmp_path, capsys) -> None:
     from benchmark.cli import main
     from benchmark.datacheck import check_dataset

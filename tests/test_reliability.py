@@ -248,11 +248,11 @@ def test_postgresql_url_as_the_readme_writes_it_reaches_the_database(postgres_ur
 
     import optuna
 
-    from sweeps.study import _make_storage
+    from sweeps.study import make_storage
 
     bare = "postgresql://" + postgres_url.split("://", 1)[1]
     name = f"regbench-rel-{uuid.uuid4().hex[:8]}"
-    study = optuna.create_study(storage=_make_storage(bare, 10.0), study_name=name)
+    study = optuna.create_study(storage=make_storage(bare, 10.0), study_name=name)
     try:
         study.enqueue_trial({"x": 1.0})
         study.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)

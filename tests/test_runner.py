@@ -215,6 +215,20 @@ def test_lightning_cli_fit_takes_the_same_blocks(tmp_path):
     assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written by the fit"
 
 
+def test_lightning_cli_takes_pose_systems_and_the_spine_data(capsys):
+    """`regbench fit/test` accept every system (pose ones included: their base is
+    BenchmarkSystem, not RegistrationSystem) and every data module (RegistrationDataModule)."""
+    from benchmark.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--model", "systems.InitialPose", "--data", "datamodules.SpineDRRDataModule", "--print_config"])
+    out = capsys.readouterr()
+    assert exc.value.code in (0, None), out.err[-2000:]
+    printed = yaml.safe_load(out.out)
+    assert printed["model"]["class_path"] in ("systems.InitialPose", "systems.pose_base.InitialPose")
+    assert printed["data"]["class_path"] in ("datamodules.SpineDRRDataModule", "datamodules.spine.SpineDRRDataModule")
+
+
 # ------------------------------------------------------------------------- config conveniences
 def test_env_variables_and_set_overrides_name_the_key(tmp_path, monkeypatch):
     sys.path.insert(0, str(HERE))

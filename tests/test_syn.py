@@ -305,7 +305,7 @@ def test_perf_syn_on_a_tiny_pair(tmp_path) -> None:
 
 
 def test_time_ratios_pair_presets_with_each_fireants_run_on_the_same_pair() -> None:
-    from benchmark.perf.systems import _time_ratios
+    from benchmark.perf.systems import time_ratios
 
     res = [
         {"tool": "regbench-syn", "preset": "fast", "pair": "A->B", "status": "measured", "wall_s": 10.0, "cpu_s": 20.0},
@@ -314,7 +314,7 @@ def test_time_ratios_pair_presets_with_each_fireants_run_on_the_same_pair() -> N
         {"tool": "fireants", "preset": "published", "pair": "A->B", "status": "measured", "wall_s": 400.0, "cpu_s": 800.0},
         {"tool": "fireants", "preset": "x", "pair": "A->B", "status": "failed"},
     ]
-    q = _time_ratios(res)
+    q = time_ratios(res)
     assert [(r["preset"], r["fireants"], r["pair"]) for r in q] == [("fast", "brief", "A->B"), ("fast", "published", "A->B")]
     assert q[0]["wall_ratio"] == pytest.approx(0.05) and q[1]["cpu_ratio"] == pytest.approx(0.025)
 

@@ -61,6 +61,7 @@ __all__ = [
     "registration_metrics",
     "perf_syn",
     "format_perf_systems",
+    "time_ratios",
     "LEARNED_SYSTEMS",
     "perf_learned",
     "format_perf_learned",
@@ -420,7 +421,7 @@ def perf_syn(
                                 "fireants: WARNING the converted displacement's Dice "
                                 f"{rec['dice_mean']:.4f} differs from FireANTs' own {rec['native_dice_mean']}"
                             )
-        res["ratios"] = _time_ratios(res["results"])
+        res["ratios"] = time_ratios(res["results"])
         res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     finally:
         torch.set_num_threads(before)
@@ -429,8 +430,9 @@ def perf_syn(
     return res
 
 
-def _time_ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each of our presets' wall and CPU time over each FireANTs run's, on the same pair."""
+def time_ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of our presets' wall and CPU time over each FireANTs run's, on the same pair
+    (``results``: the measured records of ``regbench perf syn``; ``None`` where a time is missing)."""
     ours = [r for r in results if r.get("tool") == "regbench-syn" and r.get("status") == "measured"]
     peers = [r for r in results if r.get("tool") == "fireants" and r.get("status") == "measured"]
     out = []
