@@ -93,16 +93,37 @@ def _act(x: torch.Tensor, internal: bool) -> torch.Tensor:
     return F.leaky_relu(x, _LEAKY_SLOPE, inplace=True)
 
 
+#: PyTorch's CPU convolution gives a batch-1 3×3×3 problem with ``N·C·D·H <= 20480`` to its
+#: native kernel (forward and backward), whatever the last axis ``W`` is: the product leaves it
+#: out.
+_NATIVE_LIMIT = 20480
+
+
 def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
     """``conv(x, w, b)``, stride 1, padding 1, 2D or 3D; the input made channels-last if asked.
 
-    (PyTorch hands small problems, ``N·C·D·H <= 20480``, to a native kernel that returns the
-    default layout; the next convolution gets channels-last input again. Calling oneDNN
-    directly for those was measured: no gain.)
+    PyTorch hands small problems, ``N·C·D·H <= 20480``, to a native kernel that returns the
+    default layout; the next convolution gets channels-last input again (calling oneDNN
+    directly for those was measured: no gain). A problem that is small only by that product,
+    with its shortest spatial axis not last (a 16-channel 32×40×40 input, the 5 mm built-in
+    brain: ``16·32·40 = 20480``), is convolved with that axis moved last (the same
+    convolution: kernel and input axes swapped together), which takes it to oneDNN: the
+    native kernel's backward had made a VoxelMorph step on 32×40×40 1.8× slower than on the
+    larger 40×48×48 grid.
     """
     nd = w.dim() - 2
     if nd == 3 and (safe := conv3d_float32_if_unsafe(x, w, b, padding=1)) is not None:
         return safe  # a CPU bf16 bug at depth <= 2 (systems.speed)
+    # (eager only: under torch.compile the test alone split VoxelMorph's graph, and the
+    # compiled gradient then disagreed with eager's, cosine 0.984)
+    if (nd == 3 and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_LIMIT):
+        short = 2 + min(range(3), key=lambda a: (x.shape[2 + a], -a))
+        if short != 4 and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] * x.shape[4] // x.shape[short] > _NATIVE_LIMIT:
+            xt = x.transpose(short, 4)
+            if channels_last:
+                xt = xt.contiguous(memory_format=_memory_format(nd))
+            return F.conv3d(xt, w.transpose(short, 4), b, padding=1).transpose(short, 4)
     if channels_last:
         x = x.contiguous(memory_format=_memory_format(nd))
     return (F.conv3d if nd == 3 else F.conv2d)(x, w, b, padding=1)

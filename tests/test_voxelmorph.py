@@ -236,3 +236,27 @@ def test_perf_training_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "benchmark.perf.training", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--sizes" in out.stdout
+
+
+def test_conv_with_short_axis_moved_last_equals_plain_conv() -> None:
+    """A 16-channel 32×40×40 input (PyTorch's native-kernel size, the 5 mm built-in brain) is
+    convolved with its short axis moved last; forward and gradients equal a plain conv3d."""
+    import torch.nn.functional as F
+
+    from systems.voxelmorph import _conv_nd
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(32, 40, 40), (40, 32, 40)]:
+        x = torch.randn(1, 16, *shape, generator=g, requires_grad=True)
+        w = torch.randn(8, 16, 3, 3, 3, generator=g, requires_grad=True)
+        b = torch.randn(8, generator=g, requires_grad=True)
+        up = torch.randn(1, 8, *shape, generator=g)
+        ref = F.conv3d(x, w, b, padding=1)
+        ref_grads = torch.autograd.grad(ref, (x, w, b), up)
+        for channels_last in (True, False):
+            out = _conv_nd(x, w, b, channels_last)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            for got, want in zip(torch.autograd.grad(out, (x, w, b), up), ref_grads):
+                # float32 sums over 51,200 voxels in another order: relative to the largest entry
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
