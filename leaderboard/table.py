@@ -296,6 +296,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
             raw.append(p)
         adj = stats.holm(raw)
         for m, p, pa in zip(others, raw, adj):
+            summaries[m].stats[key]["p_min"] = _smallest_holm_p(len(set(cv[b]) & set(cv[m])), len(others))
             summaries[m].stats[key]["p_raw"] = p
             summaries[m].stats[key]["p_holm"] = float(pa)
             summaries[m].stats[key]["significant"] = float(np.isfinite(pa) and pa < ranking.ALPHA)
@@ -318,6 +319,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
                 common = sorted(set(cv[INITIAL]) & set(cv[m]))
                 d, dlo, dhi = stats.paired_difference_ci([cv[m][c] for c in common], [cv[INITIAL][c] for c in common])
                 summaries[m].stats[key].update(init_diff=d, init_diff_lo=dlo, init_diff_hi=dhi, init_p_holm=float(pa),
+                                               init_p_min=_smallest_holm_p(len(common), len(others)),
                                                init_significant=float(np.isfinite(pa) and pa < ranking.ALPHA))
 
     def order(m: str) -> tuple:
@@ -491,6 +493,14 @@ def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _smallest_holm_p(n: int, m: int) -> float:
+    """The smallest Holm-corrected p that ``m`` exact two-sided Wilcoxon signed-rank tests
+    on ``n`` pairs can give (every difference the same sign: ``2 / 2^n``, times ``m``). At or
+    above the significance level the test cannot support any difference, so the tables say
+    "too few cases to test" rather than "no change"."""
+    return min(1.0, m * 2.0 ** (1 - n)) if n > 0 else 1.0
+
+
 def _diff_cell(st: Mapping[str, float], key: str, prefix: str, words: tuple[str, str, str]) -> str:
     """``Δ [lo, hi], p=…: verdict`` from the stats ``{prefix}diff``, ``…_lo``, ``…_hi``,
     ``{prefix}p_holm``, ``{prefix}significant``; ``words`` = (in the metric's good direction,
@@ -499,6 +509,8 @@ def _diff_cell(st: Mapping[str, float], key: str, prefix: str, words: tuple[str,
     diff = st.get(prefix + "diff", math.nan)
     if st.get(prefix + "significant"):
         verdict = words[0] if (diff > 0) == registry.metric(key).higher_is_better else words[1]
+    elif st.get(prefix + "p_min", 0.0) >= ranking.ALPHA:
+        verdict = "too few cases to test"
     else:
         verdict = words[2]
     return (f"{fmt(diff, d)} [{fmt(st.get(prefix + 'diff_lo'), d)}, {fmt(st.get(prefix + 'diff_hi'), d)}], "

@@ -387,22 +387,39 @@ def test_ids_missing_from_cases_come_from_the_folder(tmp_path):
     assert ms.seeds == [3] and ms.n_cases == 4
 
 
-def test_change_from_initial_is_paired_holm_and_says_when_no_change_is_shown(tmp_path):
-    """The "vs initial" table: Wilcoxon on seed-averaged cases against ``initial`` (scipy),
-    Holm over the ranked methods, a signed difference; a method equal to initial is not
-    reported as an improvement."""
-    root = tmp_path / "res"
+def _shifted_results(root: Path, n_cases: int, shifts: dict[str, float]) -> np.ndarray:
     g = np.random.default_rng(3)
-    init = 0.5 + 0.05 * g.standard_normal(10)
-    shifts = {"better": 0.05, "same": 0.0, "worse": -0.04}
+    init = 0.5 + 0.05 * g.standard_normal(n_cases)
     for method, shift in [("initial", None), *shifts.items()]:
         recs = []
-        for c in range(10):
+        for c in range(n_cases):
             d = init[c] if shift is None else init[c] + shift + (0.01 * g.standard_normal() if shift else 0.0)
             recs.append({"dataset": "synth", "method": method, "seed": 0, "case_id": f"c{c:02d}", "fixed_id": f"f{c}",
                          "moving_id": f"m{c}", "dice": float(d), "hd95": 5.0, "tre": 3.0, "fold_pct": 0.0, "sdlogj": 0.05,
                          "sdlogj_l2r": 0.01, "ndv_pct": 0.0, "runtime_s": 0.1, "peak_mem_mb": 100.0})
         _exp(root, "synth", method, 0, recs)
+    return init
+
+
+def test_too_few_cases_for_the_paired_test_is_said_not_read_as_no_change(tmp_path):
+    """5 pairs, 2 ranked methods: the smallest Holm p is 2 · 2/2⁵ = 0.125, so even a method
+    better on every case cannot be significant; the tables say so."""
+    _shifted_results(tmp_path / "res", 5, {"better": 0.05, "same": 0.0})
+    rep = build_report(tmp_path / "res")
+    st_ = rep.datasets[0].method("better").stats["dice"]
+    assert st_["init_p_min"] == pytest.approx(0.125) and st_["init_p_holm"] >= 0.125
+    md = markdown(rep)
+    table = md.split("Change from no registration")[1].split("\n\n")[1]
+    assert "too few cases to test" in table.splitlines()[2] and "improves" not in table
+
+
+def test_change_from_initial_is_paired_holm_and_says_when_no_change_is_shown(tmp_path):
+    """The "vs initial" table: Wilcoxon on seed-averaged cases against ``initial`` (scipy),
+    Holm over the ranked methods, a signed difference; a method equal to initial is not
+    reported as an improvement."""
+    root = tmp_path / "res"
+    shifts = {"better": 0.05, "same": 0.0, "worse": -0.04}
+    _shifted_results(root, 10, shifts)
     rep = build_report(root)
     synth = rep.datasets[0]
     dice = {m: [r["dice"] for r in sorted(synth.rows, key=lambda r: r["case_id"]) if r["method"] == m]
