@@ -175,7 +175,7 @@ def test_config_loads_quickstart():
     cfg = load_grid_config(ROOT / "benchmark" / "configs" / "quickstart.yaml")
     assert "voxelmorph" in cfg.methods and "syn" in cfg.methods
     assert cfg.datasets["anatomy_brain"].cls.__name__ == "AnatomyBrainDataModule"
-    assert cfg.budget == {"max_steps": 300, "max_time_s": None}
+    assert cfg.budget == {"max_steps": 500, "max_time_s": None}
 
 
 # ------------------------------------------------------------------------- exact DDP
