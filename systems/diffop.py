@@ -127,6 +127,7 @@ from benchmark.core.losses import local_ncc
 from benchmark.core.spatial import (compose, gaussian_smooth, integrate_velocity, resize_field, resize_image,
                                spacing_from_affine, warp)
 from systems.base import RegistrationSystem
+from systems.speed import Conv3x3
 
 __all__ = [
     "operator_symbol",
@@ -405,7 +406,7 @@ class CrossCoordinateAttention(nn.Module):
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+    return Conv3x3(cin, cout, stride)  # nn.Conv3d(cin, cout, 3, stride, padding=1), small volumes on oneDNN
 
 
 class CascadeUNet(nn.Module):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from benchmark.core.losses import LocalNCC, diffusion
 from benchmark.core.spatial import compose, integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
-from systems.speed import conv3d_float32_if_unsafe
+from systems.speed import conv3d_float32_if_unsafe, conv3d_k3
 from systems.voxelmorph import up_conv_weight
 
 __all__ = ["ConvAct", "UpCatConv", "SharedEncoder", "AuxiliaryDecoder", "FusionBlock", "MSFFNet", "MSFF"]
@@ -101,6 +101,8 @@ def _conv(x: torch.Tensor, conv: nn.Conv3d, channels_last: bool = True) -> torch
             x = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
             w = F.pad(w, [0, 0, 0, 0, 0, 0, 0, extra])
         x = x.contiguous(memory_format=torch.channels_last_3d)
+    if conv.kernel_size == (3, 3, 3) and conv.padding == (1, 1, 1) and conv.stride == (1, 1, 1):
+        return conv3d_k3(x, w, conv.bias)  # the rest of the small problems, split for oneDNN
     return F.conv3d(x, w, conv.bias, padding=conv.padding)
 
 
@@ -140,7 +142,7 @@ class UpCatConv(nn.Module):
             up = F.interpolate(low, scale_factor=2, mode="nearest")
             return _leaky(_conv(torch.cat([up, skip], dim=1), self.conv))
         fmt = torch.channels_last_3d
-        out = F.conv3d(skip.contiguous(memory_format=fmt), w[:, self.c_up :], self.conv.bias, padding=1)
+        out = conv3d_k3(skip.contiguous(memory_format=fmt), w[:, self.c_up :], self.conv.bias)
         up = F.conv_transpose3d(low.contiguous(memory_format=fmt), up_conv_weight(w[:, : self.c_up]), None, stride=2, padding=1)
         return _leaky(out + up)
 

@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from benchmark.core.losses import MSE, LocalNCC, diffusion
 from benchmark.core.spatial import integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
-from systems.speed import conv3d_float32_if_unsafe
+from systems.speed import conv3d_float32_if_unsafe, conv3d_k3
 
 __all__ = ["VxmUNet", "VoxelMorphNet", "VoxelMorph", "up_conv_weight"]
 
@@ -109,7 +109,9 @@ def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_
     brain: ``16·32·40 = 20480``), is convolved with that axis moved last (the same
     convolution: kernel and input axes swapped together), which takes it to oneDNN: the
     native kernel's backward had made a VoxelMorph step on 32×40×40 1.8× slower than on the
-    larger 40×48×48 grid.
+    larger 40×48×48 grid. A problem still small after that (few channels, or small on every
+    axis) goes through :func:`systems.speed.conv3d_k3`, which convolves two halves as a batch
+    of 2 (oneDNN takes any batch above 1).
     """
     nd = w.dim() - 2
     if nd == 3 and (safe := conv3d_float32_if_unsafe(x, w, b, padding=1)) is not None:
@@ -124,6 +126,9 @@ def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_
             if channels_last:
                 xt = xt.contiguous(memory_format=_memory_format(nd))
             return F.conv3d(xt, w.transpose(short, 4), b, padding=1).transpose(short, 4)
+        if channels_last:
+            x = x.contiguous(memory_format=_memory_format(nd))
+        return conv3d_k3(x, w, b)  # small whatever the axis order: split into a batch of 2
     if channels_last:
         x = x.contiguous(memory_format=_memory_format(nd))
     return (F.conv3d if nd == 3 else F.conv2d)(x, w, b, padding=1)

@@ -251,3 +251,34 @@ class SystemsRecorder:
 
         model.training_step, model.register = training_step, reg
         return model
+
+
+@pytest.mark.parametrize("shape,stride", [((32, 40, 40), 1), ((33, 9, 10), 1), ((32, 40, 40), 2), ((5, 7, 6), 2),
+                                          ((4, 4, 4), 1)])
+def test_split_conv_equals_plain_conv_and_leaves_the_native_kernel(shape, stride, one_thread) -> None:
+    """:func:`systems.speed.conv3d_k3` cuts a small batch-1 volume into two halves convolved as a
+    batch of 2: output and all three gradients equal a plain ``conv3d`` (odd and even depths,
+    stride 1 and 2), and the profiler shows oneDNN instead of PyTorch's native kernel."""
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    from systems.speed import conv3d_k3, native_bound
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, *shape, generator=g, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    assert native_bound(x, w)
+    ref = F.conv3d(x, w, b, stride=stride, padding=1)
+    with profile() as prof:
+        out = conv3d_k3(x, w, b, stride)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::slow_conv3d_forward" not in names and "aten::mkldnn_convolution" in names
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    up = torch.randn(ref.shape, generator=g)
+    for a, c in zip(torch.autograd.grad(ref, (x, w, b), up), torch.autograd.grad(out, (x, w, b), up)):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-3 * float(a.abs().max()))
+    # not small: the plain call (nothing to gain)
+    assert not native_bound(torch.zeros(1, 32, 40, 48, 48), w.new_zeros(8, 32, 3, 3, 3))
+    assert not native_bound(torch.zeros(2, 8, 32, 40, 40), w)
