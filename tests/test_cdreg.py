@@ -16,7 +16,8 @@ import yaml
 
 from benchmark.core.se3 import geodesic_grad
 from datamodules.spine import SpineDRRDataModule, collate_pose
-from systems.cdreg import CDReg, CDRegNet, FFCBranch, InvertibleBranch, Residual3D, feature_size, toward_truth_cosines
+from systems.cdreg import (CDReg, CDRegNet, FFCBranch, InvertibleBranch, Residual3D, direction_loss, feature_size, fit_axis_scale,
+                           toward_truth_cosines)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,3 +263,58 @@ def test_validation_logs_direction_accuracy_on_validation_cts(tiny_batch) -> Non
     assert logged["val/toward_rot"] == pytest.approx(float((cos[:, 0] > 0).float().mean()))
     assert logged["val/toward_trans"] == pytest.approx(float((cos[:, 1] > 0).float().mean()))
     assert logged["val/cos_trans"] == pytest.approx(float(cos[:, 1].mean()), abs=1e-6)
+
+
+def _confounded_gradients(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Geodesic gradients ``r (n, 6)`` and pose gradients ``g`` that follow ``r`` on every axis but the
+    second (ry), which follows an unrelated offset instead and is large (a rotation whose image
+    moves like a translation): the situation the per-axis calibration is for."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, 6, generator=gen)
+    g = r + 0.3 * torch.randn(n, 6, generator=gen)
+    g[:, 1] = 3.0 * torch.randn(n, generator=gen)
+    return g, r
+
+
+def test_fit_axis_scale_weighs_an_uninformative_axis_down_on_held_out_pairs() -> None:
+    """The per-axis scale fitted on one set of (pose gradient, geodesic gradient) pairs raises the
+    share of *other* pairs whose rotation descent direction points toward the truth."""
+    g_fit, r_fit = _confounded_gradients(256, 0)
+    g_new, r_new = _confounded_gradients(512, 1)
+    s = fit_axis_scale(g_fit, r_fit)
+    assert s.shape == (6,)
+    scale = torch.exp(s)
+    assert float(scale[1]) < 0.5 * min(float(scale[0]), float(scale[2]))
+
+    def share(g: torch.Tensor) -> float:  # cosine of the rotation parts > 0
+        return float((torch.nn.functional.cosine_similarity(g[:, :3], r_new[:, :3], dim=1) > 0).float().mean())
+
+    before, after = share(g_new), share(g_new * scale)
+    assert after > before + 0.1, (before, after)
+    assert float(direction_loss(g_new * scale, r_new).mean()) < float(direction_loss(g_new, r_new).mean())
+    # translation part untouched in expectation: its three axes keep comparable scales
+    assert float(scale[3:].max() / scale[3:].min()) < 2.0
+
+
+def test_calibration_scales_the_descent_direction_and_records_both(tiny_batch) -> None:
+    batch, _ = tiny_batch
+    m = _model(calibrate_axes=8, iterations=1)
+    assert torch.equal(m.log_axis_scale, torch.zeros(6))  # no scaling before calibration
+    torch.manual_seed(2)
+    scale = m.calibrate([batch, batch])
+    assert scale.shape == (6,) and torch.allclose(torch.exp(m.log_axis_scale), scale)
+    assert not torch.allclose(scale, torch.ones(6))
+    # the descent direction registration follows is the calibrated one
+    x3d = m.residual(batch["volume"]).detach()
+    g_raw, _, _ = m.pose_gradient(batch, x3d, batch["pose_init"].float(), scaled=False)
+    g, _, _ = m.pose_gradient(batch, x3d, batch["pose_init"].float())
+    np.testing.assert_allclose(g.detach().numpy(), (g_raw * scale).detach().numpy(), rtol=1e-5, atol=1e-9)
+    m.eval()
+    recs = m.case_records(batch, batch["pose_init"], 0.1, 1.0)
+    cos, raw = m.grad_toward_truth(batch), m.grad_toward_truth(batch, scaled=False)
+    for b, rec in enumerate(recs):
+        np.testing.assert_allclose([rec["grad_toward_truth_rot"], rec["grad_toward_truth_rot_raw"]], [cos[b, 0], raw[b, 0]], atol=1e-6)
+        np.testing.assert_allclose([rec["grad_toward_truth_trans"], rec["grad_toward_truth_trans_raw"]], [cos[b, 1], raw[b, 1]], atol=1e-6)
+    # the scale is part of the saved state (a fitted quantity, restored with the weights)
+    assert "log_axis_scale" in m.state_dict()
+    assert "log_axis_scale" not in _model().state_dict()
