@@ -288,21 +288,8 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
         b = sorted(cands, key=lambda t: (-t[0] if hib else t[0], t[1]))[0][1]
         best[key] = b
         others = [m for m in ranked if m != b]
-        cv = case_values[key]
-        raw = []
-        for m in others:
-            common = sorted(set(cv[b]) & set(cv[m]))
-            p, _ = stats.paired_wilcoxon([cv[m][c] for c in common], [cv[b][c] for c in common])
-            raw.append(p)
-        adj = stats.holm(raw)
-        for m, p, pa in zip(others, raw, adj):
-            summaries[m].stats[key]["p_min"] = _smallest_holm_p(len(set(cv[b]) & set(cv[m])), len(others))
-            summaries[m].stats[key]["p_raw"] = p
-            summaries[m].stats[key]["p_holm"] = float(pa)
-            summaries[m].stats[key]["significant"] = float(np.isfinite(pa) and pa < ranking.ALPHA)
-            common = sorted(set(cv[b]) & set(cv[m]))
-            d, dlo, dhi = stats.paired_difference_ci([cv[m][c] for c in common], [cv[b][c] for c in common])
-            summaries[m].stats[key].update(diff=d, diff_lo=dlo, diff_hi=dhi)
+        for m, st in _paired_against(case_values[key], b, others).items():
+            summaries[m].stats[key].update(st)
 
     # Change from no registration, per metric, Holm over the ranked methods: "does this
     # method register at all on these pairs?", with the same paired test and intervals.
@@ -310,17 +297,8 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
         for key in metrics:
             cv = case_values[key]
             others = [m for m in ranked if set(cv[m]) & set(cv[INITIAL])]
-            raw = []
-            for m in others:
-                common = sorted(set(cv[INITIAL]) & set(cv[m]))
-                p, _ = stats.paired_wilcoxon([cv[m][c] for c in common], [cv[INITIAL][c] for c in common])
-                raw.append(p)
-            for m, p, pa in zip(others, raw, stats.holm(raw)):
-                common = sorted(set(cv[INITIAL]) & set(cv[m]))
-                d, dlo, dhi = stats.paired_difference_ci([cv[m][c] for c in common], [cv[INITIAL][c] for c in common])
-                summaries[m].stats[key].update(init_diff=d, init_diff_lo=dlo, init_diff_hi=dhi, init_p_holm=float(pa),
-                                               init_p_min=_smallest_holm_p(len(common), len(others)),
-                                               init_significant=float(np.isfinite(pa) and pa < ranking.ALPHA))
+            for m, st in _paired_against(cv, INITIAL, others).items():
+                summaries[m].stats[key].update({"init_" + k: v for k, v in st.items() if k != "p_raw"})
 
     def order(m: str) -> tuple:
         rs = summaries[m].ranks.get("rank_score", math.nan)
@@ -491,6 +469,23 @@ def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
             cells.append(_diff_cell(st, k, "", ("better", "worse", "not distinguishable")))
         rows.append(cells)
     return head, rows
+
+
+def _paired_against(cv: Mapping[str, Mapping[str, float]], ref: str, methods: list[str]) -> dict[str, dict[str, float]]:
+    """Each of ``methods`` against ``ref`` on the cases both have (``cv``: method → case →
+    value): the mean paired difference ``method − ref`` with its bootstrap CI (``diff``,
+    ``diff_lo``, ``diff_hi``), the Wilcoxon p (``p_raw``), Holm-corrected over ``methods``
+    (``p_holm``, ``significant``), and the smallest Holm p those cases allow (``p_min``)."""
+    commons = {m: sorted(set(cv[ref]) & set(cv[m])) for m in methods}
+    pairs = {m: ([cv[m][c] for c in commons[m]], [cv[ref][c] for c in commons[m]]) for m in methods}
+    raw = [stats.paired_wilcoxon(*pairs[m])[0] for m in methods]
+    out = {}
+    for m, p, pa in zip(methods, raw, stats.holm(raw)):
+        d, dlo, dhi = stats.paired_difference_ci(*pairs[m])
+        out[m] = {"diff": d, "diff_lo": dlo, "diff_hi": dhi, "p_raw": p, "p_holm": float(pa),
+                  "p_min": _smallest_holm_p(len(commons[m]), len(methods)),
+                  "significant": float(np.isfinite(pa) and pa < ranking.ALPHA)}
+    return out
 
 
 def _smallest_holm_p(n: int, m: int) -> float:

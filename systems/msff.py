@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from benchmark.core.losses import LocalNCC, diffusion
 from benchmark.core.spatial import compose, integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
-from systems.speed import conv3d_float32_if_unsafe, conv3d_k3
+from systems.speed import NATIVE_CONV_LIMIT, conv3d_float32_if_unsafe, conv3d_k3
 from systems.voxelmorph import up_conv_weight
 
 __all__ = ["ConvAct", "UpCatConv", "SharedEncoder", "AuxiliaryDecoder", "FusionBlock", "MSFFNet", "MSFF"]
@@ -56,8 +56,6 @@ _LEAKY_SLOPE = 0.2
 #: Convolutions with fewer input channels get zero channels up to this count (oneDNN's
 #: weight gradient is an order of magnitude slower with 1 or 2 input channels than with 3).
 _MIN_FAST_IN_CHANNELS = 3
-#: PyTorch's size limit below which batch-1 convolutions use its slow native CPU kernel.
-_NATIVE_CONV_LIMIT = 20480
 
 
 def _leaky(x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +73,8 @@ def _fast_in_channels(shape: Sequence[int]) -> int:
     """
     n, c, d, h = (int(v) for v in shape[:4])
     want = max(c, _MIN_FAST_IN_CHANNELS)
-    if n == 1 and n * want * d * h <= _NATIVE_CONV_LIMIT:
-        lifted = _NATIVE_CONV_LIMIT // (n * d * h) + 1
+    if n == 1 and n * want * d * h <= NATIVE_CONV_LIMIT:
+        lifted = NATIVE_CONV_LIMIT // (n * d * h) + 1
         if lifted <= 1.25 * c:
             want = lifted
     return want

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 __all__ = [
     "CompileSpec", "check_compile", "compile_modules", "conv3d_k3", "cpu_bf16_conv_unsafe", "conv3d_float32_if_unsafe",
-    "Conv3x3", "float32_only", "native_bound",
+    "Conv3x3", "float32_only", "NATIVE_CONV_LIMIT", "native_bound",
 ]
 
 #: ``False`` (eager), ``True`` (``torch.compile``, inductor) or a ``torch.compile`` backend name.

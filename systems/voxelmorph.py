@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from benchmark.core.losses import MSE, LocalNCC, diffusion
 from benchmark.core.spatial import integrate_velocity, resize_field, warp
 from systems.base import RegistrationSystem
-from systems.speed import conv3d_float32_if_unsafe, conv3d_k3
+from systems.speed import NATIVE_CONV_LIMIT, conv3d_float32_if_unsafe, conv3d_k3
 
 __all__ = ["VxmUNet", "VoxelMorphNet", "VoxelMorph", "up_conv_weight"]
 
@@ -93,12 +93,6 @@ def _act(x: torch.Tensor, internal: bool) -> torch.Tensor:
     return F.leaky_relu(x, _LEAKY_SLOPE, inplace=True)
 
 
-#: PyTorch's CPU convolution gives a batch-1 3×3×3 problem with ``N·C·D·H <= 20480`` to its
-#: native kernel (forward and backward), whatever the last axis ``W`` is: the product leaves it
-#: out.
-_NATIVE_LIMIT = 20480
-
-
 def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_last: bool) -> torch.Tensor:
     """``conv(x, w, b)``, stride 1, padding 1, 2D or 3D; the input made channels-last if asked.
 
@@ -119,9 +113,9 @@ def _conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, channels_
     # (eager only: under torch.compile the test alone split VoxelMorph's graph, and the
     # compiled gradient then disagreed with eager's, cosine 0.984)
     if (nd == 3 and not torch.compiler.is_compiling() and x.device.type == "cpu"
-            and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= _NATIVE_LIMIT):
+            and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= NATIVE_CONV_LIMIT):
         short = 2 + min(range(3), key=lambda a: (x.shape[2 + a], -a))
-        if short != 4 and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] * x.shape[4] // x.shape[short] > _NATIVE_LIMIT:
+        if short != 4 and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] * x.shape[4] // x.shape[short] > NATIVE_CONV_LIMIT:
             xt = x.transpose(short, 4)
             if channels_last:
                 xt = xt.contiguous(memory_format=_memory_format(nd))
