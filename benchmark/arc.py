@@ -218,7 +218,8 @@ def build_arc_config(raw: dict[str, Any], points: dict[str, list[ArcPoint]], sui
     return cfg
 
 
-def _means(exp_dir: Path, keys: list[str]) -> tuple[str, int, dict[str, float]]:
+def _read(exp_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(status from ``run.json``, case rows) of one experiment folder."""
     import json
 
     from benchmark.core.results import read_cases_csv
@@ -228,24 +229,31 @@ def _means(exp_dir: Path, keys: list[str]) -> tuple[str, int, dict[str, float]]:
     except (OSError, ValueError):
         status = "missing"
     rows = read_cases_csv(exp_dir / "cases.csv") if (exp_dir / "cases.csv").exists() else []
+    return str(status), rows
+
+
+def _means(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, float]:
     out = {}
     for key in keys:
         v = np.asarray([float(r.get(key, math.nan)) if isinstance(r.get(key), (int, float)) else math.nan for r in rows], dtype=np.float64)
         v = v[np.isfinite(v)]
         out[key] = float(v.mean()) if v.size else math.nan
-    return str(status), len(rows), out
+    return out
 
 
 def write_arc_csv(output: Path, datasets: list[str], seeds: list[int], points: dict[str, list[ArcPoint]], bound: float) -> Path:
     """``<output>/arc.csv`` from the points' results (all seeds pooled); returns its path.
 
     A point counts as complete when every seed's experiment is; its means are over the cases
-    of the complete seeds. Rows of an existing ``arc.csv`` for other (dataset, method)
+    of the complete seeds. A complete point with a diverged seed
+    (:func:`leaderboard.table.diverged_runs`, against the grid's ``initial`` rows when it has
+    them) gets the status ``diverged``: it is listed, but neither drawn nor eligible as best. Rows of an existing ``arc.csv`` for other (dataset, method)
     pairs are kept, so ``--methods a`` after ``--methods b`` leaves both curves.
     """
     from benchmark.core.io import atomic_write_text
     from benchmark.core.results import experiment_dir
     from leaderboard.ablation import ARC_COLUMNS
+    from leaderboard.table import INITIAL, diverged_runs
 
     keys = ["dice", "epe_mm", "sdlogj", "ndv_pct", "fold_pct", "tre"]
     buf = io.StringIO()
@@ -259,15 +267,20 @@ def write_arc_csv(output: Path, datasets: list[str], seeds: list[int], points: d
                 if (r.get("dataset"), r.get("method")) not in mine:
                     w.writerow([r.get(c, "") for c in ARC_COLUMNS])
     for ds in datasets:
+        # the reference of the divergence check (leaderboard.table.diverged_runs), when the grid has it
+        initial_rows = [r for s in seeds for r in _read(experiment_dir(output, ds, INITIAL, s))[1]]
         for name, pts in points.items():
             for p in pts:
-                per_seed = [_means(experiment_dir(output, ds, p["experiment"], s), keys) for s in seeds]
-                ok = [m for m in per_seed if m[0] == "complete"]
-                status = "complete" if len(ok) == len(per_seed) else next(m[0] for m in per_seed if m[0] != "complete")
-                n = sum(m[1] for m in ok)
-                vals = {k: (float(np.average([m[2][k] for m in ok if np.isfinite(m[2][k])],
-                                             weights=[m[1] for m in ok if np.isfinite(m[2][k])]))
-                            if any(np.isfinite(m[2][k]) for m in ok) else math.nan) for k in keys}
+                runs = [_read(experiment_dir(output, ds, p["experiment"], s)) for s in seeds]
+                done = [rs for st, rs in runs if st == "complete"]
+                status = "complete" if len(done) == len(runs) else next(st for st, _ in runs if st != "complete")
+                if status == "complete" and diverged_runs(initial_rows + [r for rs in done for r in rs]):
+                    status = "diverged"  # a blown-up seed: the point is neither drawn nor eligible as best
+                ok = [(len(rs), _means(rs, keys)) for rs in done]
+                n = sum(m[0] for m in ok)
+                vals = {k: (float(np.average([m[1][k] for m in ok if np.isfinite(m[1][k])],
+                                             weights=[m[0] for m in ok if np.isfinite(m[1][k])]))
+                            if any(np.isfinite(m[1][k]) for m in ok) else math.nan) for k in keys}
                 row = {"dataset": ds, "method": name, "experiment": p["experiment"], "param": p["param"], "value": repr(p["value"]),
                        "is_default": int(p["is_default"]), "status": status, "n_cases": n, "sdlogj_bound": bound, **vals}
                 w.writerow(["" if isinstance(row[c], float) and not np.isfinite(row[c]) else row[c] for c in ARC_COLUMNS])

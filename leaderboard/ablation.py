@@ -4,7 +4,8 @@
 (:mod:`benchmark.variants`); each variant is an experiment of its own whose ``run.json``
 records ``config.method.variant_of`` (the full method) and ``config.method.variant``. Per
 dataset and full method, the table compares every variant with the full method on the cases
-both have (a case's value is its mean over seeds, as in the main table):
+both have (a case's value is its mean over the seeds both ran to the end without diverging,
+:func:`leaderboard.table.diverged_runs`; the same seeds on both sides):
 
 * effect size: mean paired difference ``variant − full`` over the cases, with a percentile
   bootstrap 95 % CI (cases resampled with replacement, ``n_boot`` resamples, seeded: the same
@@ -102,6 +103,11 @@ class AblationTable:
     metrics: list[str]
     rows: dict[str, list[AblationRow]]  # metric -> one row per variant (config order)
     variants: list[str]  # expanded names
+    #: method (full or variant) -> its :meth:`leaderboard.table.Divergence.text`, for those with
+    #: diverged seeds (left out of the paired statistics; every seed diverged: no cases)
+    diverged: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: variant -> the seeds it was compared on (run by both, diverged by neither)
+    seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -152,8 +158,8 @@ def variant_origins(root: str | Path) -> dict[tuple[str, str], tuple[str, str]]:
     return out
 
 
-def _case_means(rows: Sequence[dict[str, Any]], method: str, key: str) -> dict[str, float]:
-    return case_means([r for r in rows if str(r["method"]) == method], key)
+def _case_means(rows: Sequence[dict[str, Any]], method: str, key: str, seeds: set[int]) -> dict[str, float]:
+    return case_means([r for r in rows if str(r["method"]) == method and int(r["seed"]) in seeds], key)
 
 
 def ablation_tables(report: Any, n_boot: int = N_BOOT) -> list[AblationTable]:
@@ -164,7 +170,8 @@ def ablation_tables(report: Any, n_boot: int = N_BOOT) -> list[AblationTable]:
     origins = variant_origins(report.root)
     out: list[AblationTable] = []
     for ds in report.datasets:
-        present = {str(r["method"]) for r in ds.rows}
+        gone = {d.method: d for d in ds.diverged}
+        present = {str(r["method"]) for r in ds.rows} | set(gone)
         groups: dict[str, list[tuple[str, str]]] = {}
         for (dname, mname), (base, label) in origins.items():
             if dname == ds.name and mname in present and base in present:
@@ -174,13 +181,19 @@ def ablation_tables(report: Any, n_boot: int = N_BOOT) -> list[AblationTable]:
             metrics = [k for k in ABLATION_METRICS if any(np.isfinite(num(r.get(k))) for r in ds.rows
                                                           if str(r["method"]) in {base, *[v for v, _ in variants]})]
             rows: dict[str, list[AblationRow]] = {}
+            seeds = {m: {int(r["seed"]) for r in ds.rows if str(r["method"]) == m} for m in [base, *[v for v, _ in variants]]}
             for key in metrics:
-                full = _case_means(ds.rows, base, key)
-                effs = [paired_effect(_case_means(ds.rows, v, key), full, n_boot) for v, _ in variants]
+                # Each variant against the full method on the seeds both have (all of them unless
+                # some diverged): a case's value is its mean over those seeds on both sides.
+                effs = [paired_effect(_case_means(ds.rows, v, key, seeds[v] & seeds[base]),
+                                      _case_means(ds.rows, base, key, seeds[v] & seeds[base]), n_boot) for v, _ in variants]
                 adj = stats.holm([e["p"] for e in effs])
                 rows[key] = [AblationRow(v, label, key, e["n"], e["full_mean"], e["variant_mean"], e["diff"], e["ci"], e["p"], float(pa))
                              for (v, label), e, pa in zip(variants, effs, adj)]
-            out.append(AblationTable(ds.name, base, metrics, rows, [v for v, _ in variants]))
+            names = [v for v, _ in variants]
+            out.append(AblationTable(ds.name, base, metrics, rows, names,
+                                     {m: gone[m].text() for m in [base, *names] if m in gone},
+                                     {v: sorted(seeds[v] & seeds[base]) for v in names}))
     return out
 
 
@@ -196,13 +209,13 @@ def _p(x: float) -> str:
 
 
 def ablation_cells(t: AblationTable, star: str) -> tuple[list[str], list[list[str]]]:
-    head = ["variant", "cases"]
+    head = ["variant", "cases", "seeds"]
     for k in t.metrics:
         title = ABLATION_METRICS[k][0]
         head += [f"{title} full", f"{title} variant", f"Δ {title} [95 % CI]", f"p (Holm) {title}"]
     body = []
     for i, v in enumerate(t.variants):
-        rowcells = [v, str(max((t.rows[k][i].n for k in t.metrics), default=0))]
+        rowcells = [v, str(max((t.rows[k][i].n for k in t.metrics), default=0)), str(len(t.seeds.get(v, [])))]
         for k in t.metrics:
             r = t.rows[k][i]
             rowcells += [_f(r.full_mean), _f(r.variant_mean), f"{_f(r.diff)} [{_f(r.ci[0])}, {_f(r.ci[1])}]",
@@ -211,20 +224,22 @@ def ablation_cells(t: AblationTable, star: str) -> tuple[list[str], list[list[st
     return head, body
 
 
-ABLATION_NOTE = ("Ablations: each variant against the full method on the same cases (a case's value is its mean "
-                 "over seeds). Δ = mean paired difference variant − full with a percentile bootstrap 95 % CI over "
+ABLATION_NOTE = ("Ablations: each variant against the full method on the same cases and seeds (a case's value is "
+                 "its mean over the seeds both ran without diverging; seeds: how many). Δ = mean paired difference variant − full with a percentile bootstrap 95 % CI over "
                  "cases; p: paired two-sided Wilcoxon signed-rank, Holm-corrected across the variants of the method "
                  "(per metric); * = adjusted p < 0.05. Dice: higher is better; EPE (mm): lower is better.")
 
 
 def verdict(t: AblationTable) -> str:
     sig = [f"{r.label} ({ABLATION_METRICS[r.metric][0]} Δ {_f(r.diff)})" for k in t.metrics for r in t.rows[k] if r.significant]
-    none = [v for i, v in enumerate(t.variants) if not any(t.rows[k][i].significant for k in t.metrics)]
+    tested = [i for i, _ in enumerate(t.variants) if any(t.rows[k][i].n > 0 for k in t.metrics)]
+    none = [t.variants[i] for i in tested if not any(t.rows[k][i].significant for k in t.metrics)]
     parts = []
     if sig:
         parts.append("significant: " + ", ".join(sig))
     if none:
         parts.append("no significant effect: " + ", ".join(none))
+    parts += [t.diverged[m] for m in [t.method, *t.variants] if m in t.diverged]
     return "; ".join(parts)
 
 

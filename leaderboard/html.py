@@ -29,6 +29,7 @@ from leaderboard.table import (
     Report,
     fmt,
     budget_cells,
+    diverged_notes,
     initial_cells,
     paired_cells,
     ranking_cells,
@@ -122,6 +123,10 @@ def _esc_rows(rows: list[list[str]]) -> list[list[str]]:
 
 def _tables(ds: DatasetReport) -> str:
     parts = [_table(*summary_cells(ds, "html"))]
+    notes = diverged_notes(ds)
+    if notes:
+        parts.append('<p class="note">Diverged runs (left out of every statistic on this page):</p><ul class="diverged">'
+                     + "".join(f"<li>{_html.escape(n)}</li>" for n in notes) + "</ul>")
     if ds.kind == "deformable":
         h, r = robust_cells(ds)
         parts += ["<p>Median / worst 30 % (mean of the 30 % worst cases):</p>", _table(h, _esc_rows(r))]

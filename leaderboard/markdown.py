@@ -23,6 +23,7 @@ from leaderboard.table import (
     POSE_FOOTNOTE,
     Report,
     budget_cells,
+    diverged_notes,
     initial_cells,
     paired_cells,
     ranking_cells,
@@ -48,6 +49,9 @@ def markdown(report: Report) -> str:
     for ds in report.datasets:
         lines += [f"## {ds.name}" + (" (2D/3D)" if ds.kind == "pose" else ""), ""]
         lines += md_table(*summary_cells(ds, "md")) + [""]
+        notes = diverged_notes(ds)
+        if notes:
+            lines += ["Diverged runs (left out of every statistic in this report):", ""] + [f"- {n}" for n in notes] + [""]
         if ds.kind == "deformable":
             lines += ["Median / worst 30 % (mean of the 30 % worst cases):", ""] + md_table(*robust_cells(ds)) + [""]
         h, r = paired_cells(ds)

@@ -19,6 +19,13 @@ on the cases both have (paired by ``case_id``; a case's value is its mean over s
 the p-values of one metric are Holm-corrected together. In the tables the best value is
 bold and ``*`` marks a method significantly different from the best (adjusted p < 0.05).
 
+Diverged runs (deformable datasets, :func:`diverged_runs`): a run (method, seed) whose
+registration blew up (a case with a non-finite Dice, EPE, TRE or SDlogJ that other rows of
+the case have, or an EPE / TRE more than :data:`DIVERGE_FACTOR` times the initial's) is left
+out of every statistic, rank and test, and listed under the tables
+(:attr:`DatasetReport.diverged`): averaging a run that moved the anatomy out of the image
+would make every mean meaningless, and dropping it silently would hide a failure.
+
 A dataset's kind is the ``task`` its data module declares, recorded in each experiment's
 ``run.json`` (results saved before that fall back to
 :func:`benchmark.core.registry.legacy_task`). A 2D/3D ("pose") dataset's table has mTRE
@@ -54,6 +61,11 @@ __all__ = [
     "case_means",
     "flat_rows",
     "num",
+    "Divergence",
+    "diverged_runs",
+    "diverged_notes",
+    "DIVERGE_FACTOR",
+    "DIVERGE_FLOOR_MM",
     "DEFAULT_FORMATS",
     "ALL_FORMATS",
 ]
@@ -131,6 +143,84 @@ def _per_label(v: Any) -> dict[str, float]:
     return {str(k): num(x) for k, x in d.items()}
 
 
+# ----------------------------------------------------------------------------- divergence
+#: Metrics whose non-finite value (where another row of the same case has a finite one) marks a
+#: diverged run; :data:`DIVERGE_ERRORS` are also bounded relative to the initial's value.
+DIVERGE_METRICS = ("dice", "epe_mm", "tre", "sdlogj")
+DIVERGE_ERRORS = ("epe_mm", "tre")
+#: An EPE / TRE (mm) above ``DIVERGE_FACTOR * max(initial's on that case, DIVERGE_FLOOR_MM)``
+#: is a blown-up registration, not a poor one (10× the error of doing nothing, at least 50 mm).
+DIVERGE_FACTOR = 10.0
+DIVERGE_FLOOR_MM = 5.0
+
+
+def diverged_runs(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """The runs of a deformable dataset whose registration diverged.
+
+    ``rows``: every case row of the dataset (the ``initial`` rows included: they are the
+    reference). A run ``(method, seed)`` diverged when one of its cases has
+
+    * a non-finite value of a metric in :data:`DIVERGE_METRICS` that some other row of the
+      same case has finite (so a case without labels, where every Dice is NaN, does not count), or
+    * an EPE or TRE (mm) above ``DIVERGE_FACTOR * max(initial's value on the case,
+      DIVERGE_FLOOR_MM)`` (only where ``initial`` has the case).
+
+    Returns ``{(method, seed): reason}`` with the reason naming the first offending case;
+    ``initial`` itself is never diverged.
+    """
+    finite: dict[str, dict[str, int]] = {}  # case -> metric -> rows with a finite value
+    init: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        c = str(r["case_id"])
+        for k in DIVERGE_METRICS:
+            if np.isfinite(num(r.get(k))):
+                finite.setdefault(c, {}).setdefault(k, 0)
+                finite[c][k] += 1
+        if str(r["method"]) == INITIAL:
+            init[c] = r
+    out: dict[tuple[str, int], str] = {}
+    for r in rows:
+        key = (str(r["method"]), int(r["seed"]))
+        if key[0] == INITIAL or key in out:
+            continue
+        c = str(r["case_id"])
+        for k in DIVERGE_METRICS:
+            v = num(r.get(k))
+            if not np.isfinite(v):
+                if finite.get(c, {}).get(k, 0) > 0:
+                    out[key] = f"{registry.metric(k).title} not finite on case {c}"
+                    break
+                continue
+            ref = num(init[c].get(k)) if c in init else math.nan
+            if k in DIVERGE_ERRORS and np.isfinite(ref):
+                limit = DIVERGE_FACTOR * max(ref, DIVERGE_FLOOR_MM)
+                if v > limit:
+                    out[key] = f"{registry.metric(k).title} {v:.3g} mm > {limit:.3g} mm on case {c}"
+                    break
+    return out
+
+
+@dataclasses.dataclass
+class Divergence:
+    """The diverged seeds of one method: left out of every statistic, listed under the tables."""
+
+    method: str
+    seeds: list[int]  # the diverged seeds
+    n_seeds: int  # the seeds the method ran (complete experiments)
+    reason: str  # the first diverged seed's first offending case
+
+    def text(self) -> str:
+        which = "every seed" if len(self.seeds) == self.n_seeds else f"{len(self.seeds)} of {self.n_seeds} seeds"
+        seeds = ", ".join(str(s) for s in self.seeds)
+        return (f"{self.method}: {which} diverged (seed{'s' if len(self.seeds) > 1 else ''} {seeds}; "
+                f"seed {self.seeds[0]}: {self.reason}); left out of every statistic")
+
+
+def diverged_notes(ds: "DatasetReport") -> list[str]:
+    """One line per method with diverged seeds (empty when none)."""
+    return [d.text() for d in ds.diverged]
+
+
 # ----------------------------------------------------------------------------- model
 @dataclasses.dataclass
 class MethodSummary:
@@ -165,6 +255,7 @@ class DatasetReport:
     rows: list[dict[str, Any]]
     case_values: dict[str, dict[str, dict[str, float]]]  # metric -> method -> case -> value
     per_label: dict[str, dict[str, float]]  # method -> label -> mean Dice
+    diverged: list[Divergence] = dataclasses.field(default_factory=list)  # runs left out (see diverged_runs)
 
     def method(self, name: str) -> MethodSummary | None:
         return next((m for m in self.methods if m.method == name), None)
@@ -237,6 +328,13 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
     """Aggregate, rank and test one dataset's case rows (see the module docstring); ``kind``
     is the dataset's task (default: :func:`dataset_task`)."""
     kind = kind or dataset_task(root, name, rows)
+    bad = diverged_runs(rows) if kind == "deformable" else {}
+    diverged = []
+    for m in sorted({k[0] for k in bad}):
+        seeds_run = sorted({int(r["seed"]) for r in rows if str(r["method"]) == m})
+        gone = [sd for sd in seeds_run if (m, sd) in bad]
+        diverged.append(Divergence(m, gone, len(seeds_run), bad[(m, gone[0])]))
+    rows = [r for r in rows if (str(r["method"]), int(r["seed"])) not in bad]
     candidates = registry.table_metrics(kind)
     metrics = [m for m in candidates if _has(rows, m)]
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -305,7 +403,7 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
         return (m != INITIAL, -(rs if np.isfinite(rs) else -1.0), m)
 
     methods = [summaries[m] for m in sorted(summaries, key=order)]
-    return DatasetReport(name, kind, metrics, resolved, methods, best, rows, case_values, per_label)
+    return DatasetReport(name, kind, metrics, resolved, methods, best, rows, case_values, per_label, diverged)
 
 
 def build_report(root: str | Path, rank_metrics: Mapping[str, Sequence[str]] | None = None) -> Report:

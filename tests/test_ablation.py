@@ -224,3 +224,79 @@ def test_variant_without_its_full_method_is_left_out(tmp_path):
     assert ablation_tables(build_report(tmp_path)) == []
     md = write_leaderboard(tmp_path).read_text()
     assert "Ablations" not in md
+
+
+# ----------------------------------------------------------------------------- divergence
+def _diverged_example(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """``m`` (seeds 0, 1) fine; ``m-a`` blows up in seed 1 only (Dice NaN on one case, EPE
+    1e5 mm on the others); ``m-b`` blows up in both seeds; case ``c11`` has no labels (every
+    Dice NaN, the initial's too), which is not divergence; ``m-c`` has EPE 45 mm on one case
+    (< 10 × max(2, 5) mm: poor, not diverged)."""
+    g = np.random.default_rng(3)
+    n = 12
+    cases = [f"c{i:02d}" for i in range(n)]
+    dice = {m: 0.7 + 0.05 * g.standard_normal((2, n)) for m in ("m", "m-a", "m-b", "m-c")}
+    epe = {m: 1.0 + 0.2 * g.random((2, n)) for m in dice}
+    for d in dice.values():
+        d[:, -1] = np.nan
+    dice["m-a"][1, 0] = np.nan
+    epe["m-a"][1, 1:] = 1e5
+    epe["m-b"][:, 3] = 800.0
+    epe["m-c"][0, 4] = 45.0
+    for m in dice:
+        for s in (0, 1):
+            rows = [{"case_id": c, "dice": float(dice[m][s, i]), "epe_mm": float(epe[m][s, i]), "sdlogj": 0.1}
+                    for i, c in enumerate(cases)]
+            _write_exp(tmp_path, "d", m, s, rows, variant_of="m" if m != "m" else None)
+    _write_exp(tmp_path, "d", "initial", 0, [{"case_id": c, "dice": 0.5 if c != "c11" else math.nan, "epe_mm": 2.0,
+                                              "sdlogj": 0.0} for c in cases])
+    return tmp_path, {"dice": dice, "epe": epe}
+
+
+def test_diverged_runs_are_found_listed_and_left_out_of_every_statistic(tmp_path):
+    from leaderboard.table import collect, diverged_runs
+
+    root, v = _diverged_example(tmp_path)
+    rows, _ = collect(root)
+    bad = diverged_runs(rows)
+    assert set(bad) == {("m-a", 1), ("m-b", 0), ("m-b", 1)}
+    assert bad[("m-a", 1)] == "Dice not finite on case c00"
+    assert bad[("m-b", 0)] == "EPE mm 800 mm > 50 mm on case c03"
+    ds = build_report(root).datasets[0]
+    assert [d.method for d in ds.diverged] == ["m-a", "m-b"]
+    assert ds.diverged[0].seeds == [1] and ds.diverged[0].n_seeds == 2 and "1 of 2 seeds" in ds.diverged[0].text()
+    assert "every seed diverged" in ds.diverged[1].text()
+    assert ds.method("m-b") is None  # nothing left to summarise
+    ma = ds.method("m-a")
+    assert ma.seeds == [0] and ma.stats["dice"]["mean"] == pytest.approx(np.nanmean(v["dice"]["m-a"][0]))
+    assert ma.stats["epe_mm"]["mean"] == pytest.approx(v["epe"]["m-a"][0].mean())
+    assert ds.method("m-c").seeds == [0, 1]  # a poor case is a result, not divergence
+    # ablation: m-a against m on seed 0 alone (the seed both finished); m-b has no cases and no verdict of "no effect"
+    t = ablation_tables(build_report(root))[0]
+    a, b, c = t.rows["dice"]
+    assert t.seeds == {"m-a": [0], "m-b": [], "m-c": [0, 1]}
+    d = (v["dice"]["m-a"][0] - v["dice"]["m"][0])[:-1]
+    assert a.n == 11 and a.diff == pytest.approx(d.mean()) and b.n == 0 and c.n == 11
+    text = markdown_sections(build_report(root))
+    verdict_line = next(ln for ln in text if ln.startswith("m: "))
+    assert "m-b: every seed diverged" in verdict_line and "no significant effect" in verdict_line
+    assert "m-b" not in verdict_line.split("no significant effect: ")[1].split(";")[0].split(", ")
+    md = write_leaderboard(root, formats=("md", "html")).read_text()
+    assert "Diverged runs" in md and "- m-a: 1 of 2 seeds diverged (seed 1; seed 1: Dice not finite on case c00)" in md
+    assert 'class="diverged"' in (root / "leaderboard.html").read_text()
+
+
+def test_arc_point_with_a_diverged_seed_is_marked_and_not_best(tmp_path):
+    from benchmark.arc import ArcPoint, write_arc_csv
+    from leaderboard.ablation import arc_summary, read_arc
+
+    cases = [f"c{i}" for i in range(4)]
+    _write_exp(tmp_path, "d", "initial", 0, [{"case_id": c, "dice": 0.5, "epe_mm": 2.0, "sdlogj": 0.0} for c in cases])
+    for name, dice, epe in (("s-w0.1", 0.9, 1e4), ("s", 0.7, 1.0)):
+        _write_exp(tmp_path, "d", name, 0, [{"case_id": c, "dice": dice, "epe_mm": epe, "sdlogj": 0.1} for c in cases])
+    pts = {"s": [ArcPoint(method="s", experiment="s-w0.1", param="w", value=0.1, is_default=False),
+                 ArcPoint(method="s", experiment="s", param="w", value=1.0, is_default=True)]}
+    write_arc_csv(tmp_path, ["d"], [0], pts, bound=1.0)
+    rows = read_arc(tmp_path)
+    assert [r["status"] for r in rows] == ["diverged", "complete"]
+    assert arc_summary(rows)[0]["best_dice"] == pytest.approx(0.7)  # the blown-up point's 0.9 is not eligible
