@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmark.core.drr import MU_WATER_PER_MM, render_pose
-from benchmark.core.se3 import geodesic_grad
+from benchmark.core.se3 import geodesic_grad, recentre, uncentre
 from systems.pose_base import PoseSystem
 from systems.speed import check_compile, float32_only
 
@@ -397,6 +397,11 @@ class CDReg(PoseSystem):
             training differentiates twice, which compiled graphs do not support, so it runs
             eager). Under a mixed-precision trainer (``precision: bf16-mixed``) training and
             registration stay float32 (comment at :meth:`training_loss`; :mod:`systems.speed`).
+        rotation_centre: ``"isocentre"`` or ``"centroid"``: the chart of the pose the network's
+            gradient is taken in, trained on and followed (:class:`systems.pose_base.PoseSystem`):
+            rotation about the CT's isocentre or its attenuation centroid. The geodesic target and
+            ``grad_toward_truth`` are in the same chart (the rotation part is the same in every
+            chart; the translation part is that of the centre). Estimates stay in the suite's convention.
         calibrate_axes: ``> 0``: after training, fit a per-axis positive scale ``e^s (6,)`` of the pose
             gradient on that many fresh training draws (training CTs, poses as in training) by
             minimising the same direction loss (:meth:`calibrate`, :func:`fit_axis_scale`);
@@ -446,8 +451,9 @@ class CDReg(PoseSystem):
         min_feature: int = 4,
         compile: bool | str = False,
         calibrate_axes: int = 0,
+        rotation_centre: str = "isocentre",
     ) -> None:
-        super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls)
+        super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls, rotation_centre=rotation_centre)
         self.save_hyperparameters()
         self.compile_network = check_compile(compile)
         self._net_compiled: Callable[..., Any] | None = None
@@ -498,11 +504,13 @@ class CDReg(PoseSystem):
             self.check_detector(geom.height, geom.width)
 
     # ---- similarity -------------------------------------------------------------------------
-    def similarity(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, xray: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``S (B,)`` and features for poses ``(B, 6)``; ``x3d`` the residual volume ``(B|1, 3, X, Y, Z)``."""
+    def similarity(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, xray: torch.Tensor | None = None,
+                   centre: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``S (B,)`` and features for poses ``(B, 6)`` in the chart about ``centre (B, 3)``
+        (default: :meth:`chart_centre`); ``x3d`` the residual volume ``(B|1, 3, X, Y, Z)``."""
         aff = batch["affine"][0] if x3d.shape[0] == 1 else batch["affine"]
-        drr = render_pose(x3d, aff, pose, batch["base"].to(pose.dtype), batch["geometry"], self.n_samples,
+        c = self.chart_centre(batch) if centre is None else centre
+        drr = render_pose(x3d, aff, uncentre(pose, c), batch["base"].to(pose.dtype), batch["geometry"], self.n_samples,
                           checkpoint=self.checkpoint_render and self.training)
         # training differentiates twice (create_graph), which torch.compile does not support:
         # the compiled network serves registration only
@@ -516,11 +524,12 @@ class CDReg(PoseSystem):
             object.__setattr__(self, "_net_compiled", torch.compile(self.net, backend=backend))
 
     def pose_gradient(self, batch: dict[str, Any], x3d: torch.Tensor, pose: torch.Tensor, create_graph: bool = False,
-                      scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(g (B, 6), S (B,), features)`` at ``pose``: ``g = ∂S/∂θ``, times the calibrated per-axis
-        scale ``e^s`` (:meth:`calibrate`) when ``scaled`` and ``calibrate_axes > 0``."""
+                      scaled: bool = True, centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(g (B, 6), S (B,), features)`` at the chart pose ``pose`` (about ``centre``, default
+        :meth:`chart_centre`): ``g = ∂S/∂θ``, times the calibrated per-axis scale ``e^s``
+        (:meth:`calibrate`) when ``scaled`` and ``calibrate_axes > 0``."""
         theta = pose if pose.requires_grad else pose.detach().clone().requires_grad_(True)
-        s, feats = self.similarity(batch, x3d, theta)
+        s, feats = self.similarity(batch, x3d, theta, centre=centre)
         (g,) = torch.autograd.grad(s.sum(), theta, create_graph=create_graph)
         if scaled and self.calibrate_axes > 0:
             g = g * torch.exp(self.log_axis_scale).to(g.dtype)
@@ -548,11 +557,12 @@ class CDReg(PoseSystem):
         gs, rs = [], []
         with torch.inference_mode(False), torch.enable_grad():
             for batch in batches:
-                true = batch["pose_true"].float()
+                c = self.chart_centre(batch)
+                true = recentre(batch["pose_true"].float(), c)
                 theta = self.sample_train_theta(true)
                 with torch.no_grad():
                     x3d = self.residual(batch["volume"])
-                g, _, _ = self.pose_gradient(batch, x3d, theta, scaled=False)
+                g, _, _ = self.pose_gradient(batch, x3d, theta, scaled=False, centre=c)
                 gs.append(g.detach())
                 rs.append(geodesic_grad(theta.detach().double(), true.double()).float())
         s = fit_axis_scale(torch.cat(gs), torch.cat(rs))
@@ -590,11 +600,12 @@ class CDReg(PoseSystem):
         (``scaled=False``: of ``∂S/∂θ`` without the calibrated per-axis scale)."""
         with torch.inference_mode(False), torch.enable_grad():
             clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            theta = (clean["pose_init"] if pose is None else pose.clone()).float()
+            c = self.chart_centre(clean)
+            theta = recentre((clean["pose_init"] if pose is None else pose.clone()).float(), c)
             with torch.no_grad():
                 x3d = self.residual(clean["volume"])
-            g, _, _ = self.pose_gradient(clean, x3d, theta, scaled=scaled)
-            return toward_truth_cosines(g.detach(), theta, clean["pose_true"].float())
+            g, _, _ = self.pose_gradient(clean, x3d, theta, scaled=scaled, centre=c)
+            return toward_truth_cosines(g.detach(), theta, recentre(clean["pose_true"].float(), c))
 
     # ---- training ---------------------------------------------------------------------------
     def loss_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -611,9 +622,10 @@ class CDReg(PoseSystem):
     # 3.84 under bf16 autocast vs 5.88 in float32)
     @float32_only
     def training_loss(self, batch: dict[str, Any], theta: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss at poses ``theta (B, 6)`` (default: the true pose plus ``u · N(0, train_*)`` per axis,
-        ``u ~ U(train_radius)`` per sample)."""
-        true = batch["pose_true"].float()
+        """Loss at poses ``theta (B, 6)`` in the chart about :meth:`chart_centre` (default: the true
+        pose in that chart plus ``u · N(0, train_*)`` per axis, ``u ~ U(train_radius)`` per sample)."""
+        c = self.chart_centre(batch)
+        true = recentre(batch["pose_true"].float(), c)  # in the chart about c (rotation_centre)
         if theta is None:
             # radius mixture: the Gaussian offset is scaled per sample by u ~ U(lo, hi), so the
             # field is trained from next to the truth (where a plain 6-D Gaussian rarely lands)
@@ -622,7 +634,7 @@ class CDReg(PoseSystem):
         theta = theta.detach().float().clone().requires_grad_(True)
         x3d = self.residual(batch["volume"])
         # the network learns the direction of ∂S/∂θ itself (the per-axis scale is fitted after training)
-        g, _, f = self.pose_gradient(batch, x3d, theta, create_graph=True, scaled=False)
+        g, _, f = self.pose_gradient(batch, x3d, theta, create_graph=True, scaled=False, centre=c)
         r = geodesic_grad(theta.detach().double(), true.double()).float()
         l_appro = direction_loss(g, r).mean()
         l_decomp = (cc(f["low_x"], f["low_d"]) ** 2 / (1.01 + cc(f["high_x"], f["high_d"]))).mean()
@@ -668,20 +680,23 @@ class CDReg(PoseSystem):
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
             x3d = self.residual(batch["volume"])
-        pose = batch["pose_init"].float().detach().clone()
+        c = self.chart_centre(batch)
+        pose = recentre(batch["pose_init"].float().detach(), c)  # descent in the chart about c
         n = max(self.iterations, 1)
         decay = self.final_step_frac ** (1.0 / max(n - 1, 1))
         for k in range(self.iterations):
-            g, _, _ = self.pose_gradient(batch, x3d, pose)
+            g, _, _ = self.pose_gradient(batch, x3d, pose, centre=c)
             f = decay**k
             with torch.no_grad():
                 pose[:, :3] -= self.step_rot * f * _unit(g[:, :3])
                 pose[:, 3:] -= self.step_trans * f * _unit(g[:, 3:])
+        pose = uncentre(pose, c)
         if self.finish_iterations > 0:
             from systems.pose_baseline import GradientPose
 
             fin = GradientPose(similarity="gncc", levels=[1], n_samples=self.n_samples, iterations=self.finish_iterations,
-                               lr_rot_deg=math.degrees(self.finish_lr_rot), lr_trans_mm=self.finish_lr_trans)
+                               lr_rot_deg=math.degrees(self.finish_lr_rot), lr_trans_mm=self.finish_lr_trans,
+                               rotation_centre=self.rotation_centre)
             pose = torch.stack([fin.optimise(batch, b, pose[b], [1], [self.finish_iterations], self.finish_lr_rot, self.finish_lr_trans)
                                 for b in range(pose.shape[0])])
         return pose.detach()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.core.losses import gradient_ncc
+from benchmark.core.se3 import recentre, uncentre
 from systems.pose_base import PoseSystem
 
 __all__ = ["IntensityPose", "CMAESPose", "GradientPose", "pose_similarity"]
@@ -66,8 +67,9 @@ class IntensityPose(PoseSystem):
     learns: ClassVar[bool] = False
 
     def __init__(self, similarity: str = "gncc", levels: Sequence[int] = (4, 2, 1), n_samples: int = 64,
-                 sigma_rot_deg: float = 10.0, sigma_trans_mm: float = 20.0, sigma_depth_mm: float = 40.0, seed: int = 0) -> None:
-        super().__init__(n_samples=n_samples, warmup_calls=0)
+                 sigma_rot_deg: float = 10.0, sigma_trans_mm: float = 20.0, sigma_depth_mm: float = 40.0, seed: int = 0,
+                 rotation_centre: str = "isocentre") -> None:
+        super().__init__(n_samples=n_samples, warmup_calls=0, rotation_centre=rotation_centre)
         if similarity not in ("gncc", "mncc"):
             raise ValueError(f"similarity must be 'gncc' or 'mncc', got {similarity!r}")
         self.similarity = similarity
@@ -106,8 +108,9 @@ class CMAESPose(IntensityPose):
 
     def __init__(self, similarity: str = "gncc", levels: Sequence[int] = (4, 2, 1), n_samples: int = 64,
                  generations: int | Sequence[int] = 30, popsize: int | None = 16, sigma_decay: float = 0.5,
-                 sigma_rot_deg: float = 10.0, sigma_trans_mm: float = 20.0, sigma_depth_mm: float = 40.0, seed: int = 0) -> None:
-        super().__init__(similarity, levels, n_samples, sigma_rot_deg, sigma_trans_mm, sigma_depth_mm, seed)
+                 sigma_rot_deg: float = 10.0, sigma_trans_mm: float = 20.0, sigma_depth_mm: float = 40.0, seed: int = 0,
+                 rotation_centre: str = "isocentre") -> None:
+        super().__init__(similarity, levels, n_samples, sigma_rot_deg, sigma_trans_mm, sigma_depth_mm, seed, rotation_centre)
         gens = [int(generations)] * len(self.levels) if isinstance(generations, (int, float)) else [int(g) for g in generations]
         if len(gens) != len(self.levels):
             raise ValueError(f"generations has {len(gens)} entries for {len(self.levels)} levels")
@@ -119,8 +122,11 @@ class CMAESPose(IntensityPose):
         from cmaes import CMA
 
         out = []
+        centre = self.chart_centre(batch).double().cpu()
         for b in range(batch["xray"].shape[0]):
-            start = batch["pose_init"][b].detach().double().cpu()
+            c = centre[b]
+            # the search runs in the chart that turns about chart_centre (module pose_base)
+            start = recentre(batch["pose_init"][b].detach().double().cpu(), c)
             scale = self.scale.double()
             best_x, best_f = np.zeros(6), -math.inf
             sigma = 1.0
@@ -128,12 +134,12 @@ class CMAESPose(IntensityPose):
                 sub, xray, geom, ns = self._level_inputs(batch, b, factor)
                 with torch.no_grad():
                     # re-score the incumbent at this level so the levels compare fairly
-                    best_f = float(self._score(sub, xray, geom, ns, (start + torch.from_numpy(best_x) * scale).float()[None])[0])
+                    best_f = float(self._score(sub, xray, geom, ns, uncentre(start + torch.from_numpy(best_x) * scale, c).float()[None])[0])
                     opt = CMA(mean=best_x.copy(), sigma=sigma, bounds=np.tile([-6.0, 6.0], (6, 1)),
                               population_size=self.popsize, seed=self.seed + 7919 * li)
                     for _ in range(self.generations[li]):
                         xs = np.stack([opt.ask() for _ in range(opt.population_size)])
-                        poses = (start[None] + torch.from_numpy(xs) * scale).float()
+                        poses = uncentre(start[None] + torch.from_numpy(xs) * scale, c).float()
                         f = self._score(sub, xray, geom, ns, poses).double().cpu().numpy()
                         f = np.where(np.isfinite(f), f, -1.0)
                         opt.tell([(xs[i], -float(f[i])) for i in range(len(xs))])
@@ -141,7 +147,7 @@ class CMAESPose(IntensityPose):
                         if f[i] > best_f:
                             best_f, best_x = float(f[i]), xs[i].copy()
                 sigma *= self.sigma_decay
-            out.append((start + torch.from_numpy(best_x) * scale).float())
+            out.append(uncentre(start + torch.from_numpy(best_x) * scale, c).float())
         return torch.stack(out).to(batch["pose_init"].device)
 
 
@@ -161,8 +167,8 @@ class GradientPose(IntensityPose):
 
     def __init__(self, similarity: str = "gncc", levels: Sequence[int] = (4, 2, 1), n_samples: int = 64,
                  iterations: int | Sequence[int] = 60, lr_rot_deg: float = 2.0, lr_trans_mm: float = 4.0,
-                 lr_decay: float = 0.5, seed: int = 0) -> None:
-        super().__init__(similarity, levels, n_samples, seed=seed)
+                 lr_decay: float = 0.5, seed: int = 0, rotation_centre: str = "isocentre") -> None:
+        super().__init__(similarity, levels, n_samples, seed=seed, rotation_centre=rotation_centre)
         its = [int(iterations)] * len(self.levels) if isinstance(iterations, (int, float)) else [int(i) for i in iterations]
         if len(its) != len(self.levels):
             raise ValueError(f"iterations has {len(its)} entries for {len(self.levels)} levels")
@@ -173,8 +179,12 @@ class GradientPose(IntensityPose):
 
     def optimise(self, batch: dict[str, Any], b: int, start: torch.Tensor, levels: Sequence[int], iterations: Sequence[int],
                  lr_rot: float, lr_trans: float) -> torch.Tensor:
-        """Adam on ``-similarity`` from ``start (6,)`` over the given levels; returns ``(6,)``."""
-        pose = start.detach().clone().float()
+        """Adam on ``-similarity`` from ``start (6,)`` over the given levels; returns ``(6,)``.
+
+        The variables are the pose in the chart about :meth:`chart_centre` (``rotation_centre``);
+        ``start`` and the result are in the suite's convention."""
+        c = self.chart_centre({k: (v[b : b + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})[0]
+        pose = recentre(start.detach().float(), c)
         for li, factor in enumerate(levels):
             sub, xray, geom, ns = self._level_inputs(batch, b, factor)
             rot = pose[:3].clone().requires_grad_(True)
@@ -184,12 +194,12 @@ class GradientPose(IntensityPose):
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations[li]), eta_min=0.0)
             for _ in range(iterations[li]):
                 opt.zero_grad(set_to_none=True)
-                loss = -self._score(sub, xray, geom, ns, torch.cat([rot, tr])[None]).sum()
+                loss = -self._score(sub, xray, geom, ns, uncentre(torch.cat([rot, tr]), c)[None]).sum()
                 loss.backward()
                 opt.step()
                 sched.step()
             pose = torch.cat([rot, tr]).detach()
-        return pose
+        return uncentre(pose, c)
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         out = [self.optimise(batch, b, batch["pose_init"][b], self.levels, self.iterations, self.lr_rot, self.lr_trans)

@@ -142,3 +142,38 @@ def test_batched_chunked_and_per_pose_volumes_agree() -> None:
 def test_hu_to_mu() -> None:
     hu = torch.tensor([-2000.0, -1000.0, 0.0, 1000.0])
     np.testing.assert_allclose(hu_to_mu(hu, mu_water=0.02).numpy(), [0, 0, 0.02, 0.04], atol=1e-9)
+
+
+def test_attenuation_centroid_matches_scipy_and_is_the_fixed_point_of_a_rotation_about_it() -> None:
+    """The centroid against scipy's centre of mass mapped through the affine and the reference
+    placement; then the geometric meaning of the chart: a pose turning about the centroid leaves
+    the rendered image's mass where it was, one turning about the isocentre moves it."""
+    from benchmark.core.drr import attenuation_centroid
+
+    n, sp = 32, 4.0
+    vol = torch.zeros(1, 1, n, n, n)
+    vol[0, 0, 18:24, 8:13, 20:25] = 1.0  # an off-centre block, 20–30 mm from the isocentre
+    vol[0, 0, 10:12, 14:16, 6:8] = 0.5
+    aff = _centred_affine(n, sp)
+    aff[:3, :3] = aff[:3, :3] @ torch.tensor([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    b = reference_transform(torch.tensor([3.0, -5.0, 2.0]))  # (4, 4)
+    base = b[None]
+    c = attenuation_centroid(vol, aff[None], base)[0]
+    com = np.array(ndi.center_of_mass(vol[0, 0].numpy()))
+    expect = (b[:3, :3] @ (aff[:3, :3] @ torch.from_numpy(com) + aff[:3, 3]) + b[:3, 3]).numpy()
+    np.testing.assert_allclose(c.numpy(), expect, atol=1e-9)
+    assert torch.all(attenuation_centroid(torch.zeros(1, 1, 4, 4, 4), aff[None], base) == 0)
+
+    geom = CArmGeometry(sdd=1000.0, sid=700.0, height=48, width=48, dely=4.0, delx=4.0)
+    ii, jj = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
+
+    def image_centre(pose: torch.Tensor) -> np.ndarray:
+        m = render_pose(vol.double(), aff, pose, base, geom, n_samples=256)[0, 0].numpy()
+        return np.array([(m * ii).sum() / m.sum(), (m * jj).sum() / m.sum()])
+
+    at_rest = image_centre(torch.zeros(1, 6, dtype=torch.float64))
+    turn = torch.tensor([[0.0, 0.15, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # out of plane, about the C-arm y axis
+    about_centroid = image_centre(se3.uncentre(turn, c[None]))
+    about_isocentre = image_centre(turn)
+    assert np.abs(about_centroid - at_rest).max() < 0.3  # pixels: perspective only
+    assert np.abs(about_isocentre - at_rest).max() > 1.0  # the same turn about the isocentre shifts the shadow

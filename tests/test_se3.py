@@ -82,3 +82,18 @@ def test_geodesic_grad_matches_autograd(rng: np.random.Generator, rho: float) ->
     # a small step against the gradient shortens the distance
     step = theta.detach() - 1e-3 * g / g.norm(dim=-1, keepdim=True)
     assert bool((se3.geodesic_distance(step, target, rho) < se3.geodesic_distance(theta.detach(), target, rho))[keep].all())
+
+
+def test_recentre_is_a_chart_about_the_centre(rng: np.random.Generator) -> None:
+    """``uncentre`` inverts ``recentre``; the chart's rotation leaves its centre fixed (up to the
+    chart translation); a zero centre is the identity; the rotation part never changes."""
+    pose = torch.from_numpy(np.concatenate([rng.normal(0, 0.4, (5, 3)), rng.normal(0, 20, (5, 3))], 1))
+    c = torch.from_numpy(rng.normal(0, 30, (5, 3)))
+    chart = se3.recentre(pose, c)
+    torch.testing.assert_close(se3.uncentre(chart, c), pose, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chart[:, :3], pose[:, :3], rtol=0, atol=0)
+    assert torch.equal(se3.recentre(pose, torch.zeros(5, 3, dtype=torch.float64)), pose)
+    # the point c moves by the chart translation alone: R c + t = c + t'
+    m = se3.pose_to_matrix(pose)
+    moved = (m[:, :3, :3] @ c[..., None]).squeeze(-1) + m[:, :3, 3]
+    torch.testing.assert_close(moved, c + chart[:, 3:], rtol=0, atol=1e-9)

@@ -44,6 +44,7 @@ __all__ = [
     "hu_to_mu",
     "reference_transform",
     "pose_transform",
+    "attenuation_centroid",
     "render",
     "render_pose",
     "project_points",
@@ -150,6 +151,33 @@ def reference_transform(isocentre: torch.Tensor, orientation: torch.Tensor | Non
 def pose_transform(pose: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``T(θ) = P(θ) · B``: ``(B, 6)`` poses and ``(B|1, 4, 4)`` references → ``(B, 4, 4)``."""
     return pose_to_matrix(pose) @ base.to(pose.dtype)
+
+
+def attenuation_centroid(volume: torch.Tensor, affine: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The attenuation-weighted centre of each CT in the frame the pose acts in (mm).
+
+    Args:
+        volume: ``(V, C, X, Y, Z)`` attenuation (channel 0 is used; negative values count as 0).
+        affine: ``(V|1, 4, 4)`` voxel index → CT world mm.
+        base: ``(B|1, 4, 4)`` reference placement (CT world → C-arm, isocentre at the origin).
+
+    Returns:
+        ``(max(V, B), 3)`` float64: ``base · affine · Σ μ(ijk) ijk / Σ μ``; the origin (the
+        isocentre) for an empty volume. The point a DRR's content turns about least
+        ambiguously: rotating about it does not shift the image's mass as a translation would.
+    """
+    v = volume[:, 0].to(torch.float64).clamp(min=0)
+    total = v.sum((1, 2, 3))
+    idx = []
+    for ax in range(3):
+        marg = v.sum(tuple(d for d in (1, 2, 3) if d != ax + 1))  # (V, N_ax)
+        idx.append((marg * torch.arange(marg.shape[1], dtype=torch.float64, device=v.device)).sum(1) / total.clamp(min=1e-30))
+    ijk = torch.stack(idx, -1)  # (V, 3)
+    aff = affine.to(torch.float64)
+    world = (aff[:, :3, :3] @ ijk[..., None]).squeeze(-1) + aff[:, :3, 3]
+    b = base.to(device=v.device, dtype=torch.float64)
+    c = (b[:, :3, :3] @ world[..., None]).squeeze(-1) + b[:, :3, 3]
+    return torch.where((total > 0)[..., None], c, torch.zeros_like(c))
 
 
 def _ray_bounds(src_v: torch.Tensor, pix_v: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:

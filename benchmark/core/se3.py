@@ -14,6 +14,12 @@ Its gradient w.r.t. ``θa`` is closed-form: ``2 ρ² J_r(ω_a)^T log(R_b^T R_a)`
 rotation part (``J_r`` the right Jacobian of SO(3)) and ``2 (t_a − t_b)`` for the
 translation part (:func:`geodesic_grad`).
 
+A pose can also be written in a chart whose rotation turns about a point ``c`` rather than
+the origin (:func:`recentre` / :func:`uncentre`): ``p ↦ R (p − c) + c + t'``, so
+``t = t' + c − R c``. The rotation part is the same in every chart (and so is the geodesic's
+rotation part); the translation is that of ``c``. Pose optimisers use it to turn about the
+anatomy they see (``systems.pose_base.PoseSystem``, ``rotation_centre``).
+
 Twist coordinates ``ξ = (v, ω)`` of the proper SE(3) exponential are available as
 :func:`se3_exp` / :func:`se3_log` (4×4 matrices).
 """
@@ -40,6 +46,8 @@ __all__ = [
     "geodesic_distance",
     "geodesic_grad",
     "rotation_angle",
+    "recentre",
+    "uncentre",
 ]
 
 _SMALL = 1e-4
@@ -194,3 +202,18 @@ def geodesic_grad(theta: torch.Tensor, target: torch.Tensor, rot_scale_mm: float
     g_rot = 2 * rot_scale_mm**2 * (so3_right_jacobian(w).transpose(-1, -2) @ phi[..., None]).squeeze(-1)
     g_tr = 2 * (theta[..., 3:] - target[..., 3:])
     return torch.cat([g_rot, g_tr], -1)
+
+
+def recentre(pose: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """The pose ``(..., 6)`` ``(ω, t)`` (rotation about the origin) in the chart that rotates
+    about ``centre (..., 3)`` mm: ``(ω, t − c + R(ω) c)``. ``centre = 0`` is the identity."""
+    c = centre.to(pose.dtype)
+    rc = (so3_exp(pose[..., :3]) @ c[..., None]).squeeze(-1)
+    return torch.cat([pose[..., :3], pose[..., 3:] - c + rc], -1)
+
+
+def uncentre(pose: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`recentre`: chart pose ``(ω, t')`` about ``centre`` → ``(ω, t' + c − R(ω) c)``."""
+    c = centre.to(pose.dtype)
+    rc = (so3_exp(pose[..., :3]) @ c[..., None]).squeeze(-1)
+    return torch.cat([pose[..., :3], pose[..., 3:] + c - rc], -1)
