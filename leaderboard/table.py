@@ -377,10 +377,14 @@ def build_dataset(root: Path, name: str, rows: list[dict[str, Any]], rank_metric
         summaries[m] = MethodSummary(m, len(rs), len(seeds), seeds, st, dict(ranks.get(m, {})), per_seed, exp_dirs)
 
     # Significance against the best, per metric, Holm over the ranked methods.
+    # A method some of whose seeds diverged is never the reference "best": its statistics are
+    # those of the seeds that survived (unless no other method is left).
+    partial = {d.method for d in diverged}
+    eligible = [m for m in ranked if m not in partial] or ranked
     best: dict[str, str] = {}
     for key in metrics:
         hib = registry.metric(key).higher_is_better
-        cands = [(summaries[m].stats[key]["mean"], m) for m in ranked if np.isfinite(summaries[m].stats[key]["mean"])]
+        cands = [(summaries[m].stats[key]["mean"], m) for m in eligible if np.isfinite(summaries[m].stats[key]["mean"])]
         if not cands:
             continue
         b = sorted(cands, key=lambda t: (-t[0] if hib else t[0], t[1]))[0][1]
@@ -468,6 +472,11 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
         return {"md": f"**{s}**", "tex": f"\\textbf{{{s}}}", "html": f"<b>{s}</b>"}[style]
 
     star = {"md": "*", "tex": "$^{*}$", "html": "<sup>*</sup>"}[style]
+    gone = {d.method: len(d.seeds) for d in ds.diverged}
+
+    def seeds(ms: MethodSummary) -> str:  # "1 (+2 diverged)": the statistics are the survivors'
+        return f"{ms.n_seeds} (+{gone[ms.method]} diverged)" if ms.method in gone else str(ms.n_seeds)
+
     head = ["method", "cases", "seeds"]
     rows: list[list[str]] = []
     if ds.kind == "pose":
@@ -476,7 +485,7 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
         bests = {c[0]: column_best(ds, {m.method: _src(m, c[2]) for m in ds.methods}, c[3]) for c in cols}
         best_vals = {cid: (_src(ds.method(b), src) if b else math.nan) for (cid, _, src, _, _), b in zip(cols, bests.values())}
         for ms in ds.methods:
-            cells = [ms.method, str(ms.n_cases), str(ms.n_seeds)]
+            cells = [ms.method, str(ms.n_cases), seeds(ms)]
             for cid, _, src, _, d in cols:
                 s = fmt(_src(ms, src), d)
                 key = src.split(":")[0]
@@ -489,7 +498,7 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
     else:
         head += [f"{registry.metric(k).title} ({'↑' if registry.metric(k).higher_is_better else '↓'})" for k in ds.metrics]
         for ms in ds.methods:
-            cells = [ms.method, str(ms.n_cases), str(ms.n_seeds)]
+            cells = [ms.method, str(ms.n_cases), seeds(ms)]
             for k in ds.metrics:
                 st = ms.stats[k]
                 d = digits(k)

@@ -239,6 +239,7 @@ def _diverged_example(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     epe = {m: 1.0 + 0.2 * g.random((2, n)) for m in dice}
     for d in dice.values():
         d[:, -1] = np.nan
+    dice["m-a"][0] += 0.2  # its surviving seed has the highest Dice of all
     dice["m-a"][1, 0] = np.nan
     epe["m-a"][1, 1:] = 1e5
     epe["m-b"][:, 3] = 800.0
@@ -271,6 +272,12 @@ def test_diverged_runs_are_found_listed_and_left_out_of_every_statistic(tmp_path
     assert ma.seeds == [0] and ma.stats["dice"]["mean"] == pytest.approx(np.nanmean(v["dice"]["m-a"][0]))
     assert ma.stats["epe_mm"]["mean"] == pytest.approx(v["epe"]["m-a"][0].mean())
     assert ds.method("m-c").seeds == [0, 1]  # a poor case is a result, not divergence
+    from leaderboard.table import summary_cells
+
+    assert ma.stats["dice"]["mean"] > max(ds.method(m).stats["dice"]["mean"] for m in ("m", "m-c"))
+    assert ds.best["dice"] != "m-a"  # survivors' statistics are never the reference
+    cells = {r[0]: r for r in summary_cells(ds)[1]}
+    assert cells["m-a"][2] == "1 (+1 diverged)" and cells["m-c"][2] == "2"
     # ablation: m-a against m on seed 0 alone (the seed both finished); m-b has no cases and no verdict of "no effect"
     t = ablation_tables(build_report(root))[0]
     a, b, c = t.rows["dice"]
