@@ -14,6 +14,11 @@ quarter resolution). Optimisers:
 
 Resolution levels are detector down-sampling factors (``levels``: e.g. ``[4, 2, 1]``): the
 X-ray is average-pooled and the DRR rendered on the correspondingly coarser detector.
+
+Both search in the pose chart chosen by ``rotation_centre`` (``"isocentre"`` or
+``"centroid"``: rotation about the CT's attenuation centroid; :mod:`systems.pose_base`), so
+CMA-ES's per-axis spread and Adam's per-group step sizes act on that chart's rotation and
+translation; the estimate is returned in the suite's convention.
 """
 
 from __future__ import annotations
