@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from leaderboard.table import FOOTNOTE, INITIAL, DatasetReport, Report, ranking_cells, summary_cells
+from leaderboard.table import FOOTNOTE, INITIAL, DatasetReport, Report, diverged_notes, ranking_cells, summary_cells
 
 __all__ = ["escape", "tabular", "latex"]
 
@@ -67,7 +67,8 @@ def _dataset_tables(ds: DatasetReport) -> str:
         "\\small",
         f"\\caption{{{escape(ds.name)} ({kind}). {what}; best in bold; "
         f"$^{{*}}$ significantly different from the best (paired Wilcoxon signed-rank, Holm-corrected $p<0.05$); "
-        f"\\texttt{{{escape(INITIAL)}}}: before registration.}}",
+        f"\\texttt{{{escape(INITIAL)}}}: before registration."
+        + "".join(f" Diverged: {escape(n)}." for n in diverged_notes(ds)) + "}",
         f"\\label{{tab:leaderboard-{_label(ds.name)}}}",
         "\\resizebox{\\linewidth}{!}{%",
         tabular(head, rows),

@@ -291,6 +291,8 @@ def test_diverged_runs_are_found_listed_and_left_out_of_every_statistic(tmp_path
     md = write_leaderboard(root, formats=("md", "html")).read_text()
     assert "Diverged runs" in md and "- m-a: 1 of 2 seeds diverged (seed 1; seed 1: Dice not finite on case c00)" in md
     assert 'class="diverged"' in (root / "leaderboard.html").read_text()
+    tex = write_leaderboard(root, formats=("tex",)).with_suffix(".tex").read_text()
+    assert "Diverged: m-a: 1 of 2 seeds diverged" in tex
 
 
 def test_arc_point_with_a_diverged_seed_is_marked_and_not_best(tmp_path):
