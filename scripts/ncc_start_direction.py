@@ -26,17 +26,9 @@ from benchmark.core.se3 import recentre, uncentre
 from datamodules.spine import SpineDRRDataModule, collate_pose
 from systems.cdreg import toward_truth_cosines
 from systems.pose_base import ROTATION_CENTRES, PoseSystem
+from systems.pose_baseline import _global_ncc as global_ncc  # NCC of (B, C, H, W) images over all pixels
 
 CONFIG = Path(__file__).resolve().parents[1] / "benchmark" / "configs" / "spine_quickstart.yaml"
-
-
-def global_ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """NCC of ``(B, C, H, W)`` images over all pixels (channels averaged): ``(B,)``."""
-    a = a.mean(1).flatten(1)
-    b = b.mean(1).flatten(1)
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
 
 
 def main() -> None:
@@ -59,7 +51,7 @@ def main() -> None:
         theta = start[i : i + 1].clone().requires_grad_(True)
         drr = render_pose(batch["volume"][i : i + 1], batch["affine"][i : i + 1], uncentre(theta, centre[i : i + 1]).float(),
                           batch["base"][i : i + 1].float(), batch["geometry"], kw["n_samples"])
-        (g,) = torch.autograd.grad(-global_ncc(drr, batch["xray"][i : i + 1]).sum(), theta)
+        (g,) = torch.autograd.grad(-global_ncc(drr.mean(1, keepdim=True), batch["xray"][i : i + 1]).sum(), theta)
         grads.append(g)
     cos = toward_truth_cosines(torch.cat(grads).float(), start.float(), truth.float())
     print(json.dumps({"rotation_centre": args.rotation_centre, "cases": int(cos.shape[0]),
