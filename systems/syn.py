@@ -20,6 +20,7 @@ import torch
 
 from benchmark.core._omp import warn_if_spinning
 from benchmark.core.losses import box_sum
+from benchmark.core.memory import kept_freed_memory
 from benchmark.core.metrics import displacement_jacobian
 from benchmark.core.spatial import compose, gaussian_smooth, resize_field, resize_image, spacing_from_affine, warp
 from systems.base import RegistrationSystem
@@ -27,29 +28,17 @@ from systems.base import RegistrationSystem
 __all__ = ["SyN", "GreedySyN", "SYN_PRESETS", "local_ncc_and_grad", "invert_displacement"]
 
 
+#: What the presets share: Adam steps of at most 0.25 mm (× shrink), 1 mm force smoothing, exact CC gradient.
+_PRESET_BASE: dict[str, Any] = dict(lr=0.25, optimizer="adam", smooth_grad_sigma=1.0, cc_gradient="exact")
+
 SYN_PRESETS: dict[str, dict[str, Any]] = {
     # Tuned on the OASIS pair (moving image_A, fixed image_B, 160x192x144 at 1 mm). Figures
     # and the command that measures them: see the class docstring.
-    "accurate": dict(
-        scales=(4, 2, 1),
-        iterations=(100, 50, 15),
-        cc_window=7,
-        lr=0.25,
-        optimizer="adam",
-        smooth_grad_sigma=1.0,
-        smooth_warp_sigma=0.7,
-        cc_gradient="exact",
-    ),
-    "fast": dict(
-        scales=(4, 2),
-        iterations=(60, 10),
-        cc_window=7,
-        lr=0.25,
-        optimizer="adam",
-        smooth_grad_sigma=1.0,
-        smooth_warp_sigma=0.6,
-        cc_gradient="exact",
-    ),
+    "accurate": dict(_PRESET_BASE, scales=(4, 2, 1), iterations=(100, 50, 15), cc_window=7, smooth_warp_sigma=0.7),
+    "fast": dict(_PRESET_BASE, scales=(4, 2, 1), iterations=(60, 10, 2), cc_window=7, smooth_warp_sigma=0.6),
+    # ANTs' regularity (SDlogJ <= 0.30 on the pair): a wider CC window, stronger field
+    # smoothing, more work at half resolution and less at full.
+    "regular": dict(_PRESET_BASE, scales=(4, 2, 1), iterations=(100, 100, 5), cc_window=9, smooth_warp_sigma=1.1),
 }
 
 
@@ -58,6 +47,41 @@ def _odd_window(window: int | Sequence[int], nd: int) -> list[int]:
     if len(win) != nd or any(w < 1 or w % 2 == 0 for w in win):
         raise ValueError(f"cc_window must be odd and positive, one per axis or a scalar; got {window}")
     return win
+
+
+#: Windows up to this size (voxels, per axis) are summed directly; larger ones by running sums.
+_DIRECT_BOX_MAX = 15
+
+
+def _box_sum_direct(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """:func:`benchmark.core.losses.box_sum` in ``x``'s dtype, summing small windows directly.
+
+    Per axis, the ``w - 1`` neighbours within the window are added in place (those outside
+    the image count as zero): ``w - 1`` additions per voxel instead of a running sum, which on CPU is slower for the windows SyN uses
+    (7, float64: 0.54 s against 0.78 s for five 160×192×144 maps, 2 threads), and in float32
+    as accurate as the inputs allow (no running sums of ~1e4 that lose the small ones).
+    Windows above :data:`_DIRECT_BOX_MAX` go to ``box_sum`` (running sums in float64).
+
+    Args:
+        x: ``(B, C, *spatial)``.
+        window: odd window per spatial axis.
+
+    Returns:
+        ``(B, C, *spatial)``, ``x``'s dtype.
+    """
+    if max(window) > _DIRECT_BOX_MAX:
+        return box_sum(x, window)
+    out = x
+    for axis, w in enumerate(window):
+        if w <= 1:
+            continue
+        dim, n = 2 + axis, out.shape[2 + axis]
+        acc = out.clone()
+        for k in range(1, min(w // 2, n - 1) + 1):  # neighbours k before and after (zeros outside)
+            acc.narrow(dim, k, n - k).add_(out.narrow(dim, 0, n - k))
+            acc.narrow(dim, 0, n - k).add_(out.narrow(dim, k, n - k))
+        out = acc
+    return out
 
 
 def local_ncc_and_grad(
@@ -91,17 +115,14 @@ def local_ncc_and_grad(
     win = _odd_window(window, nd)
     n = float(math.prod(win))
     f, m = fixed, moving
-    # box_sum runs on cumulative sums; in float32 their rounding (running sums of ~1e4)
-    # swamps small local variances: on the OASIS pair the float32 gradient was 5-30 % off
-    # (relative L2) against float64. The sums and the centred moments are therefore taken
-    # in float64 (+20 % time), the rest in the input's precision.
+    # The moments' box sums in float32 lose small local variances (running sums of ~1e4 in
+    # box_sum, and even direct 343-voxel sums of ~200 against variances of ~1e-3): on the OASIS
+    # pair the float32 gradient was 5-30 % off (relative L2) against float64. These sums and
+    # the centred moments are therefore taken in float64, the rest in the input's precision.
     dt = f.dtype
     acc = torch.float64 if dt in (torch.float32, torch.float16, torch.bfloat16) else dt
 
-    def bsum(x: torch.Tensor) -> torch.Tensor:
-        return box_sum(x.to(acc), win)
-
-    sums = bsum(torch.cat([f, m, f * f, m * m, f * m], dim=1))
+    sums = _box_sum_direct(torch.cat([f, m, f * f, m * m, f * m], dim=1).to(acc), win)
     s_f, s_m, s_ff, s_mm, s_fm = sums.split(1, dim=1)
     cross = (s_fm - s_m * s_f / n).to(dt)
     var_f = (s_ff - s_f * s_f / n).clamp_min(0).to(dt)
@@ -119,7 +140,9 @@ def local_ncc_and_grad(
         b_m = -cc_over_den * var_f  # d cc / d S_mm
         g_f = -(a * s_m + 2.0 * b_f * s_f) / n  # d cc / d S_f
         g_m = -(a * s_f + 2.0 * b_m * s_m) / n  # d cc / d S_m
-        back = bsum(torch.cat([a, b_f, b_m, g_f, g_m], dim=1)).to(dt) / numel
+        # The adjoint sums need no float64: summed directly, their float32 rounding is that of
+        # the inputs (OASIS pair, 80³ crop: gradient 2.8e-5 off float64 either way).
+        back = _box_sum_direct(torch.cat([a, b_f, b_m, g_f, g_m], dim=1), win) / numel
         ba, bbf, bbm, bgf, bgm = back.split(1, dim=1)
         grad_f = bgf + 2.0 * f * bbf + m * ba
         grad_m = bgm + 2.0 * m * bbm + f * ba
@@ -276,17 +299,36 @@ class GreedySyN:
     Presets (:data:`SYN_PRESETS`, :meth:`preset`, :meth:`accurate`, :meth:`fast`), tuned on
     the real OASIS pair (moving image_A, fixed image_B, 160×192×144 at 1 mm, Dice over
     tissue labels 1 and 2, initial 0.640). Reproduce with
-    ``regbench perf systems --only syn --threads 2`` (or
-    :func:`benchmark.perf.systems.perf_syn`), which runs FireANTs 1.5
-    ``GreedyRegistration`` (scales 4,2,1, iterations 200,100,50, CC 7, Adam lr 0.25,
-    smooth_grad_sigma 1, smooth_warp_sigma 0.25) side by side. One such run (2 threads,
-    shared 2-core CPU, so wall-clock is noisy; CPU seconds in brackets):
+    ``regbench perf systems --only syn --threads 2 --peer-python <fireants venv>`` (or
+    :func:`benchmark.perf.systems.perf_syn`), which runs FireANTs 1.5 ``GreedyRegistration``
+    side by side: at the brief's setting (scales 4,2,1, iterations 200,100,50, CC 7, Adam lr
+    0.25, smooth_grad_sigma 1, smooth_warp_sigma 0.25), at its published OASIS setting
+    (250,200,100, Adam β1 0.1) and at the brief's with glibc keeping freed memory, as
+    :meth:`register` does (:mod:`benchmark.core.memory`). One such run (2 threads, idle 2-core
+    CPU; wall s, CPU s in brackets; 0 % folds everywhere; B→A, which the presets were not tuned
+    on, after the slash):
 
-    * ``"accurate"`` — levels 4, 2, 1 with 100, 50, 15 iterations, warp sigma 0.7 mm:
-      Dice 0.842, 0 % folds, SDlogJ 0.41, 151 s (197); FireANTs in the same run: Dice
-      0.821, 0 % folds, SDlogJ 0.45, 509 s (519).
-    * ``"fast"`` — levels 4, 2 with 60, 10 iterations, warp sigma 0.6 mm: Dice 0.801,
-      0 % folds, SDlogJ 0.36, 7.4 s (14); ANTs' SyNQuick (cached): 0.756 in 46 s.
+    ==========================  ==========================  =============  ===========  ==============
+    run                         levels / iterations / warp  Dice           SDlogJ       time
+    ==========================  ==========================  =============  ===========  ==============
+    ``fast``                    4,2,1 / 60,10,2 / 0.6 mm    0.832 / 0.825  0.40 / 0.37  8.3 s (12.9)
+    ``regular``                 4,2,1 / 100,100,5 / 1.1 mm  0.802 / 0.799  0.27 / 0.26  27.5 s (45.6)
+    ``accurate``                4,2,1 / 100,50,15 / 0.7 mm  0.842 / 0.833  0.41 / 0.38  33.7 s (58.4)
+    FireANTs, brief             4,2,1 / 200,100,50          0.821          0.45         315 s (509)
+    FireANTs, published         4,2,1 / 250,200,100         0.815          0.38         588 s (995)
+    FireANTs, brief, kept       as brief                    0.821          0.45         140 s (231)
+    ==========================  ==========================  =============  ===========  ==============
+
+    Time ratios (wall): ``fast`` 0.026× FireANTs' brief run, 0.014× its published one,
+    0.059× the brief run with freed memory kept; ``accurate`` 0.107×, 0.057×, 0.240×. The
+    allocator setting halves both tools' time here: at equal allocator the ratios are about
+    what they were without it (0.048× and 0.21× in the previous run).
+
+    ``regular`` (CC window 9) is at ANTs' regularity (SDlogJ 0.28 for ANTs' SyNOnly at 0.793
+    Dice, cached). No setting found reaches Dice ≥ 0.84 at SDlogJ ≤ 0.30: every knob tried
+    (CC window, force and field smoothing, Adam's epsilon, ANTs' local CC gradient, image
+    smoothing, the iteration split; ``scripts/syn_frontier.py``, docs/methods.md) moves along
+    one frontier, about 0.84 at 0.40, 0.82 at 0.32, 0.80 at 0.26.
 
     Args:
         scales: shrink factor per level, coarse to fine.
@@ -359,9 +401,14 @@ class GreedySyN:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "GreedySyN":
-        """Build from :data:`SYN_PRESETS` (``"accurate"`` or ``"fast"``), with overrides."""
+        """Build from :data:`SYN_PRESETS` (``"accurate"``, ``"fast"``, ``"regular"``), with overrides."""
         if name not in SYN_PRESETS:
             raise ValueError(f"unknown SyN preset {name!r}; choose one of {sorted(SYN_PRESETS)}")
+        scales = SYN_PRESETS[name]["scales"]
+        its = overrides.get("iterations")
+        if its is not None and overrides.get("scales") is None and len(its) != len(scales):
+            raise ValueError(f"preset {name!r} has {len(scales)} levels (scales {list(scales)}) but iterations "
+                             f"{list(its)} has {len(its)} values: give one per level, or scales as well")
         return cls(**{**SYN_PRESETS[name], **overrides})
 
     @classmethod
@@ -371,7 +418,7 @@ class GreedySyN:
 
     @classmethod
     def fast(cls, **overrides: Any) -> "GreedySyN":
-        """The ``"fast"`` preset (levels 4, 2; the result is upsampled)."""
+        """The ``"fast"`` preset (levels 4, 2, 1; two iterations at full resolution)."""
         return cls.preset("fast", **overrides)
 
     def hparams(self) -> dict[str, Any]:
@@ -447,6 +494,7 @@ class GreedySyN:
         fixed: torch.Tensor,
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         progress: bool = False,
+        with_inverse: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Register ``moving`` to ``fixed`` (same grid).
 
@@ -457,14 +505,17 @@ class GreedySyN:
             moving, fixed: ``(B, 1, *spatial)`` images on one grid (2D or 3D).
             spacing: voxel size in mm per array axis (``ndim`` values).
             progress: show a tqdm bar per level.
+            with_inverse: also return ``inverse``. Without it only the fixed half is inverted
+                (at every level, for the warm start): about a third less time with a
+                full-resolution level; ``disp`` is the same.
 
         Returns:
             dict with
 
             * ``disp``: ``(B, ndim, *spatial)`` voxels of the fixed grid, pull, moving →
               fixed: ``warp(moving, disp) ≈ fixed``.
-            * ``inverse``: ``(B, ndim, *spatial)`` voxels of the moving grid, the inverse:
-              ``warp(fixed, inverse) ≈ moving``.
+            * ``inverse`` (with ``with_inverse``): ``(B, ndim, *spatial)`` voxels of the
+              moving grid, the inverse: ``warp(fixed, inverse) ≈ moving``.
             * ``mid_moving``, ``mid_fixed``: the two halves ``u_m``, ``u_f`` (midpoint →
               moving, midpoint → fixed), ``(B, ndim, *spatial)`` voxels.
         """
@@ -483,16 +534,20 @@ class GreedySyN:
             raise ValueError(f"spacing must be {nd} positive values, got {spacing}")
         if moving.device.type == "cpu":  # torch loaded before the suite: OpenMP may spin (benchmark.core._omp)
             warn_if_spinning(torch.get_num_threads())
-        with torch.inference_mode(False), torch.no_grad():
+        # full-volume temporaries every iteration: keep freed memory for reuse instead of
+        # faulting fresh pages in (benchmark.core.memory; 62 -> 33 s for `accurate` on the pair)
+        with torch.inference_mode(False), torch.no_grad(), kept_freed_memory():
             return self._register(
                 self._normalise(moving.detach().float().clone()),
                 self._normalise(fixed.detach().float().clone()),
                 spacing,
                 progress,
+                with_inverse,
             )
 
     def _register(
-        self, moving: torch.Tensor, fixed: torch.Tensor, spacing: tuple[float, ...], progress: bool
+        self, moving: torch.Tensor, fixed: torch.Tensor, spacing: tuple[float, ...], progress: bool,
+        with_inverse: bool = True,
     ) -> dict[str, torch.Tensor]:
         b = moving.shape[0]
         nd = moving.dim() - 2
@@ -565,15 +620,18 @@ class GreedySyN:
             cc_val = float(last_cc) if last_cc is not None else float("nan")
             self.history.append(dict(level=level, factor=factor, iterations=iters, cc=cc_val))
             # Inverses of both halves, warm-started from the previous level's.
-            inv = invert_displacement(u, self.inverse_iterations + (3 if inv is None else 0), init=inv)
+            # (only u_f's when the caller does not want the inverse: disp needs u_f⁻¹ alone)
+            inv = invert_displacement(u if with_inverse else u[b:],
+                                      self.inverse_iterations + (3 if inv is None else 0), init=inv)
         u_m, u_f = u[:b], u[b:]
-        inv_m, inv_f = inv[:b], inv[b:]
-        disp = compose(u_m, inv_f)
-        inverse = compose(u_f, inv_m)
+        inv_f = inv[b:] if with_inverse else inv
+        out = dict(disp=compose(u_m, inv_f), mid_moving=u_m, mid_fixed=u_f)
+        if with_inverse:
+            out["inverse"] = compose(u_f, inv[:b])
         if list(size) != shape:
             # Last level above full resolution: compose there, upsample the smooth results.
-            disp, inverse, u_m, u_f = (resize_field(t, shape) for t in (disp, inverse, u_m, u_f))
-        return dict(disp=disp, inverse=inverse, mid_moving=u_m, mid_fixed=u_f)
+            out = {k: resize_field(t, shape) for k, t in out.items()}
+        return out
 
 
 class SyN(RegistrationSystem):
@@ -584,7 +642,7 @@ class SyN(RegistrationSystem):
     spacing comes from the fixed image's affine.
 
     Args:
-        preset: ``"accurate"`` or ``"fast"`` (:data:`SYN_PRESETS`); the other arguments,
+        preset: ``"accurate"``, ``"fast"`` or ``"regular"`` (:data:`SYN_PRESETS`); the other arguments,
             when given, override the preset's value.
         scales, iterations, cc_window, lr, optimizer, smooth_grad_sigma, smooth_warp_sigma:
             see :class:`GreedySyN`.
@@ -628,4 +686,5 @@ class SyN(RegistrationSystem):
         for a in affines[1:]:
             if not torch.allclose(a.double(), affines[0].double(), atol=1e-4):
                 raise ValueError("SyN registers a batch on one spacing; use batch_size 1 for mixed grids")
-        return self.engine.register(batch["moving"], batch["fixed"], spacing=spacing, progress=self.progress)["disp"]
+        return self.engine.register(batch["moving"], batch["fixed"], spacing=spacing, progress=self.progress,
+                                    with_inverse=False)["disp"]

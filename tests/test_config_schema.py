@@ -132,16 +132,16 @@ def test_print_config_loads_back_to_the_same_experiments_and_hashes(tmp_path, mo
                             "variants": {"wide": {"init_args": {"enc": [8, 8]}}, "long": {"trainer": {"max_epochs": 3}}}}
     cfg["methods"]["syn"] = {"class_path": "systems.SyN", "init_args": {"preset": "${REGBENCH_TEST_PRESET}"}}
     path = _write(tmp_path / "grid.yaml", cfg)
-    text = print_config(path, overrides=["methods.syn.init_args.iterations=[4, 2]"])
+    text = print_config(path, overrides=["methods.syn.init_args.iterations=[4, 2, 1]"])
     printed = yaml.safe_load(text)
     assert printed["suite"] == "grid" and printed["include_initial"] is True and printed["loggers"] == ["csv"]
     assert printed["budget"] == {"max_steps": 4, "max_time_s": 60.0} and printed["seeds"] == [0]
     assert printed["output"] == str(Path("results") / "grid")
-    assert "${" not in text and printed["methods"]["syn"]["init_args"] == {"preset": "fast", "iterations": [4, 2]}
+    assert "${" not in text and printed["methods"]["syn"]["init_args"] == {"preset": "fast", "iterations": [4, 2, 1]}
     # the classes' defaults that the blocks do not set follow as comments (not part of the hash)
     assert "\n# Class defaults not set above" in text
     assert "#   methods.vm (systems.VoxelMorph): lr: 0.0001" in text and "int_steps: 7" in text
-    first = load_grid_config(path, overrides=["methods.syn.init_args.iterations=[4, 2]"])
+    first = load_grid_config(path, overrides=["methods.syn.init_args.iterations=[4, 2, 1]"])
     monkeypatch.delenv("REGBENCH_TEST_PRESET")  # printed expanded: the copy does not need it
     again = _write(tmp_path / "elsewhere.yaml", printed)
     second = load_grid_config(again)

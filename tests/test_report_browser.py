@@ -178,7 +178,7 @@ def test_quickstart_report_renders_in_chromium(tmp_path):
             config,
             output=str(root),
             overrides=[*_small_quickstart_overrides(config), "methods.syn.init_args.preset=fast",
-                       "methods.syn.init_args.iterations=[10,5]",
+                       "methods.syn.init_args.scales=[4,2]", "methods.syn.init_args.iterations=[10,5]",
                        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"],
             leaderboard=False,
             log=lambda *_: None,

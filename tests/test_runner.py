@@ -181,7 +181,8 @@ def test_config_loads_quickstart():
 # ------------------------------------------------------------------------- exact DDP
 def test_ddp_two_processes_give_the_same_rows_as_one(tmp_path):
     """2 CPU processes (gloo): every test case exactly once, metrics equal to the 1-process run."""
-    syn = {"class_path": "systems.SyN", "init_args": {"preset": "fast", "iterations": [15, 5], "progress": False}}
+    syn = {"class_path": "systems.SyN", "init_args": {"preset": "fast", "scales": [4, 2], "iterations": [15, 5],
+                                                  "progress": False}}
     rows = {}
     for n in (1, 2):
         trainer = dict(TRAINER, devices=n)

@@ -1,9 +1,10 @@
 """Performance harness for the registration systems (``regbench perf systems``).
 
-``syn``: the suite's greedy SyN (:class:`systems.syn.GreedySyN`, presets ``"fast"`` and
-``"accurate"``) on a real brain pair, side by side in one run with FireANTs'
-``GreedyRegistration`` (run in a peer virtualenv through ``benchmark/perf/peers/fireants_greedy.py``)
-and next to cached ANTs figures. Per tool: Dice per label and mean, fold % and SDlogJ
+``syn``: the suite's greedy SyN (:class:`systems.syn.GreedySyN`, presets ``"fast"``,
+``"regular"`` and ``"accurate"``) on a real brain pair, side by side in one run with FireANTs'
+``GreedyRegistration`` (run in a peer virtualenv through ``benchmark/perf/peers/fireants_greedy.py``;
+at the brief's setting, at its published OASIS setting, and at the brief's with glibc keeping
+freed memory, which our SyN does inside ``register``) and next to cached ANTs figures. Per tool: Dice per label and mean, fold % and SDlogJ
 (:mod:`benchmark.core.metrics`, central differences), wall-clock of the registration call alone
 (:func:`benchmark.core.timing.timed_call` for ours; the peer times its own ``optimize()``), process
 CPU time (less sensitive to a shared machine than wall-clock) and peak memory.
@@ -49,6 +50,7 @@ import torch
 
 from benchmark.core import metrics as M
 from benchmark.core.io import DataError, atomic_write_json, load_segmentation, load_volume, same_grid
+from benchmark.core.memory import GLIBC_KEEP_ENV
 from benchmark.core.spatial import warp
 from benchmark.core.timing import device_description, timed_call
 from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
@@ -90,7 +92,11 @@ FIREANTS_PUBLISHED_OASIS: dict[str, Any] = dict(
     optimizer_params={"beta1": 0.1},
 )
 #: name -> overrides of :data:`FIREANTS_SETTINGS` for each FireANTs run of ``perf systems``.
-FIREANTS_RUNS: dict[str, dict[str, Any]] = {"brief": {}, "published": FIREANTS_PUBLISHED_OASIS}
+#: ``"brief-kept"``: the brief's setting with glibc keeping freed memory (:data:`GLIBC_KEEP_ENV`,
+#: as environment variables of the peer's process): what our SyN does inside ``register``
+#: (:mod:`benchmark.core.memory`), given to the peer too, so that the ratio is not the allocator's.
+FIREANTS_RUNS: dict[str, dict[str, Any]] = {"brief": {}, "published": FIREANTS_PUBLISHED_OASIS,
+                                            "brief-kept": {"env": GLIBC_KEEP_ENV}}
 
 #: ANTs figures on the OASIS pair only (moving image_A, fixed image_B, labels 1 and 2),
 #: measured earlier with 2 threads on this kind of machine. Not re-run (the second takes
@@ -231,7 +237,8 @@ def _run_syn_preset(pair: BrainPair, preset: str, device: str, labels: Sequence[
     mov = torch.from_numpy(pair.moving)[None, None].to(device)
     fix = torch.from_numpy(pair.fixed)[None, None].to(device)
     c0 = time.process_time()
-    out, stats = timed_call(lambda: syn.register(mov, fix, spacing=pair.spacing, progress=False), device)
+    out, stats = timed_call(lambda: syn.register(mov, fix, spacing=pair.spacing, progress=False,
+                                                          with_inverse=False), device)
     cpu = time.process_time() - c0
     rec = {
         "tool": "regbench-syn",
@@ -260,6 +267,7 @@ def _run_fireants(
     ``settings`` overrides entries of :data:`FIREANTS_SETTINGS`.
     """
     s = {**FIREANTS_SETTINGS, **(settings or {})}
+    env = s.pop("env", None)
     with tempfile.TemporaryDirectory(prefix="regbench_fireants_") as tmp:
         tmpd = Path(tmp)
         # The moving labels on the moving image's grid (the original lies on another grid).
@@ -288,7 +296,7 @@ def _run_fireants(
         ]  # fmt: skip
         if s.get("optimizer_params"):
             cmd += ["--optimizer-params", json.dumps(s["optimizer_params"])]
-        run = run_child(cmd, tmpd / "info.json", timeout_s=timeout_s)
+        run = run_child(cmd, tmpd / "info.json", timeout_s=timeout_s, env=child_env(None, **env) if env else None)
         if run.timed_out:
             return {"tool": "fireants", "status": "failed", "error": run.timeout_message}
         if run.record is None:
@@ -304,6 +312,7 @@ def _run_fireants(
         "wall_s": info["wall_s"],
         "cpu_s": info.get("cpu_s"),
         "peak_mem_mb": info.get("peak_mem_mb"),
+        "env": dict(env or {}),
     }
     rec.update(registration_metrics(disp, pair.moving_seg, pair.fixed_seg, labels))
     native = info.get("native_dice_mean")
@@ -316,13 +325,13 @@ def perf_syn(
     pair_dir: str | os.PathLike | None = None,
     threads: int | None = 2,
     peer_python: str | None = None,
-    presets: Sequence[str] = ("fast", "accurate"),
+    presets: Sequence[str] = ("fast", "regular", "accurate"),
     out: str | os.PathLike | None = None,
     device: str = "cpu",
     labels: Sequence[int] = (1, 2),
     with_peers: bool = True,
     peer_timeout_s: float = 7200.0,
-    fireants_runs: Sequence[str] = ("brief", "published"),
+    fireants_runs: Sequence[str] = ("brief", "published", "brief-kept"),
     second_pair: bool = True,
 ) -> dict[str, Any]:
     """Our SyN presets vs FireANTs (when a peer python is found) vs cached ANTs, one run.
@@ -330,8 +339,8 @@ def perf_syn(
     The presets were tuned on this very pair (image_A -> image_B): with ``second_pair`` they
     also run on the reverse direction (image_B -> image_A), which they were not tuned on;
     every record says its ``pair`` and whether the presets were ``tuned_on`` it. FireANTs
-    runs once per entry of ``fireants_runs`` (:data:`FIREANTS_RUNS`: the brief's setting and
-    its own published OASIS setting). The JSON at ``out`` is rewritten after every tool, so
+    runs once per entry of ``fireants_runs`` (:data:`FIREANTS_RUNS`: the brief's setting, its
+    own published OASIS setting, and the brief's with the allocator setting our SyN uses). The JSON at ``out`` is rewritten after every tool, so
     a crash or a kill keeps what was measured.
 
     Args:
