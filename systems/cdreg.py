@@ -402,6 +402,8 @@ class CDReg(PoseSystem):
             rotation about the CT's isocentre or its attenuation centroid. The geodesic target and
             ``grad_toward_truth`` are in the same chart (the rotation part is the same in every
             chart; the translation part is that of the centre). Estimates stay in the suite's convention.
+        drr_method: renderer of the DRRs the network compares (``"trilinear"``, default, or
+            ``"slices"``: :func:`benchmark.core.drr.render`).
         calibrate_axes: ``> 0``: after training, fit a per-axis positive scale ``e^s (6,)`` of the pose
             gradient on that many fresh training draws (training CTs, poses as in training) by
             minimising the same direction loss (:meth:`calibrate`, :func:`fit_axis_scale`);
@@ -452,8 +454,10 @@ class CDReg(PoseSystem):
         compile: bool | str = False,
         calibrate_axes: int = 0,
         rotation_centre: str = "isocentre",
+        drr_method: str = "trilinear",
     ) -> None:
-        super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls, rotation_centre=rotation_centre)
+        super().__init__(lr=lr, n_samples=n_samples, warmup_calls=warmup_calls, rotation_centre=rotation_centre,
+                         drr_method=drr_method)
         self.save_hyperparameters()
         self.compile_network = check_compile(compile)
         self._net_compiled: Callable[..., Any] | None = None
@@ -511,7 +515,7 @@ class CDReg(PoseSystem):
         aff = batch["affine"][0] if x3d.shape[0] == 1 else batch["affine"]
         c = self.chart_centre(batch) if centre is None else centre
         drr = render_pose(x3d, aff, uncentre(pose, c), batch["base"].to(pose.dtype), batch["geometry"], self.n_samples,
-                          checkpoint=self.checkpoint_render and self.training)
+                          checkpoint=self.checkpoint_render and self.training, method=self.drr_method)
         # training differentiates twice (create_graph), which torch.compile does not support:
         # the compiled network serves registration only
         net = self._net_compiled if (self._net_compiled is not None and not self.training) else self.net

@@ -18,7 +18,8 @@ X-ray is average-pooled and the DRR rendered on the correspondingly coarser dete
 Both search in the pose chart chosen by ``rotation_centre`` (``"isocentre"`` or
 ``"centroid"``: rotation about the CT's attenuation centroid; :mod:`systems.pose_base`), so
 CMA-ES's per-axis spread and Adam's per-group step sizes act on that chart's rotation and
-translation; the estimate is returned in the suite's convention.
+translation; the estimate is returned in the suite's convention. ``drr_method`` picks the
+renderer of their DRRs (``"trilinear"``, default, or ``"slices"``; :func:`benchmark.core.drr.render`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class IntensityPose(PoseSystem):
 
     def __init__(self, similarity: str = "gncc", levels: Sequence[int] = (4, 2, 1), n_samples: int = 64,
                  sigma_rot_deg: float = 10.0, sigma_trans_mm: float = 20.0, sigma_depth_mm: float = 40.0, seed: int = 0,
-                 rotation_centre: str = "isocentre") -> None:
-        super().__init__(n_samples=n_samples, warmup_calls=0, rotation_centre=rotation_centre)
+                 rotation_centre: str = "isocentre", drr_method: str = "trilinear") -> None:
+        super().__init__(n_samples=n_samples, warmup_calls=0, rotation_centre=rotation_centre, drr_method=drr_method)
         if similarity not in ("gncc", "mncc"):
             raise ValueError(f"similarity must be 'gncc' or 'mncc', got {similarity!r}")
         self.similarity = similarity
@@ -114,8 +115,9 @@ class CMAESPose(IntensityPose):
     def __init__(self, similarity: str = "gncc", levels: Sequence[int] = (4, 2, 1), n_samples: int = 64,
                  generations: int | Sequence[int] = 30, popsize: int | None = 16, sigma_decay: float = 0.5,
                  sigma_rot_deg: float = 10.0, sigma_trans_mm: float = 20.0, sigma_depth_mm: float = 40.0, seed: int = 0,
-                 rotation_centre: str = "isocentre") -> None:
-        super().__init__(similarity, levels, n_samples, sigma_rot_deg, sigma_trans_mm, sigma_depth_mm, seed, rotation_centre)
+                 rotation_centre: str = "isocentre", drr_method: str = "trilinear") -> None:
+        super().__init__(similarity, levels, n_samples, sigma_rot_deg, sigma_trans_mm, sigma_depth_mm, seed, rotation_centre,
+                         drr_method)
         gens = [int(generations)] * len(self.levels) if isinstance(generations, (int, float)) else [int(g) for g in generations]
         if len(gens) != len(self.levels):
             raise ValueError(f"generations has {len(gens)} entries for {len(self.levels)} levels")
@@ -172,8 +174,9 @@ class GradientPose(IntensityPose):
 
     def __init__(self, similarity: str = "gncc", levels: Sequence[int] = (4, 2, 1), n_samples: int = 64,
                  iterations: int | Sequence[int] = 60, lr_rot_deg: float = 2.0, lr_trans_mm: float = 4.0,
-                 lr_decay: float = 0.5, seed: int = 0, rotation_centre: str = "isocentre") -> None:
-        super().__init__(similarity, levels, n_samples, seed=seed, rotation_centre=rotation_centre)
+                 lr_decay: float = 0.5, seed: int = 0, rotation_centre: str = "isocentre",
+                 drr_method: str = "trilinear") -> None:
+        super().__init__(similarity, levels, n_samples, seed=seed, rotation_centre=rotation_centre, drr_method=drr_method)
         its = [int(iterations)] * len(self.levels) if isinstance(iterations, (int, float)) else [int(i) for i in iterations]
         if len(its) != len(self.levels):
             raise ValueError(f"iterations has {len(its)} entries for {len(self.levels)} levels")

@@ -24,6 +24,13 @@ the pixel value is the line integral ``∫ μ ds`` (dimensionless when ``μ`` is
 differentiable w.r.t. the transform (hence the pose) and the volume, ray bounds included
 (so the pose gradient is exactly that of the rendered image). Rays are processed in chunks of at most ``chunk_points`` samples to
 bound memory (optionally with activation checkpointing for training).
+
+``method="slices"`` samples the same integral where each ray crosses each CT slice along
+the axis the rays run along most, bilinearly within the slice (Joseph's scheme): half the
+voxel reads of a trilinear sample, through PyTorch's vectorised 2D sampler. Against the
+analytic line integrals of a Gaussian both methods are within 1.5 % (tests); on the
+benchmark's 256³ CT it is several times faster (``regbench perf drr``). The default stays
+``"trilinear"``, which the suite's spine results were measured with.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ __all__ = [
     "reference_transform",
     "pose_transform",
     "attenuation_centroid",
+    "DRR_METHODS",
     "render",
     "render_pose",
     "project_points",
@@ -206,6 +214,97 @@ def _sample_sum(vol: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return out.sum(dim=(3, 4))
 
 
+#: Rendering methods of :func:`render`.
+DRR_METHODS = ("trilinear", "slices")
+
+
+def _render_slices(
+    volume: torch.Tensor,
+    src_v: torch.Tensor,
+    pix_v: torch.Tensor,
+    ray_len: torch.Tensor,
+    chunk_points: int,
+    checkpoint: bool,
+) -> torch.Tensor:
+    """Line integrals sampled where each ray crosses the CT's slices (Joseph's scheme).
+
+    Per pose the *dominant* axis ``a`` is the volume axis the rays run along most (largest
+    mean ``|d_a|`` of the source → pixel vectors ``d``, voxel units). Ray ``p`` meets slice
+    ``k`` (voxel plane ``x_a = k``, every ``k`` in ``0 … N_a − 1``) at ``λ_k = (k − s_a) / d_a``;
+    there the CT is read by *bilinear* interpolation within the slice (``grid_sample`` 2D,
+    ``align_corners=True``, zeros outside), and consecutive crossings are
+    ``ray_len / |d_a|`` mm apart, the weight of every sample. Crossings outside the
+    source → pixel segment (``λ ∉ [0, 1]``) are moved outside the slice, i.e. read as zero.
+    Four voxels per sample instead of trilinear's eight, through PyTorch's vectorised 2D
+    sampler; every pose-dependent quantity is a per-ray ``(P,)`` tensor, so the result is
+    differentiable w.r.t. the transform and the volume as :func:`render`'s default is.
+
+    Args:
+        volume: ``(V, C, X, Y, Z)``; src_v ``(B, 1, 3)``, pix_v ``(B, P, 3)`` voxel
+            coordinates; ray_len ``(P,)`` mm (source → pixel).
+
+    Returns:
+        ``(B, C, P)`` in the volume's dtype.
+    """
+    nb, npix = pix_v.shape[:2]
+    nv, nc = volume.shape[:2]
+    shape = tuple(int(n) for n in volume.shape[2:])
+    dtype, dev = volume.dtype, volume.device
+    d = pix_v - src_v  # (B, P, 3)
+    axes = d.abs().mean(1).argmax(-1).tolist()  # dominant axis per pose
+    out = []
+    slices_cache: dict[tuple[int, int], torch.Tensor] = {}
+    for b in range(nb):
+        a = axes[b]
+        u_ax, v_ax = [i for i in range(3) if i != a]
+        vb = b if nv == nb else 0
+        key = (vb, a)
+        if key not in slices_cache:  # (N_a, C, N_u, N_v): the slices as a batch of 2D images
+            slices_cache[key] = volume[vb].movedim(1 + a, 0).contiguous()
+        slices = slices_cache[key]
+        n_a = shape[a]
+        da = d[b, :, a]
+        da = torch.where(da.abs() < 1e-12, torch.full_like(da, 1e-12), da)
+        # crossing of slice k: src + (k - s_a)/d_a · d  → in-plane (u, v) = α + k β per ray
+        beta = d[b] / da[:, None]  # (P, 3)
+        alpha = src_v[b] - src_v[b, :, a:a + 1] * beta  # (P, 3)
+        lam0 = -src_v[b, 0, a] / da  # λ at k = 0, and its increment per slice
+        dlam = 1.0 / da
+        scale_u, scale_v = 2.0 / max(shape[u_ax] - 1, 1), 2.0 / max(shape[v_ax] - 1, 1)
+        # grid_sample (x, y) = (v, u), normalised
+        g_a = torch.stack([alpha[:, v_ax] * scale_v - 1.0, alpha[:, u_ax] * scale_u - 1.0], -1).to(dtype)
+        g_b = torch.stack([beta[:, v_ax] * scale_v, beta[:, u_ax] * scale_u], -1).to(dtype)
+        lam0, dlam = lam0.to(dtype), dlam.to(dtype)
+        step_mm = (ray_len / da.abs()).to(dtype)  # (P,)
+        k = torch.arange(n_a, dtype=dtype, device=dev).view(n_a, 1, 1)
+        # every crossing between source and pixel (the CT between them, the usual case): no mask
+        lam_last = lam0 + (n_a - 1) * dlam
+        need_mask = bool(((torch.minimum(lam0, lam_last) < 0) | (torch.maximum(lam0, lam_last) > 1)).any())
+        rays_per_chunk = max(1, chunk_points // n_a)
+        parts = []
+        for start in range(0, npix, rays_per_chunk):
+            sl = slice(start, min(start + rays_per_chunk, npix))
+
+            def chunk(ga: torch.Tensor, gb: torch.Tensor, l0: torch.Tensor, dl: torch.Tensor, vol_: torch.Tensor,
+                      sl=sl) -> torch.Tensor:
+                grid = torch.addcmul(ga[None, sl], k, gb[None, sl])  # (N_a, R, 2)
+                if need_mask:
+                    lam = torch.addcmul(l0[None, sl], k[..., 0], dl[None, sl])  # (N_a, R)
+                    outside = (lam < 0) | (lam > 1)
+                    grid = torch.where(outside[..., None], torch.full_like(grid, 4.0), grid)
+                smp = F.grid_sample(vol_, grid.unsqueeze(2), mode="bilinear", padding_mode="zeros",
+                                    align_corners=True)  # (N_a, C, R, 1)
+                return smp.sum(dim=(0, 3))  # (C, R)
+
+            if checkpoint and torch.is_grad_enabled():
+                s_ = _checkpoint(chunk, g_a, g_b, lam0, dlam, slices, use_reentrant=False)
+            else:
+                s_ = chunk(g_a, g_b, lam0, dlam, slices)
+            parts.append(s_ * step_mm[None, sl])
+        out.append(torch.cat(parts, -1) if len(parts) > 1 else parts[0])
+    return torch.stack(out, 0)
+
+
 def render(
     volume: torch.Tensor,
     affine: torch.Tensor,
@@ -214,6 +313,7 @@ def render(
     n_samples: int = 128,
     chunk_points: int = 2**22,
     checkpoint: bool = False,
+    method: str = "trilinear",
 ) -> torch.Tensor:
     """Render DRRs (line integrals of ``volume``) for a batch of placements.
 
@@ -226,10 +326,17 @@ def render(
         n_samples: samples per ray between its entry and exit of the volume box.
         chunk_points: at most this many sample points per ``grid_sample`` call.
         checkpoint: recompute chunks in backward instead of storing them (training memory).
+        method: ``"trilinear"`` (default): ``n_samples`` equally spaced trilinear samples
+            between the ray's entry into and exit from the voxel box; ``"slices"``: one
+            bilinear sample where the ray crosses each slice along the axis the rays run
+            along most (:func:`_render_slices`; ``n_samples`` is not used: the sample count
+            is that axis's slice count). Both approximate the same line integral.
 
     Returns:
         ``(B, C, H, W)`` in the volume's dtype: ``Σ μ · step`` per pixel.
     """
+    if method not in DRR_METHODS:
+        raise ValueError(f"method must be one of {DRR_METHODS}, got {method!r}")
     if volume.dim() != 5:
         raise ValueError(f"volume must be (V, C, X, Y, Z), got {tuple(volume.shape)}")
     if transform.dim() != 3 or transform.shape[-2:] != (4, 4):
@@ -254,6 +361,8 @@ def render(
     ray_len = (pix - src).norm(dim=-1)  # (P,) mm, pose independent
     src_v = (m[:, :3, :3] @ src + m[:, :3, 3]).unsqueeze(1)  # (B, 1, 3)
     pix_v = pix @ m[:, :3, :3].transpose(1, 2) + m[:, None, :3, 3]  # (B, P, 3)
+    if method == "slices":
+        return _render_slices(volume, src_v, pix_v, ray_len, chunk_points, checkpoint).reshape(nb, nc, h, w)
     # Ray bounds move with the pose; they stay in the graph so that the gradient is that of
     # the rendered (discretised) image itself and matches finite differences.
     near, far = _ray_bounds(src_v, pix_v, shape)
@@ -297,9 +406,10 @@ def render_pose(
     n_samples: int = 128,
     chunk_points: int = 2**22,
     checkpoint: bool = False,
+    method: str = "trilinear",
 ) -> torch.Tensor:
     """:func:`render` with ``T = P(pose) · base``; ``pose (B, 6)`` (rad, mm), ``base (B|1, 4, 4)``."""
-    return render(volume, affine, pose_transform(pose, base), geometry, n_samples, chunk_points, checkpoint)
+    return render(volume, affine, pose_transform(pose, base), geometry, n_samples, chunk_points, checkpoint, method)
 
 
 def project_points(points: torch.Tensor, transform: torch.Tensor, geometry: CArmGeometry) -> torch.Tensor:

