@@ -110,12 +110,21 @@ def _training(p: argparse.ArgumentParser) -> Callable[[Any], Any]:
     p.add_argument("--loss", default="mse", choices=["mse", "ncc"], help="similarity used side by side with the peers (default: mse)")
     p.add_argument("--sizes", type=_shapes, default=[(96, 96, 96), (160, 192, 144)],
                    help="comma-separated sizes, e.g. 96x96x96,160x192x144 (the default)")
+    p.add_argument("--tools", default=None,
+                   help="comma-separated subset of ours, ours_ncc, vxm, vxm02, monai (default: all)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="every tool runs with glibc keeping freed memory for reuse (no page faults per step)")
 
     def run(args: Any) -> Any:
-        from benchmark.perf.training import main_perf_training
+        from benchmark.perf.training import TOOLS, main_perf_training
 
+        tools = TOOLS if not args.tools else [t.strip() for t in args.tools.split(",") if t.strip()]
+        unknown = [t for t in tools if t not in TOOLS]
+        if unknown:
+            raise SystemExit(f"--tools: unknown tool(s) {', '.join(unknown)}; choose from {', '.join(TOOLS)}")
         return main_perf_training(out=args.out, sizes=args.sizes, repeats=args.repeats, threads=args.threads,
-                                  peer_python=args.peer_python, loss=args.loss)
+                                  peer_python=args.peer_python, loss=args.loss, tools=tools,
+                                  keep_freed_memory=args.keep_freed_memory)
     return run
 
 

@@ -21,13 +21,16 @@ the peer scripts) is that step's and nothing earlier in the run. Each process do
 (the order rotates between repeats) because the machine may be shared; the figures are
 medians over repeats (and timed steps), of wall-clock seconds, process CPU seconds (all
 threads) and peak RSS in MB (whole process, baseline included — the RSS before the step is
-reported as ``base_mb``).
+reported as ``base_mb``). Each process also counts the multiply-adds of one forward pass of
+its network (``fwd_gmac``, torch's ``FlopCounterMode``): the networks differ (voxelmorph 0.3's
+default is a lighter U-Net than the published VoxelMorph), and a time ratio reads differently
+beside a work ratio.
 
 Every process gets ``OMP_NUM_THREADS = MKL_NUM_THREADS = threads`` and, by default,
 ``OMP_WAIT_POLICY=PASSIVE`` (see :func:`perf_vxm_training`): on a shared machine, OpenMP's
 default spinning at barriers roughly doubles every tool's step. ``VxmPairwise`` (5 pooling
-levels, no padding) needs every size divisible by 32 and fails at 160×192×144; that is
-reported, not hidden.
+levels, no padding) needs every size divisible by 32: at 160×192×144 the pair is zero-padded
+to 160×192×160 for it (as a user of that package must), and its configuration says so.
 
 Peer pythons: ``peer_python`` or ``$REGBENCH_VXM_PEER_PYTHON`` or
 ``<project>/../peers_vxm_venv/bin/python`` (voxelmorph 0.3 + MONAI), and
@@ -47,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmark.core.memory import GLIBC_KEEP_ENV
 from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
 import numpy as np
@@ -67,6 +71,12 @@ DEFAULT_SIZES: tuple[tuple[int, ...], ...] = ((96, 96, 96), (160, 192, 144))
 #: All tools, in the order of the table.
 TOOLS: tuple[str, ...] = ("ours", "ours_ncc", "vxm", "vxm02", "monai")
 PEERS: tuple[str, ...] = ("vxm", "vxm02", "monai")
+#: voxelmorph 0.3's ``VxmPairwise`` needs every axis divisible by this (5 poolings, no padding);
+#: the harness zero-pads the pair at the axis ends for it, and its row says so.
+VXM03_MULTIPLE = 32
+#: glibc malloc settings of ``keep_freed_memory``: freed blocks stay in the heap for the next
+#: step instead of going back to the kernel (no fresh pages, so no page faults per step).
+KEEP_FREED_MEMORY_ENV = GLIBC_KEEP_ENV
 #: Weight of the smoothness term in every tool (irrelevant to the timing; kept equal).
 LAMBDA = 0.01
 
@@ -111,14 +121,19 @@ def _command(tool: str, size: Sequence[int], loss: str, threads: int, warmup: in
     py = pythons.get("main")
     if py is None:
         return f"no peer venv (pass peer_python, set $REGBENCH_VXM_PEER_PYTHON or create {DEFAULT_VXM_VENV})"
-    script = "vxm_step.py" if tool == "vxm" else "monai_step.py"
-    return [py, str(PEER_SCRIPTS / script), "--loss", loss, "--lam", str(LAMBDA), *common]
+    if tool == "vxm":  # VxmPairwise pools 5 times without padding: pad the pair to a multiple of 32
+        return [py, str(PEER_SCRIPTS / "vxm_step.py"), "--loss", loss, "--lam", str(LAMBDA),
+                "--pad-multiple", str(VXM03_MULTIPLE), *common]
+    return [py, str(PEER_SCRIPTS / "monai_step.py"), "--loss", loss, "--lam", str(LAMBDA), *common]
 
 
-def _run_child(cmd: list[str], threads: int, timeout_s: float, omp_wait_policy: str | None) -> dict[str, Any]:
+def _run_child(cmd: list[str], threads: int, timeout_s: float, omp_wait_policy: str | None,
+               keep_freed_memory: bool = False) -> dict[str, Any]:
     """Run one measurement process; its JSON record, or ``{"error": ...}``."""
     out = cmd[cmd.index("--out") + 1]
-    run = run_child(cmd, out, timeout_s=timeout_s, env=child_env(threads, wait_policy=omp_wait_policy or None), cwd=PROJECT_ROOT)
+    extra = KEEP_FREED_MEMORY_ENV if keep_freed_memory else {}
+    run = run_child(cmd, out, timeout_s=timeout_s, env=child_env(threads, wait_policy=omp_wait_policy or None, **extra),
+                    cwd=PROJECT_ROOT)
     if run.timed_out:
         return {"error": run.timeout_message}
     if run.record is None:
@@ -144,6 +159,7 @@ def perf_vxm_training(
     timeout_s: float = 3600.0,
     omp_wait_policy: str | None = "PASSIVE",
     verbose: bool = True,
+    keep_freed_memory: bool = False,
 ) -> dict[str, Any]:
     """Time the VoxelMorph training step of ours and the peers, interleaved, fresh process each.
 
@@ -163,6 +179,11 @@ def perf_vxm_training(
             needs, which doubled every tool's step here (96³, 2 threads, load ~4 on 2 CPUs:
             ours 4.9 → 2.2 s, voxelmorph 0.3.4 4.1 → 2.45 s); on an idle machine it changes
             little. The same for all tools.
+        keep_freed_memory: run every process with :data:`KEEP_FREED_MEMORY_ENV` (glibc keeps
+            freed blocks for reuse instead of returning them to the kernel). By default
+            glibc gives every large tensor fresh pages, and their page faults are a sizeable
+            part of a CPU step (ours at 96³: ~210 000 faults, 0.55 s of system time per
+            step). The same for all tools; the peak RSS grows with it.
 
     Returns:
         ``{"settings", "device", "results": {size: {tool: {...}}}, "ratios": {size: {peer:
@@ -201,7 +222,7 @@ def perf_vxm_training(
                 for t in live[k:] + live[:k]:
                     out = str(Path(tmp) / f"{key}_{t}_{rep}.json")
                     cmd = _command(t, size, loss, threads, warmup, steps, out, pythons)
-                    rec = _run_child(cmd, threads, timeout_s, omp_wait_policy)  # type: ignore[arg-type]
+                    rec = _run_child(cmd, threads, timeout_s, omp_wait_policy, keep_freed_memory)  # type: ignore[arg-type]
                     if "error" in rec:
                         res[t]["message"] = f"repeat {rep}: {rec['error']}"
                         stopped.add(t)
@@ -219,8 +240,10 @@ def perf_vxm_training(
                 if runs:
                     r["name"] = runs[0].get("tool", t)
                     r["config"] = runs[0].get("settings", "")
-                for f in ("step_s", "cpu_s", "peak_mb", "base_mb", "loadavg_1min"):
-                    r[f] = _median([v for run in runs for v in run.get(f, [])])
+                for f in ("step_s", "cpu_s", "peak_mb", "base_mb", "loadavg_1min", "fwd_gmac"):
+                    # per step lists, or one value per process (fwd_gmac)
+                    r[f] = _median([v for run in runs for v in (run[f] if isinstance(run.get(f), list)
+                                                                else [run[f]] if f in run else [])])
                 if r["status"] == "measured" and not runs:
                     r["status"] = "failed"
                 elif runs and len(runs) < repeats:
@@ -245,6 +268,7 @@ def perf_vxm_training(
         "benchmark": "voxelmorph training step",
         "settings": {"sizes": [list(s) for s in sizes], "repeats": repeats, "threads": threads, "loss": loss,
                      "omp_wait_policy": omp_wait_policy or "default",
+                     "keep_freed_memory": bool(keep_freed_memory),
                      "warmup": warmup, "steps": steps, "lambda": LAMBDA, "batch": 1, "dtype": "float32"},
         "device": device_description("cpu"),
         "peer_pythons": pythons,
@@ -267,12 +291,13 @@ def format_perf_training(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [f"VoxelMorph training step (forward + loss + backward + Adam), batch 1, {s['threads']} threads, "
              f"OMP_WAIT_POLICY {s.get('omp_wait_policy', 'default')}, peers' loss {s['loss']}, "
-             f"medians of {s['repeats']} fresh processes x {s['steps']} step(s)"]
+             f"medians of {s['repeats']} fresh processes x {s['steps']} step(s)"
+             + (", glibc keeping freed memory (every tool)" if s.get("keep_freed_memory") else "")]
     for key, tools in res["results"].items():
         fastest = res["fastest_peer"].get(key)
         lines.append(f"\n{key}  (fastest peer: {fastest or '-'})")
         lines.append(f"  {'tool':9s} {'package':18s} {'loss':4s} {'step s':>8s} {'cpu s':>8s} {'peak MB':>8s} {'base MB':>8s}"
-                     f" {'t/peer':>7s} {'mem/peer':>8s} {'load':>5s}  configuration")
+                     f" {'t/peer':>7s} {'mem/peer':>8s} {'GMAC':>6s} {'load':>5s}  configuration")
         ratio = res["ratios"].get(key, {})
         for t, r in tools.items():
             kind = "ncc" if t == "ours_ncc" else s["loss"]
@@ -284,9 +309,11 @@ def format_perf_training(res: dict[str, Any]) -> str:
                 f"  {t:9s} {str(r.get('name', ''))[:18]:18s} {kind:4s} {_fmt(r['step_s'], '8.2f'):>8s} {_fmt(r['cpu_s'], '8.2f'):>8s}"
                 f" {_fmt(r['peak_mb'], '8.0f'):>8s} {_fmt(r['base_mb'], '8.0f'):>8s}"
                 f" {_fmt(rr.get('time'), '7.2f'):>7s} {_fmt(rr.get('peak_mb'), '8.2f'):>8s}"
+                f" {_fmt(r.get('fwd_gmac'), '6.1f'):>6s}"
                 f" {_fmt(r.get('loadavg_1min'), '5.1f'):>5s}  {r.get('config', '')[:70]}"
             )
         lines.append("  (t/peer, mem/peer: ours at this loss over that peer, < 1 = ours faster / smaller;"
+                     " GMAC: multiply-adds of one forward pass, 10⁹, torch's FlopCounterMode;"
                      " load: 1-min load average when the steps began, the machine has "
                      f"{res['device'].get('cpu_count', '?')} CPUs)")
     return "\n".join(lines)
@@ -303,10 +330,12 @@ def main_perf_training(
     warmup: int = 1,
     steps: int = 1,
     omp_wait_policy: str | None = "PASSIVE",
+    keep_freed_memory: bool = False,
 ) -> dict[str, Any]:
     """Run :func:`perf_vxm_training`, print the table, write the JSON to ``out`` if given."""
     res = perf_vxm_training(sizes=sizes, repeats=repeats, threads=threads, peer_python=peer_python, loss=loss,
-                            tools=tools, warmup=warmup, steps=steps, omp_wait_policy=omp_wait_policy)
+                            tools=tools, warmup=warmup, steps=steps, omp_wait_policy=omp_wait_policy,
+                            keep_freed_memory=keep_freed_memory)
     print(format_perf_training(res))
     if out:
         from benchmark.core.io import atomic_write_json
@@ -351,6 +380,11 @@ def _child(size: Sequence[int], loss: str, threads: int, warmup: int, steps: int
     }
     for _ in range(warmup):
         step()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch["moving"], batch["fixed"])
+    rec["fwd_gmac"] = counter.get_total_flops() / 2e9  # multiply-adds of the forward pass, 10⁹
     for _ in range(steps):
         rec.setdefault("loadavg_1min", []).append(os.getloadavg()[0])
         base = current_rss_mb()

@@ -28,6 +28,16 @@ import torch
 from vxm_step import PeakRss, rss_mb  # same folder: the script's directory is on sys.path
 
 
+
+def forward_gmac(fn) -> float:
+    """Multiply-adds (10⁹) of one call of ``fn`` without autograd, by torch's FlopCounterMode
+    (convolutions and matrix products; what the network computes, whatever its layout)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2e9
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--size", required=True, help="spatial size, e.g. 96,96,96")
@@ -74,6 +84,7 @@ def main() -> None:
                  "torch": torch.__version__, "step_s": [], "cpu_s": [], "peak_mb": [], "base_mb": [], "loss": []}
     for _ in range(a.warmup):
         step()
+    rec["fwd_gmac"] = forward_gmac(lambda: model(moving, fixed))
     for _ in range(a.steps):
         rec.setdefault("loadavg_1min", []).append(os.getloadavg()[0])
         base = rss_mb()

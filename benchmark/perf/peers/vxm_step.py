@@ -111,6 +111,16 @@ def build(size: tuple[int, ...], loss: str, lam: float):
     return model, step_loss, f"voxelmorph {version}", settings
 
 
+
+def forward_gmac(fn) -> float:
+    """Multiply-adds (10⁹) of one call of ``fn`` without autograd, by torch's FlopCounterMode
+    (convolutions and matrix products; what the network computes, whatever its layout)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2e9
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--size", required=True, help="spatial size, e.g. 96,96,96")
@@ -120,17 +130,26 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pad-multiple", type=int, default=1,
+                   help="zero-pad every axis at its end up to a multiple of this (VxmPairwise needs 32)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    size = tuple(int(s) for s in a.size.split(","))
+    asked = tuple(int(s) for s in a.size.split(","))
+    m = max(a.pad_multiple, 1)
+    size = tuple(-(-n // m) * m for n in asked)  # the padded grid the network runs on
     torch.manual_seed(a.seed)
     model, step_loss, version, settings = build(size, a.loss, a.lam)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = np.random.default_rng(a.seed)
-    moving = torch.from_numpy(g.random((1, 1, *size), dtype=np.float32))
-    fixed = torch.from_numpy(g.random((1, 1, *size), dtype=np.float32))
+    moving = torch.zeros((1, 1, *size))
+    fixed = torch.zeros((1, 1, *size))
+    inner = (0, 0) + tuple(slice(0, n) for n in asked)
+    moving[inner] = torch.from_numpy(g.random((1, 1, *asked), dtype=np.float32))[0, 0]
+    fixed[inner] = torch.from_numpy(g.random((1, 1, *asked), dtype=np.float32))[0, 0]
+    if size != asked:
+        settings += f"; zero-padded {'x'.join(map(str, asked))} -> {'x'.join(map(str, size))}"
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -139,11 +158,12 @@ def main() -> None:
         opt.step()
         return float(loss.detach())
 
-    rec: dict = {"tool": version, "settings": settings, "size": list(size), "loss_kind": a.loss,
+    rec: dict = {"tool": version, "settings": settings, "size": list(asked), "run_size": list(size), "loss_kind": a.loss,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "step_s": [], "cpu_s": [], "peak_mb": [], "base_mb": [], "loss": []}
     for _ in range(a.warmup):
         step()
+    rec["fwd_gmac"] = forward_gmac(lambda: step_loss(moving, fixed))
     for _ in range(a.steps):
         rec.setdefault("loadavg_1min", []).append(os.getloadavg()[0])
         base = rss_mb()
