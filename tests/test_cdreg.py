@@ -363,16 +363,25 @@ def test_rotation_centre_chart_chain_rule_and_registration(tiny_batch) -> None:
     assert torch.isfinite(cen.grad_toward_truth(batch)).all()
 
 
-def test_drr_method_reaches_every_pose_renderer(tiny_batch) -> None:
+def test_drr_method_reaches_every_pose_renderer(tiny_batch, monkeypatch) -> None:
     """``drr_method="slices"``: cdreg trains through the slice renderer (its second backward
     included), the baselines render with it, and its DRRs agree with the trilinear ones."""
+    import systems.cdreg as cdreg_module
     from benchmark.core.drr import render_pose
     from systems.pose_baseline import CMAESPose, GradientPose
 
     batch, theta = tiny_batch
+    methods: list[str] = []
+
+    def recording_render_pose(*args, method: str = "trilinear", **kw):
+        methods.append(method)
+        return render_pose(*args, method=method, **kw)
+
+    monkeypatch.setattr(cdreg_module, "render_pose", recording_render_pose)
     model = _model(drr_method="slices")
     loss, change = _one_step(model, batch, theta)
     assert np.isfinite(loss) and change > 0
+    assert methods and set(methods) == {"slices"}  # every DRR cdreg compared was the slice method's
     for cls in (CMAESPose, GradientPose):
         sys_ = cls(n_samples=48, drr_method="slices")
         img = sys_.drr(batch, batch["pose_true"].float())

@@ -270,10 +270,9 @@ def _render_slices(
         alpha = src_v[b] - src_v[b, :, a:a + 1] * beta  # (P, 3)
         lam0 = -src_v[b, 0, a] / da  # λ at k = 0, and its increment per slice
         dlam = 1.0 / da
-        scale_u, scale_v = 2.0 / max(shape[u_ax] - 1, 1), 2.0 / max(shape[v_ax] - 1, 1)
-        # grid_sample (x, y) = (v, u), normalised
-        g_a = torch.stack([alpha[:, v_ax] * scale_v - 1.0, alpha[:, u_ax] * scale_u - 1.0], -1).to(dtype)
-        g_b = torch.stack([beta[:, v_ax] * scale_v, beta[:, u_ax] * scale_u], -1).to(dtype)
+        plane = (shape[u_ax], shape[v_ax])  # the slice's own (u, v) voxel axes → grid_sample's (x, y)
+        g_a = voxel_to_grid_coords(alpha[:, [u_ax, v_ax]], plane).to(dtype)
+        g_b = voxel_to_grid_coords(beta[:, [u_ax, v_ax]], plane, vector=True).to(dtype)
         lam0, dlam = lam0.to(dtype), dlam.to(dtype)
         step_mm = (ray_len / da.abs()).to(dtype)  # (P,)
         k = torch.arange(n_a, dtype=dtype, device=dev).view(n_a, 1, 1)

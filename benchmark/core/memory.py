@@ -14,7 +14,9 @@ quarter of them in the test's loop of 32 MB temporaries), so the gain is partial
 :func:`kept_freed_memory` keeps freed blocks inside the process for the duration of a
 ``with`` block (``mallopt``: no ``mmap`` below 1 GB, no trimming) and afterwards restores
 glibc's default thresholds and hands the kept memory back (``malloc_trim``). The process's
-peak resident memory can grow by what fragmentation keeps. Nothing happens where the C
+peak resident memory can grow by what fragmentation keeps. glibc has no way to read its
+thresholds back, so "restored" means set to their initial 128 KB, which also leaves glibc's
+own dynamic adjustment of the mmap threshold off for the rest of the process. Nothing happens where the C
 library is not glibc, or when the user set ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` (their choice stands).
 """

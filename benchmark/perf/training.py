@@ -74,9 +74,6 @@ PEERS: tuple[str, ...] = ("vxm", "vxm02", "monai")
 #: voxelmorph 0.3's ``VxmPairwise`` needs every axis divisible by this (5 poolings, no padding);
 #: the harness zero-pads the pair at the axis ends for it, and its row says so.
 VXM03_MULTIPLE = 32
-#: glibc malloc settings of ``keep_freed_memory``: freed blocks stay in the heap for the next
-#: step instead of going back to the kernel (no fresh pages, so no page faults per step).
-KEEP_FREED_MEMORY_ENV = GLIBC_KEEP_ENV
 #: Weight of the smoothness term in every tool (irrelevant to the timing; kept equal).
 LAMBDA = 0.01
 
@@ -131,7 +128,7 @@ def _run_child(cmd: list[str], threads: int, timeout_s: float, omp_wait_policy: 
                keep_freed_memory: bool = False) -> dict[str, Any]:
     """Run one measurement process; its JSON record, or ``{"error": ...}``."""
     out = cmd[cmd.index("--out") + 1]
-    extra = KEEP_FREED_MEMORY_ENV if keep_freed_memory else {}
+    extra = GLIBC_KEEP_ENV if keep_freed_memory else {}  # glibc keeps freed blocks for the next step
     run = run_child(cmd, out, timeout_s=timeout_s, env=child_env(threads, wait_policy=omp_wait_policy or None, **extra),
                     cwd=PROJECT_ROOT)
     if run.timed_out:
@@ -179,7 +176,7 @@ def perf_vxm_training(
             needs, which doubled every tool's step here (96³, 2 threads, load ~4 on 2 CPUs:
             ours 4.9 → 2.2 s, voxelmorph 0.3.4 4.1 → 2.45 s); on an idle machine it changes
             little. The same for all tools.
-        keep_freed_memory: run every process with :data:`KEEP_FREED_MEMORY_ENV` (glibc keeps
+        keep_freed_memory: run every process with :data:`benchmark.core.memory.GLIBC_KEEP_ENV` (glibc keeps
             freed blocks for reuse instead of returning them to the kernel). By default
             glibc gives every large tensor fresh pages, and their page faults are a sizeable
             part of a CPU step (ours at 96³: ~210 000 faults, 0.55 s of system time per

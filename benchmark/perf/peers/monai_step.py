@@ -25,18 +25,8 @@ import warnings
 import numpy as np
 import torch
 
-from vxm_step import PeakRss, rss_mb  # same folder: the script's directory is on sys.path
+from vxm_step import PeakRss, forward_gmac, rss_mb  # same folder: the script's directory is on sys.path
 
-
-
-def forward_gmac(fn) -> float:
-    """Multiply-adds (10⁹) of one call of ``fn`` without autograd, by torch's FlopCounterMode
-    (convolutions and matrix products; what the network computes, whatever its layout)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops() / 2e9
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
