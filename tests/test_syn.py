@@ -244,7 +244,7 @@ def test_anisotropic_spacing_gives_the_same_physical_answer() -> None:
 
 
 def test_regular_preset_is_smoother_than_accurate(iso_case) -> None:
-    """The ``regular`` preset's claim (ANTs' regularity) in small: a smaller spread of log
+    """The ``regular`` preset's claim (nearer volume-preserving) in small: a smaller spread of log
     Jacobians than ``accurate`` on the same pair (numpy Jacobians), both without folds."""
     sd = {}
     for name in ("accurate", "regular"):
