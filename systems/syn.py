@@ -275,7 +275,7 @@ def log_jacobian_penalty(disp: torch.Tensor, min_det: float = 1e-3) -> tuple[tor
     det.clamp_(min=min_det)
     logdet = det.log()
     penalty = logdet.square().sum() / numel
-    weight = logdet.div_(det).mul_(2.0 / numel).masked_fill_(~ok, 0.0)  # dP/d det · 1/det... per C_ij
+    weight = logdet.div_(det).mul_(2.0 / numel).masked_fill_(~ok, 0.0)  # ∂P/∂J_ij = weight · C_ij
     del det, ok
     grad = torch.zeros_like(disp)
     for i in range(nd):
@@ -382,15 +382,18 @@ class GreedySyN:
     zero for volume-preserving maps, and expansion and compression by the same factor cost
     alike. Its gradient joins the CC force before the force smoothing and Adam. Gaussian
     field smoothing alone trades Dice for regularity along one curve on the OASIS pair (Dice
-    0.84 at SDlogJ 0.41, 0.82 at 0.32, 0.80 at 0.26); the penalty moves off it, because it
-    removes volume change, which Dice does not need, rather than detail, which it does: with
-    w = 0.6 and a little less field smoothing (0.6 mm) ``accurate`` gains Dice and halves
-    SDlogJ (table below). Its limits, measured: it biases the map towards preserving volume,
-    so where the true map changes volume it moves away from it (built-in anatomy at 5 mm,
-    12 pairs, true correspondence known, true SDlogJ 0.15: w 0.8 took SyN's SDlogJ from 0.12
-    to 0.06 and raised TRE by 0.07 mm, p 0.002, so ``quickstart.yaml`` sets 0); and at w ≥ 0.8 with field smoothing ≤ 0.6 mm
-    a few voxels fold on the image face where the fixed brain is cut by the field of view
-    (one-sided differences there; the halves themselves do not fold). Cost: one Jacobian and
+    0.84 at SDlogJ 0.41, 0.82 at 0.32, 0.80 at 0.26); the penalty moves off it: smoothing
+    removes the fine detail that cortical Dice needs, the penalty removes volume change and
+    leaves shear and rotation. With w = 0.6 and a little less field smoothing (0.6 mm)
+    ``accurate`` gains Dice and nearly halves SDlogJ (table below). Its limits, measured: it
+    biases the map towards preserving volume, so where the true map changes volume it moves
+    away from it (built-in anatomy at 5 mm, 12 pairs, true SDlogJ 0.15: w 0.8 took SyN's
+    SDlogJ from 0.12 to 0.06 and raised TRE by 0.07 mm, p 0.002, so ``quickstart.yaml`` sets
+    0); and with too little field smoothing for its weight, the composed map folds voxels
+    (the halves never did). OASIS pair: w 0.8 at warp 0.6 mm, 2 voxels on the image face
+    where the fixed brain is cut by the field of view; at warp 0.5 mm, 19 in the brain, 9 of
+    them on that face; w 1.2 at 0.5 mm, 377, 358 of them in the background, where Adam's
+    per-voxel normalisation turns the penalty's small force into full-size steps. Cost: one Jacobian and
     its adjoint per iteration, ~0.2 s at 160×192×144 (2 threads), ~10 % of the run.
 
     Presets (:data:`SYN_PRESETS`, :meth:`preset`, :meth:`accurate`, :meth:`fast`), tuned on
