@@ -10,7 +10,7 @@ and the peak resident set size during the step is sampled every 5 ms from
 
 Models (whichever ``voxelmorph`` the venv holds):
 
-* voxelmorph 0.2.x (``VXM_BACKEND=pytorch``): ``vxm.networks.VxmDense`` in its default,
+* voxelmorph 0.2.x (``VXM_BACKEND=pytorch``, and ``NEURITE_BACKEND=pytorch`` for its neurite 0.2): ``vxm.networks.VxmDense`` in its default,
   published configuration — U-Net encoder 16-32-32-32, decoder 32-32-32-32-32-16-16,
   LeakyReLU 0.2, velocity at half resolution, 7 scaling-and-squaring steps; the same network
   as regbench's ``VoxelMorph``. Loss: ``vxm.losses.MSE`` (or ``NCC``; 0.2's torch NCC puts
@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 os.environ.setdefault("VXM_BACKEND", "pytorch")
+os.environ.setdefault("NEURITE_BACKEND", "pytorch")  # neurite 0.2 (voxelmorph 0.2's) imports tensorflow otherwise
 if not hasattr(inspect, "getargspec"):  # Python >= 3.11; voxelmorph 0.2's modelio needs it
     inspect.getargspec = lambda func: inspect.getfullargspec(func)[:4]  # type: ignore[attr-defined]
 
