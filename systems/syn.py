@@ -40,7 +40,7 @@ SYN_PRESETS: dict[str, dict[str, Any]] = {
     # 0.829 instead of 0.832 (jacobian_weight=0.8).
     "fast": dict(_PRESET_BASE, scales=(4, 2, 1), iterations=(60, 10, 2), cc_window=7, smooth_warp_sigma=0.6,
                  jacobian_weight=0.0),
-    # Closer to volume-preserving (SDlogJ ~0.14 on the pair) for a little Dice.
+    # Closer to volume-preserving (SDlogJ 0.15 on the pair) for a little Dice.
     "regular": dict(_PRESET_BASE, scales=(4, 2, 1), iterations=(100, 50, 15), cc_window=7, smooth_warp_sigma=0.7,
                     jacobian_weight=2.0),
 }
@@ -238,14 +238,15 @@ def _cofactor(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, w: torch.Tensor
 
 
 def log_jacobian_penalty(disp: torch.Tensor, min_det: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared log Jacobian determinant of a batch of fields and its exact gradient.
+    """Mean squared log Jacobian determinant of a batch of fields and its exact gradient in ``u``.
 
     ``P = 1 / (B N) · Σ_b Σ_x (log det(I + ∇u_b(x)))²`` with the metrics' finite differences
     (:func:`benchmark.core.metrics.displacement_jacobian`), N voxels per field. It is zero for
     any volume-preserving map and grows with local expansion and compression alike
     (a volume ratio of 2 or 1/2 costs the same). ``∂P/∂J_ij = 2 log det · C_ij / det``
     (``C`` the cofactor matrix), pulled back through the finite differences by their adjoint.
-    Where ``det < min_det`` the log is clamped there and contributes no gradient.
+    Where ``det < min_det`` the log is clamped there and contributes no gradient (a folded
+    voxel adds ``log(min_det)²`` to ``P`` but is not pushed to unfold).
 
     Args:
         disp: ``(B, ndim, *spatial)`` displacements in voxels, ndim 2 or 3.
@@ -255,12 +256,14 @@ def log_jacobian_penalty(disp: torch.Tensor, min_det: float = 1e-3) -> tuple[tor
         ``(P, ∂P/∂u)``: a scalar and a ``(B, ndim, *spatial)`` tensor (per voxel of displacement).
     """
     b, nd = disp.shape[:2]
+    if nd not in (2, 3) or disp.dim() != nd + 2:
+        raise ValueError(f"expected a 2D or 3D field (B, ndim, *spatial), got {tuple(disp.shape)}")
     numel = float(b * math.prod(disp.shape[2:]))
-    a = displacement_jacobian(disp).unbind(1)  # a[i * nd + j] = δ_ij + ∂u_i/∂x_j
+    a = displacement_jacobian(disp).unbind(1)  # a[i * nd + j] = δ_ij + ∂u_i/∂x_j, views of one tensor
     if nd == 2:
-        cof = [a[3], -a[2], -a[1], a[0]]
+        cof = [a[3].clone(), -a[2], -a[1], a[0].clone()]
         det = _cofactor(a[0], a[3], a[1], a[2])
-    elif nd == 3:
+    else:
         a00, a01, a02, a10, a11, a12, a20, a21, a22 = a
         cof = [
             _cofactor(a11, a22, a12, a21), _cofactor(a12, a20, a10, a22), _cofactor(a10, a21, a11, a20),
@@ -268,9 +271,8 @@ def log_jacobian_penalty(disp: torch.Tensor, min_det: float = 1e-3) -> tuple[tor
             _cofactor(a01, a12, a02, a11), _cofactor(a02, a10, a00, a12), _cofactor(a00, a11, a01, a10),
         ]
         det = torch.mul(a00, cof[0]).addcmul_(a01, cof[1]).addcmul_(a02, cof[2])
-    else:
-        raise ValueError(f"expected a 2D or 3D field (B, ndim, *spatial), got {tuple(disp.shape)}")
-    del a
+        del a00, a01, a02, a10, a11, a12, a20, a21, a22
+    del a  # the Jacobian is no longer needed: cofactors and det are fresh tensors
     ok = det > min_det
     det.clamp_(min=min_det)
     logdet = det.log()
@@ -280,10 +282,8 @@ def log_jacobian_penalty(disp: torch.Tensor, min_det: float = 1e-3) -> tuple[tor
     grad = torch.zeros_like(disp)
     for i in range(nd):
         gi = grad[:, i]
-        for j in range(nd):
-            c = cof[i * nd + j]
-            h = c.mul_(weight) if nd == 3 else c * weight
-            _add_difference_adjoint(gi, h, j + 1)
+        for j in range(nd):  # each cofactor is used once: scale it in place
+            _add_difference_adjoint(gi, cof[i * nd + j].mul_(weight), j + 1)
     return penalty, grad
 
 
@@ -378,23 +378,18 @@ class GreedySyN:
 
     Volume penalty (``jacobian_weight`` w; 0 turns it off). The pair minimises
     ``-CC + w · P``, ``P`` the mean over both halves and all voxels of ``(log det(I + ∇u))²``
-    (:func:`log_jacobian_penalty`, exact gradient through the metrics' finite differences):
-    zero for volume-preserving maps, and expansion and compression by the same factor cost
-    alike. Its gradient joins the CC force before the force smoothing and Adam. Gaussian
-    field smoothing alone trades Dice for regularity along one curve on the OASIS pair (Dice
-    0.84 at SDlogJ 0.41, 0.82 at 0.32, 0.80 at 0.26); the penalty moves off it: smoothing
-    removes the fine detail that cortical Dice needs, the penalty removes volume change and
-    leaves shear and rotation. With w = 0.6 and a little less field smoothing (0.6 mm)
-    ``accurate`` gains Dice and nearly halves SDlogJ (table below). Its limits, measured: it
-    biases the map towards preserving volume, so where the true map changes volume it moves
-    away from it (built-in anatomy at 5 mm, 12 pairs, true SDlogJ 0.15: w 0.8 took SyN's
-    SDlogJ from 0.12 to 0.06 and raised TRE by 0.07 mm, p 0.002, so ``quickstart.yaml`` sets
-    0); and with too little field smoothing for its weight, the composed map folds voxels
-    (the halves never did). OASIS pair: w 0.8 at warp 0.6 mm, 2 voxels on the image face
-    where the fixed brain is cut by the field of view; at warp 0.5 mm, 19 in the brain, 9 of
-    them on that face; w 1.2 at 0.5 mm, 377, 358 of them in the background, where Adam's
-    per-voxel normalisation turns the penalty's small force into full-size steps. Cost: one Jacobian and
-    its adjoint per iteration, ~0.2 s at 160×192×144 (2 threads), ~10 % of the run.
+    (:func:`log_jacobian_penalty`): zero for volume-preserving maps, and expansion and
+    compression by the same factor cost alike. Its gradient in ``u`` joins the CC force
+    (a first-order stand-in for the compositive update's) before the force smoothing and
+    Adam. Gaussian field smoothing alone trades Dice for regularity along one curve on the
+    OASIS pair (0.84 at SDlogJ 0.41, 0.80 at 0.26); the penalty moves off it: with w = 0.6 and
+    a little less field smoothing (0.6 mm) ``accurate`` gains Dice and nearly halves SDlogJ
+    (table below). Measured limits (docs/methods.md): it biases maps towards preserving
+    volume, so where the true map changes volume it moves away from it (built-in anatomy,
+    true SDlogJ 0.15: w 0.8 raised TRE by 0.07 mm, p 0.002; ``quickstart.yaml`` sets 0), and
+    with too little field smoothing for its weight the composed map folds voxels (w 0.8 at
+    warp 0.5 mm: 19). Cost: one Jacobian and its adjoint per iteration, ~0.2 s at
+    160×192×144 (2 threads), ~10 % of the run.
 
     Presets (:data:`SYN_PRESETS`, :meth:`preset`, :meth:`accurate`, :meth:`fast`), tuned on
     the real OASIS pair (moving image_A, fixed image_B, 160×192×144 at 1 mm, Dice over
@@ -486,8 +481,8 @@ class GreedySyN:
             raise ValueError("image_sigmas needs one value per level")
         if lr <= 0 or smooth_grad_sigma < 0 or smooth_warp_sigma < 0:
             raise ValueError("lr must be > 0 and the smoothing sigmas >= 0")
-        if not jacobian_weight >= 0:  # also rejects NaN
-            raise ValueError(f"jacobian_weight must be >= 0, got {jacobian_weight}")
+        if not (math.isfinite(jacobian_weight) and jacobian_weight >= 0):
+            raise ValueError(f"jacobian_weight must be a finite number >= 0, got {jacobian_weight}")
         wins = [cc_window] if isinstance(cc_window, (int, float)) else list(cc_window)
         if not wins or any(int(w) != w or w < 1 or int(w) % 2 == 0 for w in wins):
             raise ValueError(f"cc_window must be odd and positive (voxels), got {cc_window}")
@@ -705,7 +700,8 @@ class GreedySyN:
                 else:
                     force = -torch.cat([g_m, g_f], dim=0) * grads
                 if self.jacobian_weight > 0:
-                    # + w · d/dδ of the halves' mean squared log-Jacobian (voxels -> per mm)
+                    # + w · ∂P/∂u of the halves' mean squared log-Jacobian (voxels -> per mm): the
+                    # additive gradient, a first-order stand-in for the compositive update's
                     pen = log_jacobian_penalty(u)[1] / sp_t
                     pen = pen[:b] - pen[b:] if self.antisymmetric else pen
                     force.add_(pen, alpha=self.jacobian_weight)

