@@ -16,8 +16,8 @@ quarter of them in the test's loop of 32 MB temporaries), so the gain is partial
 glibc's default thresholds and hands the kept memory back (``malloc_trim``). The process's
 peak resident memory can grow by what fragmentation keeps. glibc has no way to read its
 thresholds back, so "restored" means set to their initial 128 KB, which also leaves glibc's
-own dynamic adjustment of the mmap threshold off for the rest of the process. Nothing happens where the C
-library is not glibc, or when the user set ``MALLOC_MMAP_THRESHOLD_`` /
+own dynamic adjustment of the mmap threshold off for the rest of the process. Nothing happens
+where the C library is not glibc, or when the user set ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` (their choice stands).
 """
 
@@ -32,9 +32,14 @@ from typing import Iterator
 
 __all__ = ["kept_freed_memory", "GLIBC_KEEP_ENV"]
 
+#: The kept-memory thresholds: no ``mmap`` for blocks below 1 GB, (practically) no trimming.
+_KEEP_MMAP_THRESHOLD = 2**30
+_KEEP_TRIM_THRESHOLD = 2**31 - 1
+
 #: The same setting as environment variables, read by glibc when a process starts (the
 #: performance harness gives it to every measured process alike).
-GLIBC_KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+GLIBC_KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_KEEP_MMAP_THRESHOLD),
+                  "MALLOC_TRIM_THRESHOLD_": str(_KEEP_TRIM_THRESHOLD)}
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -78,8 +83,8 @@ def kept_freed_memory() -> Iterator[bool]:
         return
     with _lock:
         if _depth == 0:
-            lib.mallopt(_M_MMAP_THRESHOLD, 2**30)
-            lib.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+            lib.mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD)
+            lib.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
         _depth += 1
     try:
         yield True

@@ -19,9 +19,9 @@ with its ``siddon`` renderer (exact ray–voxel intersections, no sample count),
 same thread count. The two images are compared at the geometry's own orientation
 (:func:`image_agreement`): DiffDRR 0.6.1 reading the CT with ``orientation="AP"`` returns
 its detector in our array layout (measured at 64² and 128² detectors, 0.798·256/size mm
-pixels, 128 samples, both fed the same HU then: NCC 0.998 as returned; the best flip 0.982 and 0.762, transposes
-below 0.65). The CT carries a dense
-bead off the centre in two detector directions, so a mirrored or transposed geometry moves
+pixels, 128 samples, both fed the same HU then: NCC 0.998 as returned; the best flip 0.982
+and 0.762, transposes below 0.65). The CT carries a dense bead off the centre in two
+detector directions, so a mirrored or transposed geometry moves
 its shadow: a flip is reported as a disagreement, never searched for as the best match.
 """
 
@@ -44,7 +44,8 @@ from benchmark.core.drr import CArmGeometry, hu_to_mu, reference_transform, rend
 from benchmark.core.timing import current_rss_mb, timed_call
 from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
 
-__all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "peer_volume", "find_drr_peer_python", "image_agreement", "AGREEMENT_NCC"]
+__all__ = ["perf_drr", "main_perf_drr", "make_perf_ct", "peer_volume", "find_drr_peer_python", "image_agreement",
+           "AGREEMENT_NCC"]
 
 #: Lowest NCC at the geometry's own orientation that counts as agreement with the peer.
 AGREEMENT_NCC = 0.99
@@ -99,10 +100,10 @@ def peer_volume(mu: np.ndarray) -> np.ndarray:
     value ≤ -800 is set to the smallest value above it, then the volume is shifted to start at
     0 and scaled to end at 1), which differs from :func:`benchmark.core.drr.hu_to_mu`
     (``μ_water (1 + HU / 1000)``) by an offset in every non-air voxel: fed the same HU, the two
-    renderers integrate different volumes and their images disagree (docs/speed.md). ``-799 + 2000 μ / max μ`` lies above -800 everywhere, so DiffDRR's
-    density is exactly ``μ / max μ`` (where ``μ`` has a zero, as in air): the images then differ
-    only by geometry and sampling, which is what the comparison is for. The image scale is
-    not compared (NCC).
+    renderers integrate different volumes and their images disagree (docs/speed.md).
+    ``-799 + 2000 μ / max μ`` lies above -800 everywhere, so DiffDRR's density is exactly
+    ``μ / max μ`` (where ``μ`` has a zero, as in air): the images then differ only by geometry
+    and sampling, which is what the comparison is for. The image scale is not compared (NCC).
     """
     top = float(mu.max())
     return np.ascontiguousarray(-799.0 + 2000.0 * mu / (top if top > 0 else 1.0), dtype=np.float32)
@@ -257,8 +258,8 @@ def perf_drr(repeats: int = 5, threads: int = 2, peer_python: str | None = None,
                 # Siddon's exact ray-voxel intersections: the line integral every sampler approximates
                 exact = np.load(args["img_siddon"])
                 peer["image_ncc_vs_siddon"] = {
-                    "regbench_trilinear": image_agreement(images["trilinear"], exact)["ncc"],
-                    "regbench_slices": image_agreement(images["slices"], exact)["ncc"],
+                    "regbench_trilinear": _ncc(images["trilinear"], exact),
+                    "regbench_slices": _ncc(images["slices"], exact),
                     "diffdrr_trilinear": _ncc(peer_img, exact),
                 }
                 result["diffdrr"] = peer
@@ -307,15 +308,11 @@ def format_perf_drr(res: dict[str, Any]) -> str:
             verdict2 = "agrees" if ag2.get("agrees") else f"DISAGREES: {ag2.get('reason')}"
             lines.append(f"image NCC regbench slices vs diffdrr trilinear: {ag2['ncc']:.4f} ({verdict2}); "
                          f"vs regbench trilinear {sl['image_ncc_vs_trilinear']:.5f}")
-        for key, label in (("speedup_vs_diffdrr_fastest", "trilinear"),):
-            if key in res:
-                sp = res[key]
+        for label, rec in (("trilinear", res), ("slices", sl or {})):
+            sp = rec.get("speedup_vs_diffdrr_fastest")
+            if sp:
                 lines.append(f"time / diffdrr's fastest: {label} {1 / sp['forward']:.2f} forward, "
                              f"{1 / sp['forward_backward']:.2f} forward+backward")
-        if sl and "speedup_vs_diffdrr_fastest" in sl:
-            sp = sl["speedup_vs_diffdrr_fastest"]
-            lines.append(f"time / diffdrr's fastest: slices {1 / sp['forward']:.2f} forward, "
-                         f"{1 / sp['forward_backward']:.2f} forward+backward")
     else:
         lines.append(f"diffdrr: {peer.get('status')} ({peer.get('reason') or peer.get('error', '')[:200]})")
     return "\n".join(lines)

@@ -2,10 +2,11 @@
 
 ``syn``: the suite's greedy SyN (:class:`systems.syn.GreedySyN`, presets ``"fast"``,
 ``"regular"`` and ``"accurate"``) on a real brain pair, side by side in one run with FireANTs'
-``GreedyRegistration`` (run in a peer virtualenv through ``benchmark/perf/peers/fireants_greedy.py``;
-at the brief's setting, at its published OASIS setting, and at the brief's with glibc keeping
-freed memory, which our SyN does inside ``register``) and next to cached ANTs figures. Per tool: Dice per label and mean, fold % and SDlogJ
-(:mod:`benchmark.core.metrics`, central differences), wall-clock of the registration call alone
+``GreedyRegistration`` (run in a peer virtualenv through
+``benchmark/perf/peers/fireants_greedy.py``; at the brief's setting, at its published OASIS
+setting, and at the brief's with glibc keeping freed memory, which our SyN does inside
+``register``) and next to cached ANTs figures. Per tool: Dice per label and mean, fold % and
+SDlogJ (:mod:`benchmark.core.metrics`, central differences), wall-clock of the registration call alone
 (:func:`benchmark.core.timing.timed_call` for ours; the peer times its own ``optimize()``), process
 CPU time (less sensitive to a shared machine than wall-clock) and peak memory.
 
@@ -237,8 +238,8 @@ def _run_syn_preset(pair: BrainPair, preset: str, device: str, labels: Sequence[
     mov = torch.from_numpy(pair.moving)[None, None].to(device)
     fix = torch.from_numpy(pair.fixed)[None, None].to(device)
     c0 = time.process_time()
-    out, stats = timed_call(lambda: syn.register(mov, fix, spacing=pair.spacing, progress=False,
-                                                          with_inverse=False), device)
+    out, stats = timed_call(lambda: syn.register(mov, fix, spacing=pair.spacing, progress=False, with_inverse=False),
+                            device)
     cpu = time.process_time() - c0
     rec = {
         "tool": "regbench-syn",
@@ -340,8 +341,9 @@ def perf_syn(
     also run on the reverse direction (image_B -> image_A), which they were not tuned on;
     every record says its ``pair`` and whether the presets were ``tuned_on`` it. FireANTs
     runs once per entry of ``fireants_runs`` (:data:`FIREANTS_RUNS`: the brief's setting, its
-    own published OASIS setting, and the brief's with the allocator setting our SyN uses). The JSON at ``out`` is rewritten after every tool, so
-    a crash or a kill keeps what was measured.
+    own published OASIS setting, and the brief's with the allocator setting our SyN uses).
+    The JSON at ``out`` is rewritten after every tool, so a crash or a kill keeps what was
+    measured.
 
     Args:
         pair_dir: folder with ``image_A/B.nii.gz`` and ``image_A/B_seg.nii.gz``.

@@ -10,8 +10,8 @@ and the peak resident set size during the step is sampled every 5 ms from
 
 Models (whichever ``voxelmorph`` the venv holds):
 
-* voxelmorph 0.2.x (``VXM_BACKEND=pytorch``, and ``NEURITE_BACKEND=pytorch`` for its neurite 0.2): ``vxm.networks.VxmDense`` in its default,
-  published configuration — U-Net encoder 16-32-32-32, decoder 32-32-32-32-32-16-16,
+* voxelmorph 0.2.x (``VXM_BACKEND=pytorch``, and ``NEURITE_BACKEND=pytorch`` for its neurite
+  0.2): ``vxm.networks.VxmDense`` in its default, published configuration — U-Net encoder 16-32-32-32, decoder 32-32-32-32-32-16-16,
   LeakyReLU 0.2, velocity at half resolution, 7 scaling-and-squaring steps; the same network
   as regbench's ``VoxelMorph``. Loss: ``vxm.losses.MSE`` (or ``NCC``; 0.2's torch NCC puts
   its window on "cuda" and cannot run on CPU) + ``lambda · vxm.losses.Grad('l2')`` on the
@@ -112,7 +112,6 @@ def build(size: tuple[int, ...], loss: str, lam: float):
     return model, step_loss, f"voxelmorph {version}", settings
 
 
-
 def forward_gmac(fn) -> float:
     """Multiply-adds (10⁹) of one call of ``fn`` without autograd, by torch's FlopCounterMode
     (convolutions and matrix products; what the network computes, whatever its layout)."""
@@ -121,6 +120,7 @@ def forward_gmac(fn) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return counter.get_total_flops() / 2e9
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
