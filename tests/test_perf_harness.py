@@ -183,22 +183,26 @@ def test_training_harness_treats_every_tool_alike(tmp_path) -> None:
 _FAULTS_CHILD = """
 import json, resource, torch
 from benchmark.core import memory
-x = torch.rand(8 * 2**20)
-def faults(rounds=8):
+def faults(x, rounds=8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(rounds):
         y = x * 2.0
         z = y + x
         del y, z
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+x = torch.rand(8 * 2**20)  # 32 MB
+big = torch.rand(32 * 2**20)  # 128 MB: larger than any block the kept memory can hold for reuse
 active = None
 if memory._glibc() is not None and not memory._user_chose():
-    outside = faults()
+    outside = faults(x)
     with memory.kept_freed_memory() as active:
-        faults(1)  # the first round faults its pages in once
-        inside = faults()
-    after = faults()
-    print(json.dumps({"active": active, "outside": outside, "inside": inside, "after": after}))
+        faults(x, 1)  # the first round faults its pages in once
+        inside = faults(x)
+    faults(big, 1)  # so does this one, restored or not
+    after = faults(big)
+    fresh_after = 8 * 2 * big.numel() * 4 // resource.getpagesize()  # every page of every round
+    print(json.dumps({"active": active, "outside": outside, "inside": inside, "after": after,
+                      "fresh_after": fresh_after}))
 else:
     print(json.dumps({"active": None}))
 """
@@ -207,8 +211,11 @@ else:
 def test_kept_freed_memory_cuts_page_faults_and_undoes_itself() -> None:
     """Full-size temporaries computed again and again (a 32 MB product and a sum, as in an
     iterative method), in a fresh process (the allocator's state is per process): inside the
-    block far fewer page faults than with glibc's defaults (measured: a quarter), and more
-    again after it."""
+    block far fewer page faults than with glibc's defaults (measured: a quarter or none), and
+    after it every page of new temporaries faults again. (After the block glibc may still
+    reuse a freed block of the same size from its bins, so "after" uses temporaries larger
+    than any the block freed: with the thresholds left at the kept values they fault only
+    in their first round; measured 0–82 000 faults against 524 000 restored.)"""
     out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD], capture_output=True, text=True, env=_child_env(),
                          check=True, cwd=str(ROOT))
     rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -217,4 +224,4 @@ def test_kept_freed_memory_cuts_page_faults_and_undoes_itself() -> None:
     assert rec["active"] is True
     assert rec["outside"] > 8 * 12000, rec  # two fresh 32 MB tensors, ~16 000 pages of 4 KB, per round
     assert rec["inside"] < 0.5 * rec["outside"], rec
-    assert rec["after"] > 1.5 * rec["inside"], rec
+    assert rec["after"] > 0.75 * rec["fresh_after"], rec
