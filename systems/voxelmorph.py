@@ -21,7 +21,17 @@ Speed (CPU training step; the function computed is the same, to float rounding):
   upsampled nor the concatenated full-resolution tensor is stored for the backward pass;
 * the LeakyReLUs inside the U-Net are in place, and so is their backward (it overwrites the
   freshly allocated incoming gradient): a full-size allocation less per layer — fresh memory
-  costs page faults, about a quarter of a step's time on CPU.
+  costs page faults, about a quarter of a step's time on CPU. :class:`VoxelMorphNet` lets the
+  last one do so too (its output feeds the flow head alone).
+
+Memory: a step's peak comes early in the backward pass, with every saved activation alive
+plus two full-resolution gradients, so the network keeps nothing it can rebuild for less
+than it costs to hold: the zero-padded input (rebuilt from the two images, :class:`_InputConv`),
+the pooling indices (:class:`_MaxPool2`) and the pooled copy of each skip
+(:class:`_PoolConv`; both pooled again from the skip, which is kept anyway). Measured at
+96³ (2 threads): peak above the step's start 133 → 113 full-resolution channels
+(3.5 MB each), process peak 1032 → 898–908 MB, step time unchanged (2.02–2.09 s); the
+field ops' fewer temporaries (``benchmark.core.spatial``) took part of that.
 """
 
 from __future__ import annotations
@@ -84,6 +94,141 @@ class _LeakyReLUInPlace(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (y,) = ctx.saved_tensors
         return torch.ops.aten.leaky_relu_backward.grad_input(grad, y, _LEAKY_SLOPE, True, grad_input=grad)
+
+
+class _MaxPool2(torch.autograd.Function):
+    """2× max-pooling that stores no indices: its backward finds them again from the input.
+
+    ``max_pool3d`` keeps int64 indices for the backward pass, twice the bytes of the float32
+    output (at 96³ the full-resolution level's are 57 MB, 4 % of a VoxelMorph step's peak).
+    The input is kept anyway (the skip connection's convolution and the activation save the
+    same tensor), so the backward pools it once more for the indices (the same kernel, hence
+    the same choice among ties) and frees them at once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        _, idx = _pool_with_indices(x)
+        # under autocast the gradient may arrive in float32 for a bfloat16 input (it does when
+        # the next convolution ran in float32, systems.speed); pooling's backward wants one dtype
+        return _unpool_grad(grad.to(x.dtype), x, idx)
+
+
+def _direct_conv_ok(x_shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`_conv_nd` would hand a ``(B, C, *S)`` input of this shape straight to
+    ``conv2d`` / ``conv3d`` (float32, eager, outside autocast, not PyTorch's small-problem CPU
+    kernel), so that a hand-written backward may call ``aten.convolution_backward`` and get the
+    kernel autograd would have used."""
+    if dtype != torch.float32 or torch.compiler.is_compiling() or torch.is_autocast_enabled(device.type):
+        return False
+    if len(x_shape) == 5 and device.type == "cpu":
+        return x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3] > NATIVE_CONV_LIMIT
+    return True
+
+
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, input_grad: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``conv(x, w, b, padding=1)`` (stride 1): input (if asked), weight, bias."""
+    nd = w.dim() - 2
+    return torch.ops.aten.convolution_backward(
+        grad, x, w, [w.shape[0]] if has_bias else None, [1] * nd, [1] * nd, [1] * nd, False, [0] * nd, 1,
+        [input_grad, True, has_bias])
+
+
+def _padded_input(sources: Sequence[torch.Tensor], channels: int, channels_last: bool) -> torch.Tensor:
+    """``cat(*sources, zeros)`` along channels to ``channels`` channels, in one allocation."""
+    first = sources[0]
+    shape = (first.shape[0], channels, *first.shape[2:])
+    fmt = _memory_format(first.dim() - 2) if channels_last else torch.contiguous_format
+    x = torch.empty(shape, dtype=first.dtype, device=first.device, memory_format=fmt)
+    c = 0
+    for src in sources:
+        x[:, c:c + src.shape[1]] = src
+        c += src.shape[1]
+    if c < channels:
+        x[:, c:] = 0
+    return x
+
+
+class _InputConv(torch.autograd.Function):
+    """The U-Net's first convolution, storing its inputs' recipe rather than the input.
+
+    The input is ``cat(moving, fixed)`` padded with zero channels (oneDNN's fast path), a
+    full-resolution tensor that autograd would keep until the very end of the backward pass,
+    through its peak. Its sources are the caller's images, alive anyway, so this keeps
+    references to them and rebuilds the padded input in the backward, where only the weight
+    and bias gradients are wanted (the images need none). Same kernels as autograd's path
+    (:func:`_direct_conv_ok` decides where that holds).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, b: torch.Tensor | None, channels: int, channels_last: bool,
+                *sources: torch.Tensor) -> torch.Tensor:
+        x = _padded_input(sources, channels, channels_last)
+        wp = F.pad(w, [0, 0] * (w.dim() - 2) + [0, channels - w.shape[1]])
+        ctx.channels, ctx.channels_last, ctx.has_bias = channels, channels_last, b is not None
+        ctx.save_for_backward(w, *sources)
+        return (F.conv3d if w.dim() == 5 else F.conv2d)(x, wp, b, padding=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        w, *sources = ctx.saved_tensors
+        x = _padded_input(sources, ctx.channels, ctx.channels_last)
+        wp = F.pad(w, [0, 0] * (w.dim() - 2) + [0, ctx.channels - w.shape[1]])
+        _, gw, gb = _conv_backward(grad, x, wp, ctx.has_bias, input_grad=False)
+        return (gw[:, :w.shape[1]], gb, None, None) + (None,) * len(sources)
+
+
+class _PoolConv(torch.autograd.Function):
+    """``conv(max_pool2(x), w, b, padding=1)`` storing ``x``, not the pooled tensor.
+
+    An encoder level's input is the pooled skip of the level above; ``x`` (that skip) is
+    kept anyway, so the backward pools it again (the same kernel: the same values and the
+    same choice among ties), takes the convolution's gradients and routes the input gradient
+    back through the pooling's indices, which live only for that moment.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, w)
+        pooled = (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2)
+        return (F.conv3d if x.dim() == 5 else F.conv2d)(pooled, w, b, padding=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        pooled, idx = _pool_with_indices(x)
+        gp, gw, gb = _conv_backward(grad, pooled, w, ctx.has_bias, input_grad=True)
+        del pooled
+        return _unpool_grad(gp, x, idx), gw, gb
+
+
+def _pool_with_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2, return_indices=True)
+
+
+def _unpool_grad(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gradient of 2× max-pooling with respect to its input ``x``, given the indices."""
+    nd = x.dim() - 2
+    back = torch.ops.aten.max_pool3d_with_indices_backward if nd == 3 else torch.ops.aten.max_pool2d_with_indices_backward
+    return back(grad, x, [2] * nd, [2] * nd, [0] * nd, [1] * nd, False, idx)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """2× max-pooling; without stored indices where autograd records it."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _MaxPool2.apply(x)
+    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2)
 
 
 def _act(x: torch.Tensor, internal: bool) -> torch.Tensor:
@@ -170,6 +315,12 @@ class VxmUNet(nn.Module):
             transposed convolution of the low-resolution features (module docstring).
             2 (default): the full- and half-resolution levels, where it pays; below, the
             tensors are small. 0 = plain upsample + concatenate everywhere.
+        output_to_one_conv: the caller promises to feed the output to one convolution and
+            nothing else (:class:`VoxelMorphNet`'s flow head), whose backward hands over a
+            freshly allocated gradient; the last LeakyReLU then overwrites it in place as the
+            inner ones do, which lowers the step's peak by the output's size (the largest
+            moment of the backward pass: every saved activation plus two full-resolution
+            gradients). Leave False when the output meets any other graph.
 
     The parameters (names and shapes) do not depend on ``channels_last`` or ``fused_levels``.
 
@@ -184,9 +335,11 @@ class VxmUNet(nn.Module):
         ndim: int = 3,
         channels_last: bool = True,
         fused_levels: int = 2,
+        output_to_one_conv: bool = False,
     ) -> None:
         super().__init__()
         self.ndim = ndim
+        self.output_to_one_conv = bool(output_to_one_conv)
         self.channels_last = bool(channels_last)
         self.fused_levels = int(fused_levels)
         self.enc = nn.ModuleList()
@@ -207,7 +360,6 @@ class VxmUNet(nn.Module):
             self.extra.append(_ConvAct(c, w, ndim))
             c = w
         self.out_channels = c
-        self.pool = nn.MaxPool3d(2) if ndim == 3 else nn.MaxPool2d(2)
 
     # ---- building blocks ----------------------------------------------------------------
     def _conv(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
@@ -242,24 +394,35 @@ class VxmUNet(nn.Module):
         up = convt(low, up_conv_weight(w[:, :c_up]), None, stride=2, padding=1, output_padding=extra)
         return out.add_(up)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            fmt = _memory_format(self.ndim)
-            cin = x.shape[1]
-            if cin < _MIN_FAST_IN_CHANNELS:  # zero channels for the first conv, channels-last, one copy
-                padded = torch.empty(
-                    (x.shape[0], _MIN_FAST_IN_CHANNELS, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt
-                )
-                padded[:, :cin] = x
-                padded[:, cin:] = 0
-                x = padded
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+        """``(B, C_i, *S)`` input(s), concatenated along channels (``in_channels`` in all)."""
+        sources = (x, *more)
+        cin = sum(t.shape[1] for t in sources)
+        w0, b0 = self.enc[0][0].weight, self.enc[0][0].bias
+        if cin != w0.shape[1]:
+            raise ValueError(f"the U-Net takes {w0.shape[1]} input channels, got {cin}")
+        channels = max(cin, _MIN_FAST_IN_CHANNELS) if self.channels_last else cin
+        if (any(t.requires_grad for t in sources) or not torch.is_grad_enabled()
+                or not _direct_conv_ok((x.shape[0], channels, *x.shape[2:]), x.device, x.dtype)):
+            # the plain path: zero channels for the first conv, channels-last, one copy
+            x = sources[0] if len(sources) == 1 and channels == cin else _padded_input(sources, channels, self.channels_last)
+            if self.channels_last:
+                x = x.contiguous(memory_format=_memory_format(self.ndim))
+            x = self._conv(x, self.enc[0][0])
+        else:
+            x = _InputConv.apply(w0, b0, channels, self.channels_last, *sources)
+        x = _act(x, internal=True)
+        skips = [x]
+        for block in self.enc[1:]:
+            conv = block[0]
+            if (x.requires_grad and torch.is_grad_enabled() and conv.weight.shape[1] >= _MIN_FAST_IN_CHANNELS
+                    and _direct_conv_ok((x.shape[0], x.shape[1], *[n // 2 for n in x.shape[2:]]), x.device, x.dtype)):
+                x = _PoolConv.apply(x, conv.weight, conv.bias)
             else:
-                x = x.contiguous(memory_format=fmt)
-        skips = []
-        for block in self.enc:
-            x = _act(self._conv(x, block[0]), internal=True)
+                x = self._conv(_pool(x), conv)
+            x = _act(x, internal=True)
             skips.append(x)
-            x = self.pool(x)
+        x = _pool(x)
         # skips = [e1 (full res), e2 (1/2), ..., eL]; x is eL pooled once more. Each decoder
         # level's output waits, with its skip, for the next conv, which consumes
         # cat(nearest_up2(x), skip) directly.
@@ -281,7 +444,7 @@ class VxmUNet(nn.Module):
             else:
                 x = self._conv(x, block[0])
             # the network's output may meet any caller's graph: standard backward there
-            x = _act(x, internal=j < len(self.extra) - 1)
+            x = _act(x, internal=j < len(self.extra) - 1 or self.output_to_one_conv)
         if pending is not None:  # no full-resolution convs: materialise the concatenation
             up = _match(F.interpolate(pending, scale_factor=2, mode="nearest"), skips[-1].shape[2:])
             x = torch.cat([up, skips.pop()], dim=1)
@@ -323,7 +486,8 @@ class VoxelMorphNet(nn.Module):
         fused_levels: int = 2,
     ) -> None:
         super().__init__()
-        self.unet = VxmUNet(2, enc, dec, ndim, channels_last=channels_last, fused_levels=fused_levels)
+        self.unet = VxmUNet(2, enc, dec, ndim, channels_last=channels_last, fused_levels=fused_levels,
+                            output_to_one_conv=True)
         conv = nn.Conv3d if ndim == 3 else nn.Conv2d
         self.flow = conv(self.unet.out_channels, ndim, 3, padding=1)
         nn.init.normal_(self.flow.weight, 0.0, 1e-5)
@@ -333,7 +497,7 @@ class VoxelMorphNet(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
         full = fixed.shape[2:]
-        feats = self.unet(torch.cat([moving, fixed], dim=1))
+        feats = self.unet(moving, fixed)  # (concatenated inside, never stored for the backward)
         # the field ops of benchmark.core.spatial get the default layout back, and float32 under
         # mixed precision (integration and resampling stay float32: systems.speed)
         flow = _conv_nd(feats, self.flow.weight, self.flow.bias, self.unet.channels_last).contiguous().float()

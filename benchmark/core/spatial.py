@@ -10,7 +10,9 @@ Conventions (the single source of truth for the whole suite, see README "Convent
 * ``torch.nn.functional.grid_sample`` wants normalised ``[-1, 1]`` coordinates in the
   *reversed* axis order (x = last array axis) with ``align_corners=True``, i.e. voxel
   ``0`` maps to ``-1`` and voxel ``N-1`` to ``+1``. The reversal and scaling happen in
-  exactly one place: :func:`disp_to_grid` / :func:`grid_to_disp`.
+  one place per kind of input: displacements in ``_sampling_grid`` (behind
+  :func:`disp_to_grid` and :func:`warp`), points in :func:`voxel_to_grid_coords`, and
+  back in :func:`grid_to_disp`.
 * Composition: ``(u ∘ v)(x) = v(x) + u(x + v(x))`` — apply ``v`` first, then ``u``
   (in pull terms: ``warp(warp(I, u), v) ≈ warp(I, compose(u, v))``).
 * Affines are 4×4 (3×3 in 2D) voxel→world matrices (NIfTI, RAS, mm).
@@ -91,6 +93,37 @@ def voxel_to_grid_coords(points: torch.Tensor, shape: Sequence[int], vector: boo
     return out.flip(-1)
 
 
+def _sampling_grid(disp: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+    """``grid_sample`` coordinates of ``x + u(x)`` on the grid of ``disp``, read in a volume of
+    ``in_shape`` (``align_corners=True``; last axis reversed to (x, y[, z])).
+
+    Component ``k`` (array axis ``a = ndim - 1 - k``) is ``u_a · s_a + (i_a · s_a - 1)`` with
+    ``s_a = 2 / (N_a - 1)``: one broadcast multiply-add of each displacement channel with a
+    1-D ramp, then one stack. Forming ``identity + u`` first, then scaling, shifting and
+    flipping, allocated five full fields where this allocates two (and the backward pass
+    stays at two): fresh memory costs page faults on CPU, and the integration of a
+    velocity warps seven times per call.
+
+    Args:
+        disp: ``(B, ndim, *spatial_out)`` displacement in voxels.
+        in_shape: spatial shape of the volume that will be sampled.
+
+    Returns:
+        ``(B, *spatial_out, ndim)``.
+    """
+    nd = disp.shape[1]
+    out_shape = disp.shape[2:]
+    chans = disp.unbind(1)  # (one backward stack; per-channel indexing would allocate a zero field per channel)
+    comps = []
+    for a in reversed(range(nd)):
+        s = 2.0 / max(int(in_shape[a]) - 1, 1)
+        view = [1] * (nd + 1)
+        view[a + 1] = out_shape[a]
+        ramp = torch.arange(out_shape[a], device=disp.device, dtype=disp.dtype).mul_(s).sub_(1.0).view(view)
+        comps.append(torch.add(ramp, chans[a], alpha=s))
+    return torch.stack(comps, dim=-1)
+
+
 def disp_to_grid(disp: torch.Tensor) -> torch.Tensor:
     """Voxel displacement → ``grid_sample`` sampling grid (pull, ``align_corners=True``).
 
@@ -105,8 +138,7 @@ def disp_to_grid(disp: torch.Tensor) -> torch.Tensor:
     shape = disp.shape[2:]
     if disp.shape[1] != nd:
         raise ValueError(f"displacement has {disp.shape[1]} channels for {nd} spatial axes")
-    pos = identity_grid(shape, disp.device, disp.dtype).unsqueeze(0) + disp
-    return voxel_to_grid_coords(pos.movedim(1, -1), shape)
+    return _sampling_grid(disp, shape)
 
 
 def grid_to_disp(grid: torch.Tensor) -> torch.Tensor:
@@ -163,13 +195,12 @@ def warp(
         b = max(img.shape[0], disp.shape[0])
         img = img.expand(b, *img.shape[1:])
         disp = disp.expand(b, *disp.shape[1:])
-    pos = identity_grid(out_shape, disp.device, disp.dtype).unsqueeze(0) + disp
-    scale = _norm_scale(in_shape, disp.device, disp.dtype).view(1, nd, *([1] * nd))
-    grid = (pos * scale - 1.0).movedim(1, -1).flip(-1)
+    grid = _sampling_grid(disp, in_shape)
     out = F.grid_sample(img.to(grid.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     if mode == "nearest" and padding_mode == "zeros":
         # Learn2Reg / scipy order-0 'constant' semantics: a position outside [0, N-1] on any
         # axis reads background, also within the half-voxel rim that rounding would pull in.
+        pos = identity_grid(out_shape, disp.device, disp.dtype).unsqueeze(0) + disp
         upper = torch.tensor([n - 1 for n in in_shape], device=pos.device, dtype=pos.dtype).view(1, nd, *([1] * nd))
         inside = ((pos >= 0) & (pos <= upper)).all(dim=1, keepdim=True)
         out = out * inside.to(out.dtype)
@@ -236,7 +267,7 @@ def resize_field(disp: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     out = F.interpolate(disp, size=size, mode=mode, align_corners=True)
     factors = [(n - 1) / max(o - 1, 1) for n, o in zip(size, old)]
     scale = torch.tensor(factors, device=disp.device, dtype=disp.dtype).view(1, nd, *([1] * nd))
-    return out * scale
+    return out.mul_(scale)  # in place: interpolation's backward does not read its output
 
 
 def resize_image(image: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
