@@ -27,15 +27,20 @@ Speed (CPU training step; the function computed is the same, to float rounding):
 Memory: a step's peak comes early in the backward pass, with every saved activation alive
 plus two full-resolution gradients, so the network keeps nothing it can rebuild for less
 than it costs to hold: the zero-padded input (rebuilt from the two images, :class:`_InputConv`),
-the pooling indices (:class:`_MaxPool2`) and the pooled copy of each skip
-(:class:`_PoolConv`; both pooled again from the skip, which is kept anyway). Measured at
-96³ (2 threads): peak above the step's start 133 → 113 full-resolution channels
-(3.5 MB each), process peak 1032 → 898–908 MB, step time unchanged (2.02–2.09 s); the
-field ops' fewer temporaries (``benchmark.core.spatial``) took part of that.
+the pooling indices (:class:`_MaxPool2`), the pooled copy of each skip (:class:`_PoolConv`;
+both pooled again from the skip, which is kept anyway) and, by default, the first level's
+output itself (:class:`_RebuiltActivation`: its readers run after the peak; rebuilding it is
+one more first convolution). At 96³ (2 threads) the allocations alive at the peak went from
+133 to 100 full-resolution channels (3.5 MB each). At 160×192×144 (interleaved fresh
+processes, idle machine) the process peak went 3.10 GB → 2.64–2.67 GB without the rebuilt
+activation at unchanged time (10.2–10.6 s), and → 2.33–2.37 GB with it, at 10.6–10.7 s
+(+3.5 %; ``rebuild_first_activation=False`` trades back). Gradients are bit-identical to
+autograd's path with the same kernels (``tests/test_voxelmorph.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -157,6 +162,75 @@ def _padded_input(sources: Sequence[torch.Tensor], channels: int, channels_last:
     return x
 
 
+def _first_conv(sources: Sequence[torch.Tensor], w: torch.Tensor, b: torch.Tensor | None, channels: int,
+                channels_last: bool) -> torch.Tensor:
+    """``conv(padded input, zero-padded w, b, padding=1)`` (no autograd of its own)."""
+    x = _padded_input(sources, channels, channels_last)
+    wp = F.pad(w, [0, 0] * (w.dim() - 2) + [0, channels - w.shape[1]])
+    return (F.conv3d if w.dim() == 5 else F.conv2d)(x, wp, b, padding=1)
+
+
+class _Token:
+    """Stands in a saved-tensor slot for a view of the rebuilt activation."""
+
+    __slots__ = ("size", "stride", "offset")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.size, self.stride, self.offset = tuple(t.shape), t.stride(), t.storage_offset()
+
+
+class _RebuiltActivation:
+    """Saved-tensor hooks that keep a recipe for one activation instead of the activation.
+
+    The first level's output (16 channels at full resolution) is saved by three consumers:
+    its activation, the pooling into the second level and the top decoder level's
+    convolution. Their backward passes run late, after the step's peak (the first
+    full-resolution layers of the backward pass), yet autograd would hold the tensor through
+    it. Inside :meth:`saving`, any save of that tensor (or of a view of it) stores a
+    :class:`_Token` instead; the first unpack rebuilds it by ``rebuild()`` (the same kernels
+    on the same inputs: the same values), later unpacks reuse it, and the last one drops it.
+    Rebuilding is the first convolution again (2 input channels: ~1 % of a step).
+    """
+
+    def __init__(self, rebuild: Any, versions: Any) -> None:
+        self.rebuild, self.versions = rebuild, versions
+        self.target: Any = None  # weak reference to the activation while it lives
+        self.version0 = versions()
+        self.cached: torch.Tensor | None = None
+        self.pending = 0
+
+    def watch(self, t: torch.Tensor) -> None:
+        import weakref
+
+        self.target = weakref.ref(t)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        live = self.target() if self.target is not None else None
+        if live is not None and t.untyped_storage().data_ptr() == live.untyped_storage().data_ptr() \
+                and t.dtype == live.dtype:
+            self.pending += 1
+            return _Token(t)
+        return t
+
+    def _unpack(self, obj: Any) -> torch.Tensor:
+        if not isinstance(obj, _Token):
+            return obj
+        if self.cached is None:
+            if self.versions() != self.version0:
+                raise RuntimeError("the U-Net's input images were modified in place between the forward "
+                                   "and the backward pass; its first activation cannot be rebuilt")
+            with torch.no_grad():
+                self.cached = self.rebuild()
+        out = self.cached.as_strided(obj.size, obj.stride, obj.offset)
+        self.pending -= 1
+        if self.pending <= 0:  # the last saved slot has been read: keep nothing
+            self.cached = None
+        return out
+
+    def saving(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+
 class _InputConv(torch.autograd.Function):
     """The U-Net's first convolution, storing its inputs' recipe rather than the input.
 
@@ -171,11 +245,9 @@ class _InputConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, b: torch.Tensor | None, channels: int, channels_last: bool,
                 *sources: torch.Tensor) -> torch.Tensor:
-        x = _padded_input(sources, channels, channels_last)
-        wp = F.pad(w, [0, 0] * (w.dim() - 2) + [0, channels - w.shape[1]])
         ctx.channels, ctx.channels_last, ctx.has_bias = channels, channels_last, b is not None
         ctx.save_for_backward(w, *sources)
-        return (F.conv3d if w.dim() == 5 else F.conv2d)(x, wp, b, padding=1)
+        return _first_conv(sources, w, b, channels, channels_last)
 
     @staticmethod
     @once_differentiable
@@ -321,6 +393,10 @@ class VxmUNet(nn.Module):
             inner ones do, which lowers the step's peak by the output's size (the largest
             moment of the backward pass: every saved activation plus two full-resolution
             gradients). Leave False when the output meets any other graph.
+        rebuild_first_activation: keep no copy of the first level's output for the backward
+            pass and rebuild it there (:class:`_RebuiltActivation`): the step's peak drops by
+            that tensor (16 full-resolution channels; 12 % at 160×192×144) for one more first
+            convolution (+3.5 % step time there, measured). False keeps it.
 
     The parameters (names and shapes) do not depend on ``channels_last`` or ``fused_levels``.
 
@@ -336,10 +412,12 @@ class VxmUNet(nn.Module):
         channels_last: bool = True,
         fused_levels: int = 2,
         output_to_one_conv: bool = False,
+        rebuild_first_activation: bool = True,
     ) -> None:
         super().__init__()
         self.ndim = ndim
         self.output_to_one_conv = bool(output_to_one_conv)
+        self.rebuild_first_activation = bool(rebuild_first_activation)
         self.channels_last = bool(channels_last)
         self.fused_levels = int(fused_levels)
         self.enc = nn.ModuleList()
@@ -402,6 +480,7 @@ class VxmUNet(nn.Module):
         if cin != w0.shape[1]:
             raise ValueError(f"the U-Net takes {w0.shape[1]} input channels, got {cin}")
         channels = max(cin, _MIN_FAST_IN_CHANNELS) if self.channels_last else cin
+        rebuilt: _RebuiltActivation | None = None  # the first activation, rebuilt in the backward pass
         if (any(t.requires_grad for t in sources) or not torch.is_grad_enabled()
                 or not _direct_conv_ok((x.shape[0], channels, *x.shape[2:]), x.device, x.dtype)):
             # the plain path: zero channels for the first conv, channels-last, one copy
@@ -411,15 +490,23 @@ class VxmUNet(nn.Module):
             x = self._conv(x, self.enc[0][0])
         else:
             x = _InputConv.apply(w0, b0, channels, self.channels_last, *sources)
-        x = _act(x, internal=True)
+            cl = self.channels_last
+            if self.rebuild_first_activation:
+                rebuilt = _RebuiltActivation(
+                    lambda: F.leaky_relu(_first_conv(sources, w0, b0, channels, cl), _LEAKY_SLOPE, inplace=True),
+                    lambda: [t._version for t in sources])
+                rebuilt.watch(x)  # the activation below is in place: the same tensor
+        with rebuilt.saving() if rebuilt is not None else contextlib.nullcontext():
+            x = _act(x, internal=True)
         skips = [x]
-        for block in self.enc[1:]:
+        for i, block in enumerate(self.enc[1:]):
             conv = block[0]
-            if (x.requires_grad and torch.is_grad_enabled() and conv.weight.shape[1] >= _MIN_FAST_IN_CHANNELS
-                    and _direct_conv_ok((x.shape[0], x.shape[1], *[n // 2 for n in x.shape[2:]]), x.device, x.dtype)):
-                x = _PoolConv.apply(x, conv.weight, conv.bias)
-            else:
-                x = self._conv(_pool(x), conv)
+            with rebuilt.saving() if rebuilt is not None and i == 0 else contextlib.nullcontext():
+                if (x.requires_grad and torch.is_grad_enabled() and conv.weight.shape[1] >= _MIN_FAST_IN_CHANNELS
+                        and _direct_conv_ok((x.shape[0], x.shape[1], *[n // 2 for n in x.shape[2:]]), x.device, x.dtype)):
+                    x = _PoolConv.apply(x, conv.weight, conv.bias)
+                else:
+                    x = self._conv(_pool(x), conv)
             x = _act(x, internal=True)
             skips.append(x)
         x = _pool(x)
@@ -439,7 +526,8 @@ class VxmUNet(nn.Module):
         fused_top = self.fused_levels >= 1
         for j, block in enumerate(self.extra):
             if pending is not None:
-                x = self._conv_up_cat(pending, skips.pop(), block[0], fused=fused_top)
+                with rebuilt.saving() if rebuilt is not None else contextlib.nullcontext():
+                    x = self._conv_up_cat(pending, skips.pop(), block[0], fused=fused_top)
                 pending = None
             else:
                 x = self._conv(x, block[0])
@@ -470,7 +558,8 @@ class VoxelMorphNet(nn.Module):
         int_steps: scaling-and-squaring steps (0 = non-diffeomorphic: the head's output is
             the displacement itself).
         int_downsize: the velocity lives at ``1/int_downsize`` resolution.
-        channels_last, fused_levels: speed options of :class:`VxmUNet` (same function).
+        channels_last, fused_levels, rebuild_first_activation: speed and memory options of
+            :class:`VxmUNet` (same function).
 
     Forward: ``moving, fixed (B, 1, *S) → dict(disp (B, ndim, *S) voxels, velocity)``.
     """
@@ -484,10 +573,11 @@ class VoxelMorphNet(nn.Module):
         ndim: int = 3,
         channels_last: bool = True,
         fused_levels: int = 2,
+        rebuild_first_activation: bool = True,
     ) -> None:
         super().__init__()
         self.unet = VxmUNet(2, enc, dec, ndim, channels_last=channels_last, fused_levels=fused_levels,
-                            output_to_one_conv=True)
+                            output_to_one_conv=True, rebuild_first_activation=rebuild_first_activation)
         conv = nn.Conv3d if ndim == 3 else nn.Conv2d
         self.flow = conv(self.unet.out_channels, ndim, 3, padding=1)
         nn.init.normal_(self.flow.weight, 0.0, 1e-5)
@@ -522,8 +612,9 @@ class VoxelMorph(RegistrationSystem):
         int_steps: 7 (diffeomorphic, default) or 0 (non-diffeomorphic option).
         int_downsize: resolution divisor of the velocity (2).
         enc, dec: U-Net widths.
-        channels_last, fused_levels: speed options of :class:`VxmUNet`; they change
-            neither the parameters nor (beyond float rounding) the function.
+        channels_last, fused_levels, rebuild_first_activation: speed and memory options of
+            :class:`VxmUNet`; they change neither the parameters nor (beyond float rounding)
+            the function.
         similarity: ``"ncc"`` (local NCC, ``ncc_window``³, the default) or ``"mse"``
             (mean squared intensity difference, as in the MSE variant of the paper).
         compile: ``torch.compile`` the network (:mod:`systems.speed`; mixed precision is the
@@ -551,12 +642,14 @@ class VoxelMorph(RegistrationSystem):
         fused_levels: int = 2,
         similarity: str = "ncc",
         compile: bool | str = False,
+        rebuild_first_activation: bool = True,
     ) -> None:
         super().__init__(lambda_=lambda_, lr=lr, warmup_calls=warmup_calls, compute_hd95=compute_hd95, compute_ndv=compute_ndv,
                          compile=compile)
         self.save_hyperparameters()
         self.net = VoxelMorphNet(
-            tuple(enc), tuple(dec), int_steps, int_downsize, channels_last=channels_last, fused_levels=fused_levels
+            tuple(enc), tuple(dec), int_steps, int_downsize, channels_last=channels_last, fused_levels=fused_levels,
+            rebuild_first_activation=rebuild_first_activation,
         )
         if similarity == "ncc":
             self.similarity: nn.Module = LocalNCC(ncc_window)

@@ -193,10 +193,30 @@ def test_memory_lean_backward_matches_reference() -> None:
     assert _rel(a.double(), b) < 3e-3
 
 
-def test_network_keeps_no_padded_input_indices_or_pooled_copies() -> None:
+def test_rebuilt_first_activation_survives_a_second_backward_and_refuses_edited_inputs() -> None:
+    """The rebuilt activation is dropped after its last reader; a retained graph's second
+    backward rebuilds it again (same gradients). Images edited in place between forward and
+    backward cannot rebuild the activation they produced: a clear error, not a wrong gradient."""
+    torch.manual_seed(7)
+    net = VoxelMorphNet(enc=(16, 16, 16, 16), dec=(16, 16, 16, 16, 16, 8, 8))
+    moving, fixed = _pair(LEAN_SHAPE, seed=8)
+    loss = net(moving, fixed)["disp"].square().sum()
+    params = list(net.parameters())
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    loss = net(moving, fixed)["disp"].square().sum()
+    moving.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_network_keeps_no_padded_input_indices_pooled_copies_or_first_activation() -> None:
     """What a training forward pass leaves for the backward pass: none of the 3-channel
-    padded input, the int64 pooling indices, or the pooled copy of the first skip (each is
-    rebuilt from tensors kept anyway). Checked on the tensors autograd saves."""
+    padded input, the int64 pooling indices, the pooled copy of the first skip or the first
+    activation itself (each is rebuilt from tensors kept anyway). Checked on the tensors
+    autograd saves: of the three 16-channel full-resolution activations, the last two."""
     net = VoxelMorphNet()
     moving, fixed = _pair(LEAN_SHAPE, seed=6)
     saved: list[torch.Tensor] = []
@@ -212,7 +232,14 @@ def test_network_keeps_no_padded_input_indices_or_pooled_copies() -> None:
     assert (torch.float32, (1, 3, *LEAN_SHAPE)) not in shapes
     assert (torch.float32, (1, 16, *half)) not in shapes
     assert not any(dtype == torch.int64 for dtype, _ in shapes)
-    assert (torch.float32, (1, 16, *LEAN_SHAPE)) in shapes  # the check sees the network's tensors
+    full16 = {t.untyped_storage().data_ptr() for t in saved if tuple(t.shape) == (1, 16, *LEAN_SHAPE)}
+    assert len(full16) == 2  # the decoder's two 16-channel layers; not the first level's
+
+    saved.clear()  # with the first activation kept, it is saved (the check above can fail)
+    keep = VoxelMorphNet(rebuild_first_activation=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        keep(moving, fixed)["disp"].sum()
+    assert len({t.untyped_storage().data_ptr() for t in saved if tuple(t.shape) == (1, 16, *LEAN_SHAPE)}) == 3
 
 
 @pytest.mark.parametrize("shape", [(32, 16), (35, 19)])

@@ -97,9 +97,9 @@ def _sampling_grid(disp: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
     """``grid_sample`` coordinates of ``x + u(x)`` on the grid of ``disp``, read in a volume of
     ``in_shape`` (``align_corners=True``; last axis reversed to (x, y[, z])).
 
-    Component ``k`` (array axis ``a = ndim - 1 - k``) is ``u_a · s_a + (i_a · s_a - 1)`` with
-    ``s_a = 2 / (N_a - 1)``: one broadcast multiply-add of each displacement channel with a
-    1-D ramp, then one stack. Forming ``identity + u`` first, then scaling, shifting and
+    Component ``k`` (array axis ``a = ndim - 1 - k``) is ``(i_a + u_a) · s_a - 1`` with
+    ``s_a = 2 / (N_a - 1)``: each displacement channel plus a broadcast 1-D ramp, scaled and
+    shifted in place, then one stack. Forming ``identity + u`` first, then scaling, shifting and
     flipping, allocated five full fields where this allocates two (and the backward pass
     stays at two): fresh memory costs page faults on CPU, and the integration of a
     velocity warps seven times per call.
@@ -119,8 +119,9 @@ def _sampling_grid(disp: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
         s = 2.0 / max(int(in_shape[a]) - 1, 1)
         view = [1] * (nd + 1)
         view[a + 1] = out_shape[a]
-        ramp = torch.arange(out_shape[a], device=disp.device, dtype=disp.dtype).mul_(s).sub_(1.0).view(view)
-        comps.append(torch.add(ramp, chans[a], alpha=s))
+        ramp = torch.arange(out_shape[a], device=disp.device, dtype=disp.dtype).view(view)
+        # (i + u) · s - 1, in this order: the values of the textbook construction, bit for bit
+        comps.append(torch.add(ramp, chans[a]).mul_(s).sub_(1.0))
     return torch.stack(comps, dim=-1)
 
 
