@@ -34,8 +34,8 @@ one more first convolution). At 96³ (2 threads) the allocations alive at the pe
 133 to 100 full-resolution channels (3.5 MB each). At 160×192×144 (interleaved fresh
 processes, idle machine) the process peak went 3.10 GB → 2.64–2.67 GB without the rebuilt
 activation at unchanged time (10.2–10.6 s), and → 2.33–2.37 GB with it, at 10.6–10.7 s
-(+3.5 %; ``rebuild_first_activation=False`` trades back). Gradients are bit-identical to
-autograd's path with the same kernels (``tests/test_voxelmorph.py``).
+(+3.5 %; ``rebuild_first_activation=False`` trades back). Forward and gradients are
+bit-identical to autograd's path with the same kernels (``tests/test_voxelmorph.py``).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class _MaxPool2(torch.autograd.Function):
     """2× max-pooling that stores no indices: its backward finds them again from the input.
 
     ``max_pool3d`` keeps int64 indices for the backward pass, twice the bytes of the float32
-    output (at 96³ the full-resolution level's are 57 MB, 4 % of a VoxelMorph step's peak).
+    output (at 96³ the full-resolution level's are 14 MB; more to the point, they are one more
+    allocation per step).
     The input is kept anyway (the skip connection's convolution and the activation save the
     same tensor), so the backward pools it once more for the indices (the same kernel, hence
     the same choice among ties) and frees them at once.
@@ -189,15 +190,23 @@ class _RebuiltActivation:
     it. Inside :meth:`saving`, any save of that tensor (or of a view of it) stores a
     :class:`_Token` instead; the first unpack rebuilds it by ``rebuild()`` (the same kernels
     on the same inputs: the same values), later unpacks reuse it, and the last one drops it.
-    Rebuilding is the first convolution again (2 input channels: ~1 % of a step).
+    Rebuilding is the first convolution again (the two images, padded to 3 channels: ~1 % of a
+    step at 96³, 3.5 % at 160×192×144 with the fresh memory's page faults).
+
+    Inside :meth:`saving` these hooks are the only ones: outer saved-tensor hooks (``save_on_cpu``,
+    checkpointing) would not see what is saved there, so :class:`VxmUNet` does not rebuild
+    when such hooks are active. A backward pass that never reaches some reader (a partial
+    ``autograd.grad``) leaves the rebuilt tensor alive until the graph is freed. The weights
+    and the images are version-checked; an edit through ``.data`` escapes every such check.
     """
 
-    def __init__(self, rebuild: Any, versions: Any) -> None:
-        self.rebuild, self.versions = rebuild, versions
+    def __init__(self, rebuild: Any, versions: Any, device_type: str) -> None:
+        self.rebuild, self.versions, self.device_type = rebuild, versions, device_type
         self.target: Any = None  # weak reference to the activation while it lives
         self.version0 = versions()
         self.cached: torch.Tensor | None = None
-        self.pending = 0
+        self.saves = 0  # tokens handed to autograd
+        self.reads = 0  # tokens read back, over every backward pass of the graph
 
     def watch(self, t: torch.Tensor) -> None:
         import weakref
@@ -208,7 +217,7 @@ class _RebuiltActivation:
         live = self.target() if self.target is not None else None
         if live is not None and t.untyped_storage().data_ptr() == live.untyped_storage().data_ptr() \
                 and t.dtype == live.dtype:
-            self.pending += 1
+            self.saves += 1
             return _Token(t)
         return t
 
@@ -217,18 +226,26 @@ class _RebuiltActivation:
             return obj
         if self.cached is None:
             if self.versions() != self.version0:
-                raise RuntimeError("the U-Net's input images were modified in place between the forward "
-                                   "and the backward pass; its first activation cannot be rebuilt")
-            with torch.no_grad():
+                raise RuntimeError("the U-Net's input images or first-layer weights were modified in place "
+                                   "between the forward and the backward pass; its first activation cannot be rebuilt")
+            # the forward pass's precision, whatever the backward runs under (float32: the
+            # rebuilding path is taken outside autocast only)
+            with torch.no_grad(), torch.autocast(self.device_type, enabled=False):
                 self.cached = self.rebuild()
         out = self.cached.as_strided(obj.size, obj.stride, obj.offset)
-        self.pending -= 1
-        if self.pending <= 0:  # the last saved slot has been read: keep nothing
+        self.reads += 1
+        if self.reads % self.saves == 0:  # every slot read once (per backward pass): keep nothing
             self.cached = None
         return out
 
     def saving(self) -> Any:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+
+def _outer_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks (``save_on_cpu``, checkpointing) are active around the call."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 class _InputConv(torch.autograd.Function):
@@ -491,10 +508,11 @@ class VxmUNet(nn.Module):
         else:
             x = _InputConv.apply(w0, b0, channels, self.channels_last, *sources)
             cl = self.channels_last
-            if self.rebuild_first_activation:
+            if self.rebuild_first_activation and not _outer_saved_tensor_hooks():
+                kept = (*sources, w0) if b0 is None else (*sources, w0, b0)
                 rebuilt = _RebuiltActivation(
                     lambda: F.leaky_relu(_first_conv(sources, w0, b0, channels, cl), _LEAKY_SLOPE, inplace=True),
-                    lambda: [t._version for t in sources])
+                    lambda: [t._version for t in kept], x.device.type)
                 rebuilt.watch(x)  # the activation below is in place: the same tensor
         with rebuilt.saving() if rebuilt is not None else contextlib.nullcontext():
             x = _act(x, internal=True)

@@ -367,10 +367,11 @@ def test_sampling_grid_is_the_textbook_construction_bit_for_bit() -> None:
     from benchmark.core.spatial import _sampling_grid, identity_grid
 
     g = torch.Generator().manual_seed(0)
-    for out_shape, in_shape in [((17, 23, 9), (17, 23, 9)), ((31, 12), (31, 12)), ((8, 6, 5), (16, 12, 10))]:
+    for out_shape, in_shape in [((17, 23, 9), (17, 23, 9)), ((31, 12), (31, 12)), ((8, 6, 5), (16, 12, 10)),
+                                ((1, 9, 6), (1, 9, 6))]:
         nd = len(out_shape)
         u = torch.randn(2, nd, *out_shape, generator=g) * 5
         pos = identity_grid(out_shape).unsqueeze(0) + u
-        scale = torch.tensor([2.0 / (n - 1) for n in in_shape]).view(1, nd, *([1] * nd))
+        scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_shape]).view(1, nd, *([1] * nd))
         want = (pos * scale - 1.0).movedim(1, -1).flip(-1)
         assert torch.equal(_sampling_grid(u, in_shape), want)

@@ -200,23 +200,78 @@ def test_rebuilt_first_activation_survives_a_second_backward_and_refuses_edited_
     torch.manual_seed(7)
     net = VoxelMorphNet(enc=(16, 16, 16, 16), dec=(16, 16, 16, 16, 16, 8, 8))
     moving, fixed = _pair(LEAN_SHAPE, seed=8)
-    loss = net(moving, fixed)["disp"].square().sum()
-    params = list(net.parameters())
-    first = torch.autograd.grad(loss, params, retain_graph=True)
-    second = torch.autograd.grad(loss, params)
+    import systems.voxelmorph as vxm_module
+
+    calls = {"n": 0}
+    first_conv = vxm_module._first_conv
+
+    def counted(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        return first_conv(*args)
+
+    vxm_module._first_conv = counted
+    try:
+        loss = net(moving, fixed)["disp"].square().sum()
+        params = list(net.parameters())
+        first = torch.autograd.grad(loss, params, retain_graph=True)
+        assert calls["n"] == 2  # the forward pass, one rebuild
+        second = torch.autograd.grad(loss, params)
+        assert calls["n"] == 3  # one rebuild per backward pass, not one per reader
+    finally:
+        vxm_module._first_conv = first_conv
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    loss = net(moving, fixed)["disp"].square().sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the rebuild keeps the forward's precision
+        third = torch.autograd.grad(loss, params)  # (before, oneDNN refused the bf16 rebuild)
+    for a, b in zip(first, third):  # (autocast reaches a few backward ops elsewhere: not equal)
+        assert _rel(b, a) < 1e-2
+    decoder = [p for name, p in net.named_parameters() if not name.startswith("unet.enc")]
+    loss = net(moving, fixed)["disp"].square().sum()
+    with torch.no_grad():
+        net.unet.enc[0][0].weight.mul_(3.0)  # as an optimizer step would, before a partial backward
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, decoder)
     loss = net(moving, fixed)["disp"].square().sum()
     moving.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         loss.backward()
 
 
-def test_network_keeps_no_padded_input_indices_pooled_copies_or_first_activation() -> None:
+@pytest.mark.parametrize("batch,channels_last,fused_levels", [(1, True, 2), (2, False, 0)])
+def test_memory_lean_paths_are_bit_identical_to_autograds(batch: int, channels_last: bool, fused_levels: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-written backward passes call the kernels autograd would: forward and every
+    gradient equal the plain path's exactly (the plain path forced by declaring no problem
+    fit for them)."""
+    import systems.voxelmorph as vxm_module
+
+    torch.manual_seed(9)
+    net = VoxelMorphNet(enc=(16, 16, 16, 16), dec=(16, 16, 16, 16, 16, 8, 8),
+                        channels_last=channels_last, fused_levels=fused_levels)
+    g = torch.Generator().manual_seed(10)
+    moving, fixed = torch.rand(batch, 1, *LEAN_SHAPE, generator=g), torch.rand(batch, 1, *LEAN_SHAPE, generator=g)
+    params = list(net.parameters())
+
+    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        disp = net(moving, fixed)["disp"]
+        return disp.detach(), torch.autograd.grad(disp.square().sum(), params)
+
+    lean, lean_grads = run()
+    monkeypatch.setattr(vxm_module, "_direct_conv_ok", lambda *args: False)
+    plain, plain_grads = run()
+    assert torch.equal(lean, plain)
+    for (name, _), a, b in zip(net.named_parameters(), lean_grads, plain_grads):
+        assert torch.equal(a, b), name
+
+
+def test_network_keeps_no_padded_input_indices_or_pooled_copies() -> None:
     """What a training forward pass leaves for the backward pass: none of the 3-channel
-    padded input, the int64 pooling indices, the pooled copy of the first skip or the first
-    activation itself (each is rebuilt from tensors kept anyway). Checked on the tensors
-    autograd saves: of the three 16-channel full-resolution activations, the last two."""
+    padded input, the int64 pooling indices or the pooled copy of the first skip (each is
+    rebuilt from tensors kept anyway). Checked on the tensors autograd saves, seen through
+    saved-tensor hooks of the test's own, under which the first activation is saved as
+    usual (it is the caller's hooks' to handle): the three 16-channel full-resolution
+    activations."""
     net = VoxelMorphNet()
     moving, fixed = _pair(LEAN_SHAPE, seed=6)
     saved: list[torch.Tensor] = []
@@ -233,13 +288,40 @@ def test_network_keeps_no_padded_input_indices_pooled_copies_or_first_activation
     assert (torch.float32, (1, 16, *half)) not in shapes
     assert not any(dtype == torch.int64 for dtype, _ in shapes)
     full16 = {t.untyped_storage().data_ptr() for t in saved if tuple(t.shape) == (1, 16, *LEAN_SHAPE)}
-    assert len(full16) == 2  # the decoder's two 16-channel layers; not the first level's
+    assert len(full16) == 3
 
-    saved.clear()  # with the first activation kept, it is saved (the check above can fail)
-    keep = VoxelMorphNet(rebuild_first_activation=False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        keep(moving, fixed)["disp"].sum()
-    assert len({t.untyped_storage().data_ptr() for t in saved if tuple(t.shape) == (1, 16, *LEAN_SHAPE)}) == 3
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_first_activation_is_not_held_by_the_graph(tokens: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the graph alive (the loss not yet differentiated) nothing holds the first level's
+    output: autograd keeps tokens. Control: with the tokens switched off the same check sees
+    the tensor held (so the check can fail). ``rebuild_first_activation=False`` rebuilds nothing."""
+    import gc
+    import weakref
+
+    import systems.voxelmorph as vxm_module
+
+    refs: list[weakref.ref] = []
+    watch = vxm_module._RebuiltActivation.watch
+
+    def recording_watch(self: object, t: torch.Tensor) -> None:
+        refs.append(weakref.ref(t))
+        watch(self, t)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(vxm_module._RebuiltActivation, "watch", recording_watch)
+    if not tokens:
+        monkeypatch.setattr(vxm_module._RebuiltActivation, "_pack", lambda self, t: t)
+    net = VoxelMorphNet()
+    moving, fixed = _pair(LEAN_SHAPE, seed=6)
+    loss = net(moving, fixed)["disp"].square().sum()
+    gc.collect()
+    assert len(refs) == 1
+    assert (refs[0]() is None) == tokens
+    loss.backward()  # and the graph still differentiates
+    assert all(p.grad is not None for p in net.parameters())
+    refs.clear()
+    VoxelMorphNet(rebuild_first_activation=False)(moving, fixed)["disp"].sum().backward()
+    assert refs == []
 
 
 @pytest.mark.parametrize("shape", [(32, 16), (35, 19)])

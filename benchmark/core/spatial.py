@@ -120,7 +120,8 @@ def _sampling_grid(disp: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
         view = [1] * (nd + 1)
         view[a + 1] = out_shape[a]
         ramp = torch.arange(out_shape[a], device=disp.device, dtype=disp.dtype).view(view)
-        # (i + u) · s - 1, in this order: the values of the textbook construction, bit for bit
+        # (i + u) · s - 1, in this order: the textbook construction's values, bit for bit in
+        # float32 and float64 (in half precision the scale is not rounded to it first)
         comps.append(torch.add(ramp, chans[a]).mul_(s).sub_(1.0))
     return torch.stack(comps, dim=-1)
 
