@@ -415,6 +415,26 @@ def test_perf_training_child_reports_a_step() -> None:
     assert r["step_s"] > 0 and r["peak_mb"] >= r["base_mb"] > 0
 
 
+def test_perf_training_keeps_what_it_measured_as_it_goes(tmp_path: Path) -> None:
+    """The JSON is rewritten after every measured process (a crash an hour in loses nothing):
+    the partial reports grow one run at a time and say they are incomplete; the last file on
+    disk is the complete report."""
+    from benchmark.perf.training import main_perf_training, perf_vxm_training
+
+    updates: list[dict] = []
+    res = perf_vxm_training(sizes=((16, 16, 16),), repeats=2, threads=1, tools=("ours",), verbose=False,
+                            on_update=lambda partial: updates.append(partial))
+    assert [len(u["results"]["16x16x16"]["ours"]["runs"]) for u in updates] == [1, 2]
+    assert [u["complete"] for u in updates] == [False, False] and res["complete"] is True
+    assert updates[0]["results"]["16x16x16"]["ours"]["step_s"] > 0  # medians of what is there
+    out = tmp_path / "perf.json"
+    main_perf_training(out=str(out), sizes=((16, 16, 16),), repeats=1, threads=1, tools=("ours",))
+    import json
+
+    on_disk = json.loads(out.read_text())
+    assert on_disk["complete"] is True and len(on_disk["results"]["16x16x16"]["ours"]["runs"]) == 1
+
+
 def test_perf_training_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "benchmark.perf.training", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

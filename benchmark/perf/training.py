@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from benchmark.core.memory import GLIBC_KEEP_ENV
 from benchmark.perf.child import PROJECT_ROOT, child_env, run_child
@@ -157,6 +157,7 @@ def perf_vxm_training(
     omp_wait_policy: str | None = "PASSIVE",
     verbose: bool = True,
     keep_freed_memory: bool = False,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Time the VoxelMorph training step of ours and the peers, interleaved, fresh process each.
 
@@ -181,14 +182,18 @@ def perf_vxm_training(
             glibc gives every large tensor fresh pages, and their page faults are a sizeable
             part of a CPU step (ours at 96³: ~210 000 faults, 0.55 s of system time per
             step). The same for all tools; the peak RSS grows with it.
+        on_update: called after every measured (or failed) process with the report so far
+            (``"complete": False``; the same form as the result), so that a caller can keep
+            it on disk: a run that crashes or is killed an hour in loses nothing measured.
 
     Returns:
         ``{"settings", "device", "results": {size: {tool: {...}}}, "ratios": {size: {peer:
         {"time", "cpu", "peak_mb"}}}, "fastest_peer": {size: tool}}``. Per tool: ``status``
         (``"measured"``, ``"skipped"``, ``"failed"``), ``message``, ``name`` (package and
         version), ``config``, medians ``step_s``, ``cpu_s``, ``peak_mb``, ``base_mb``,
-        ``loadavg_1min`` (the machine's load when the steps began) and every run. Ratios are ours (loss ``loss``) over the peer: < 1 means ours is faster
-        / smaller.
+        ``loadavg_1min`` (the machine's load when the steps began) and every run. Ratios are
+        ours (loss ``loss``) over the peer: < 1 means ours is faster / smaller. ``"complete"``:
+        True.
     """
     from benchmark.core.timing import device_description
 
@@ -199,11 +204,21 @@ def perf_vxm_training(
         raise ValueError(f"loss must be 'mse' or 'ncc', got {loss!r}")
     pythons = find_vxm_peer_pythons(peer_python)
     tools = [t for t in TOOLS if t in tools]
-    results: dict[str, dict[str, dict[str, Any]]] = {}
+    raw: dict[str, dict[str, dict[str, Any]]] = {}
+    settings = {"sizes": [list(s) for s in sizes], "repeats": repeats, "threads": threads, "loss": loss,
+                "omp_wait_policy": omp_wait_policy or "default", "keep_freed_memory": bool(keep_freed_memory),
+                "warmup": warmup, "steps": steps, "lambda": LAMBDA, "batch": 1, "dtype": "float32"}
+    head = {"benchmark": "voxelmorph training step", "settings": settings, "device": device_description("cpu"),
+            "peer_pythons": pythons}
+
+    def update() -> None:
+        if on_update is not None:
+            on_update({**head, **_summarise(raw, repeats, final=False)})
+
     with tempfile.TemporaryDirectory(prefix="regbench_perf_training_") as tmp:
         for size in sizes:
             key = _size_key(size)
-            res = {t: {"status": "measured", "runs": []} for t in tools}
+            res = raw[key] = {t: {"status": "measured", "runs": []} for t in tools}
             for t in tools:
                 cmd = _command(t, size, loss, threads, warmup, steps, "x", pythons)
                 if isinstance(cmd, str):
@@ -225,35 +240,50 @@ def perf_vxm_training(
                         stopped.add(t)
                         if verbose:
                             print(f"[{key}] {t}: FAILED {rec['error']}", flush=True)
+                        update()
                         continue
                     res[t]["runs"].append(rec)
                     if verbose:
                         print(f"[{key}] rep {rep} {t:9s} step {', '.join(f'{s:.2f}' for s in rec['step_s'])} s  "
                               f"cpu {', '.join(f'{s:.2f}' for s in rec['cpu_s'])} s  "
                               f"peak {', '.join(f'{m:.0f}' for m in rec['peak_mb'])} MB", flush=True)
-            for t in tools:
-                r = res[t]
-                runs = r["runs"]
-                if runs:
-                    r["name"] = runs[0].get("tool", t)
-                    r["config"] = runs[0].get("settings", "")
-                for f in ("step_s", "cpu_s", "peak_mb", "base_mb", "loadavg_1min", "fwd_gmac"):
-                    # per step lists, or one value per process (fwd_gmac)
-                    r[f] = _median([v for run in runs for v in (run[f] if isinstance(run.get(f), list)
-                                                                else [run[f]] if f in run else [])])
-                if r["status"] == "measured" and not runs:
-                    r["status"] = "failed"
-                elif runs and len(runs) < repeats:
-                    r["message"] = f"only {len(runs)} of {repeats} repeats measured; " + r.get("message", "")
-            results[key] = res
+                    update()
+    return {**head, **_summarise(raw, repeats, final=True)}
+
+
+def _summarise(raw: dict[str, dict[str, dict[str, Any]]], repeats: int, final: bool) -> dict[str, Any]:
+    """Medians per tool and size, ratios of ours to every measured peer, the fastest peer.
+
+    ``raw``: ``{size: {tool: {"status", "runs", ["message"]}}}`` as measured so far (not
+    modified). Before the end (``final=False``) a tool without runs yet is left "measured"
+    with no figures, and no "only n of m repeats" message is added.
+    """
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, res in raw.items():
+        results[key] = {}
+        for t, src in res.items():
+            r = dict(src)
+            runs = r["runs"] = list(src["runs"])
+            if runs:
+                r["name"] = runs[0].get("tool", t)
+                r["config"] = runs[0].get("settings", "")
+            for f in ("step_s", "cpu_s", "peak_mb", "base_mb", "loadavg_1min", "fwd_gmac"):
+                # per step lists, or one value per process (fwd_gmac)
+                r[f] = _median([v for run in runs for v in (run[f] if isinstance(run.get(f), list)
+                                                            else [run[f]] if f in run else [])])
+            if final and r["status"] == "measured" and not runs:
+                r["status"] = "failed"
+            elif final and runs and len(runs) < repeats:
+                r["message"] = f"only {len(runs)} of {repeats} repeats measured; " + r.get("message", "")
+            results[key][t] = r
     ratios: dict[str, dict[str, dict[str, float]]] = {}
     fastest: dict[str, str | None] = {}
     for key, res in results.items():
         ratios[key] = {}
         ours = res.get("ours")
-        measured_peers = [p for p in PEERS if p in res and res[p]["status"] == "measured"]
+        measured_peers = [p for p in PEERS if p in res and res[p]["status"] == "measured" and res[p]["runs"]]
         fastest[key] = min(measured_peers, key=lambda p: res[p]["step_s"]) if measured_peers else None
-        if ours is None or ours["status"] != "measured":
+        if ours is None or ours["status"] != "measured" or not ours["runs"]:
             continue
         for p in measured_peers:
             ratios[key][p] = {
@@ -261,18 +291,7 @@ def perf_vxm_training(
                 "cpu": ours["cpu_s"] / res[p]["cpu_s"],
                 "peak_mb": ours["peak_mb"] / res[p]["peak_mb"],
             }
-    return {
-        "benchmark": "voxelmorph training step",
-        "settings": {"sizes": [list(s) for s in sizes], "repeats": repeats, "threads": threads, "loss": loss,
-                     "omp_wait_policy": omp_wait_policy or "default",
-                     "keep_freed_memory": bool(keep_freed_memory),
-                     "warmup": warmup, "steps": steps, "lambda": LAMBDA, "batch": 1, "dtype": "float32"},
-        "device": device_description("cpu"),
-        "peer_pythons": pythons,
-        "results": results,
-        "ratios": ratios,
-        "fastest_peer": fastest,
-    }
+    return {"results": results, "ratios": ratios, "fastest_peer": fastest, "complete": final}
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -329,14 +348,17 @@ def main_perf_training(
     omp_wait_policy: str | None = "PASSIVE",
     keep_freed_memory: bool = False,
 ) -> dict[str, Any]:
-    """Run :func:`perf_vxm_training`, print the table, write the JSON to ``out`` if given."""
+    """Run :func:`perf_vxm_training`, print the table, keep the JSON at ``out`` if given (rewritten
+    after every measured process, complete at the end)."""
+    from benchmark.core.io import atomic_write_json
+
+    # the JSON is rewritten (atomically) after every measured process: nothing is lost to a crash
     res = perf_vxm_training(sizes=sizes, repeats=repeats, threads=threads, peer_python=peer_python, loss=loss,
                             tools=tools, warmup=warmup, steps=steps, omp_wait_policy=omp_wait_policy,
-                            keep_freed_memory=keep_freed_memory)
+                            keep_freed_memory=keep_freed_memory,
+                            on_update=(lambda partial: atomic_write_json(out, partial)) if out else None)
     print(format_perf_training(res))
     if out:
-        from benchmark.core.io import atomic_write_json
-
         atomic_write_json(out, res)
         print(f"wrote {out}")
     sys.stdout.flush()
