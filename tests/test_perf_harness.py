@@ -119,10 +119,26 @@ def test_perf_gpu_records_a_failing_system_and_goes_on(one_thread, monkeypatch) 
         return real(name, dev, compile_)
 
     monkeypatch.setattr(perf_gpu, "_build", build)
+    seen: list[str] = []
     res = perf_gpu.measure_systems(["msff", "voxelmorph"], (16, 16, 16), torch.device("cpu"), warmup=1, repeats=1,
-                                   log=lambda s: None, modes=("fp32",))
+                                   log=lambda s: None, modes=("fp32",), on_system=lambda name, rec: seen.append(name))
     assert "out of memory" in res["msff"]["train"]["fp32"]["error"]
     assert res["voxelmorph"]["train"]["fp32"]["step_s"] > 0
+    assert seen == ["msff", "voxelmorph"]  # reported as each ends, the failed one too
+
+
+def test_perf_gpu_keeps_what_it_measured_as_it_goes(one_thread, monkeypatch) -> None:
+    """Every part is handed on as it ends, marked incomplete (what ``--out`` rewrites), so a
+    crash late in a scarce GPU session loses nothing measured; the last report is complete."""
+    from benchmark.perf import gpu as perf_gpu
+
+    monkeypatch.setattr(perf_gpu, "measure_ddp", lambda *args, **kwargs: {"runs": {}})
+    updates: list[dict] = []
+    res = perf_gpu.perf_gpu(shape=(16, 16, 16), device="cpu", systems=["voxelmorph"], warmup=1, repeats=1,
+                            loader=False, log=lambda s: None, modes=("fp32",), on_update=updates.append)
+    assert len(updates) == 1 and updates[0]["complete"] is False and updates[0]["status"] == "partial"
+    assert updates[0]["systems"]["voxelmorph"]["train"]["fp32"]["step_s"] > 0
+    assert res["complete"] is True and res["status"] == "measured"
 
 
 @pytest.mark.slow

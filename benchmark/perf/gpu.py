@@ -195,8 +195,10 @@ def _free(dev: torch.device) -> None:
 # ------------------------------------------------------------------------------ parts
 def measure_systems(names: Sequence[str], shape: Sequence[int], dev: torch.device, warmup: int, repeats: int,
                     pose_size: int | None = None, log: Callable[[str], None] = print,
-                    modes: Sequence[str] = MODES) -> dict[str, Any]:
-    """Training step per mode (of :data:`MODES`) and registration time (fp32, bf16) per system."""
+                    modes: Sequence[str] = MODES,
+                    on_system: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Training step per mode (of :data:`MODES`) and registration time (fp32, bf16) per system;
+    ``on_system(name, record)`` after each system (measured or failed)."""
     out: dict[str, Any] = {}
     for name in names:
         rec: dict[str, Any] = {"train": {}, "register": {}}
@@ -207,6 +209,8 @@ def measure_systems(names: Sequence[str], shape: Sequence[int], dev: torch.devic
                 batch, rec["size"] = _pair_batch(shape, dev), "x".join(map(str, shape))
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
             out[name] = {"error": _one_line(exc)}
+            if on_system is not None:
+                on_system(name, out[name])
             continue
         for mode in modes:
             log(f"[perf gpu] {name}: training step, {mode}")
@@ -230,6 +234,8 @@ def measure_systems(names: Sequence[str], shape: Sequence[int], dev: torch.devic
             if fp32 and r.get("step_s"):
                 r["speedup_vs_fp32"] = fp32 / r["step_s"]
         out[name] = rec
+        if on_system is not None:
+            on_system(name, rec)
         del batch
         _free(dev)
     return out
@@ -379,9 +385,12 @@ def perf_gpu(
     loader: bool = True,
     log: Callable[[str], None] = print,
     modes: Sequence[str] = MODES,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the GPU measurements (module docstring). ``device="cuda"`` without CUDA returns a
-    record with ``cuda_available: False`` and nothing measured."""
+    record with ``cuda_available: False`` and nothing measured. ``on_update(report)`` after
+    every system, the loader and DDP, with what is measured so far (``"complete": False``):
+    GPU time is scarce, and a crash or a kill late in the run loses nothing measured."""
     from benchmark.core.timing import device_description
 
     shape = [int(s) for s in shape]
@@ -399,7 +408,17 @@ def perf_gpu(
         res["status"] = "skipped"
         res["message"] = (f"CUDA is absent (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
                           "nothing measured")
+        res["complete"] = True
         return res
+
+    def save() -> None:
+        if on_update is not None:
+            on_update({**res, "status": "partial", "complete": False})
+
+    def got_system(name: str, rec: dict[str, Any]) -> None:
+        res["systems"][name] = rec
+        save()
+
     dev = torch.device(device)
     res["device_info"] = device_description(dev)
     names = list(systems) if systems else [*SYSTEMS, "cdreg"]
@@ -407,7 +426,9 @@ def perf_gpu(
     if unknown:
         raise ValueError(f"perf gpu --only: unknown system(s) {', '.join(unknown)} (known: {', '.join([*SYSTEMS, 'cdreg'])})")
     t0 = time.perf_counter()
-    res["systems"] = measure_systems(names, shape, dev, warmup, repeats, pose_size=pose_size, log=log, modes=modes)
+    res["systems"] = {}
+    res["systems"] = measure_systems(names, shape, dev, warmup, repeats, pose_size=pose_size, log=log, modes=modes,
+                                     on_system=got_system)
     if loader:
         log("[perf gpu] data loader")
         res["loader"] = measure_loader(shape, dev)
@@ -418,6 +439,7 @@ def perf_gpu(
         res["loader"]["voxelmorph_steps_per_s"] = rates
         if best_loader and rates:
             res["loader"]["keeps_up"] = {m: best_loader >= r for m, r in rates.items()}
+        save()
     if ddp_procs is None:
         n = torch.cuda.device_count() if dev.type == "cuda" else 2
         ddp_procs = sorted({1, n}) if n > 1 else [1]
@@ -425,6 +447,7 @@ def perf_gpu(
     res["ddp"] = measure_ddp(shape, dev.type, ddp_procs, warmup, repeats)
     res["status"] = "measured"
     res["seconds"] = time.perf_counter() - t0
+    res["complete"] = True
     return res
 
 
@@ -484,14 +507,17 @@ def main_perf_gpu(args: Any) -> dict[str, Any]:
     only = [s.strip() for s in args.only.split(",")] if getattr(args, "only", None) else None
     repeats = int(getattr(args, "repeats", 5) or 5)
     small = max(size) <= 64
-    res = perf_gpu(shape=size, device=device, systems=only, repeats=repeats, warmup=2,
-                   pose_size=32 if (device == "cpu" and small) else None, loader=True)
-    print(format_perf_gpu(res))
-    if getattr(args, "out", None):
-        from benchmark.core.io import atomic_write_json
+    from benchmark.core.io import atomic_write_json
 
-        atomic_write_json(args.out, res)
-        print(f"wrote {args.out}")
+    out = getattr(args, "out", None)
+    # the JSON is rewritten (atomically) after every part: nothing measured is lost to a crash
+    res = perf_gpu(shape=size, device=device, systems=only, repeats=repeats, warmup=2,
+                   pose_size=32 if (device == "cpu" and small) else None, loader=True,
+                   on_update=(lambda partial: atomic_write_json(out, partial)) if out else None)
+    print(format_perf_gpu(res))
+    if out:
+        atomic_write_json(out, res)
+        print(f"wrote {out}")
     return res
 
 
