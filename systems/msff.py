@@ -26,10 +26,11 @@ Inputs whose sizes are not multiples of ``2**(levels-1)`` (16) are zero-padded a
 each axis to the next multiple and the field is cropped back (a displacement in voxels is
 unchanged by padding at the end of the grid).
 
-Cost (``regbench perf systems --only msff --repeats 3 --threads 2``, 160×224×192, CPU, a
-heavily shared 2-core machine): a training step (forward, backward, Adam) takes 48 s of
-process CPU time against VoxelMorph's 24 s, peak RSS 7.5 GB against 5.3 GB (1.9 GB of each is
-the process before the step); inference 12 CPU-s against 6. Convolutions run on channels-last
+Cost (``regbench perf systems --only msff --repeats 3 --threads 2``, 160×224×192, CPU, the
+idle 2-core machine): a training step (forward, backward, Adam) takes 40.3 s (64.8 s of
+process CPU time) against VoxelMorph's 20.4 s (37.2), peak RSS 7.4 GB against 4.5 GB (2.5 and
+1.5 GB of them the process before the step, which measures MSFF first); inference 10.2 s
+against 5.5 s. Convolutions run on channels-last
 activations (oneDNN), padded with zero channels where PyTorch would fall back to its slow
 native kernel (:func:`_fast_in_channels`).
 """
