@@ -115,13 +115,13 @@ class _MaxPool2(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2)
+        return _max_pool2(x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        _, idx = _pool_with_indices(x)
+        _, idx = _max_pool2(x, return_indices=True)
         # under autocast the gradient may arrive in float32 for a bfloat16 input (it does when
         # the next convolution ran in float32, systems.speed); pooling's backward wants one dtype
         return _unpool_grad(grad.to(x.dtype), x, idx)
@@ -289,21 +289,22 @@ class _PoolConv(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, w)
-        pooled = (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2)
+        pooled = _max_pool2(x)
         return (F.conv3d if x.dim() == 5 else F.conv2d)(pooled, w, b, padding=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, w = ctx.saved_tensors
-        pooled, idx = _pool_with_indices(x)
+        pooled, idx = _max_pool2(x, return_indices=True)
         gp, gw, gb = _conv_backward(grad, pooled, w, ctx.has_bias, input_grad=True)
         del pooled
         return _unpool_grad(gp, x, idx), gw, gb
 
 
-def _pool_with_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2, return_indices=True)
+def _max_pool2(x: torch.Tensor, return_indices: bool = False) -> Any:
+    """2× max-pooling of a 2D or 3D ``(B, C, *S)`` tensor (with its indices if asked)."""
+    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2, return_indices=return_indices)
 
 
 def _unpool_grad(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -317,7 +318,7 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     """2× max-pooling; without stored indices where autograd records it."""
     if x.requires_grad and torch.is_grad_enabled():
         return _MaxPool2.apply(x)
-    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, 2)
+    return _max_pool2(x)
 
 
 def _act(x: torch.Tensor, internal: bool) -> torch.Tensor:

@@ -69,9 +69,14 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
+def _norm_factor(n: int) -> float:
+    """align_corners=True: voxel ``i`` of an axis of ``n`` → ``2 i / (n - 1) - 1`` (this factor
+    times ``i``, minus 1). A singleton axis maps to -1 (``i`` is 0)."""
+    return 2.0 / max(int(n) - 1, 1)
+
+
 def _norm_scale(shape: Sequence[int], device, dtype) -> torch.Tensor:
-    # align_corners=True: voxel i -> 2 i / (N - 1) - 1. A singleton axis maps to 0.
-    return torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=device, dtype=dtype)
+    return torch.tensor([_norm_factor(n) for n in shape], device=device, dtype=dtype)
 
 
 def voxel_to_grid_coords(points: torch.Tensor, shape: Sequence[int], vector: bool = False) -> torch.Tensor:
@@ -116,7 +121,7 @@ def _sampling_grid(disp: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
     chans = disp.unbind(1)  # (one backward stack; per-channel indexing would allocate a zero field per channel)
     comps = []
     for a in reversed(range(nd)):
-        s = 2.0 / max(int(in_shape[a]) - 1, 1)
+        s = _norm_factor(in_shape[a])
         view = [1] * (nd + 1)
         view[a + 1] = out_shape[a]
         ramp = torch.arange(out_shape[a], device=disp.device, dtype=disp.dtype).view(view)

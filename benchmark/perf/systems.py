@@ -6,9 +6,10 @@
 ``benchmark/perf/peers/fireants_greedy.py``; at the brief's setting, at its published OASIS
 setting, and at the brief's with glibc keeping freed memory, which our SyN does inside
 ``register``) and next to cached ANTs figures. Per tool: Dice per label and mean, fold % and
-SDlogJ (:mod:`benchmark.core.metrics`, central differences), wall-clock of the registration call alone
-(:func:`benchmark.core.timing.timed_call` for ours; the peer times its own ``optimize()``), process
-CPU time (less sensitive to a shared machine than wall-clock) and peak memory.
+SDlogJ (:mod:`benchmark.core.metrics`, central differences), wall-clock of the registration
+call alone (:func:`benchmark.core.timing.timed_call` for ours; the peer times its own
+``optimize()``), process CPU time (less sensitive to a shared machine than wall-clock) and
+peak memory.
 
 The peer's displacement is converted to the suite's convention inside the peer script (see
 its docstring); the conversion is checked here: the Dice of the converted field warped with

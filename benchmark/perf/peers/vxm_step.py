@@ -11,8 +11,8 @@ and the peak resident set size during the step is sampled every 5 ms from
 Models (whichever ``voxelmorph`` the venv holds):
 
 * voxelmorph 0.2.x (``VXM_BACKEND=pytorch``, and ``NEURITE_BACKEND=pytorch`` for its neurite
-  0.2): ``vxm.networks.VxmDense`` in its default, published configuration — U-Net encoder 16-32-32-32, decoder 32-32-32-32-32-16-16,
-  LeakyReLU 0.2, velocity at half resolution, 7 scaling-and-squaring steps; the same network
+  0.2): ``vxm.networks.VxmDense`` in its default, published configuration — U-Net encoder
+  16-32-32-32, decoder 32-32-32-32-32-16-16, LeakyReLU 0.2, velocity at half resolution, 7 scaling-and-squaring steps; the same network
   as regbench's ``VoxelMorph``. Loss: ``vxm.losses.MSE`` (or ``NCC``; 0.2's torch NCC puts
   its window on "cuda" and cannot run on CPU) + ``lambda · vxm.losses.Grad('l2')`` on the
   pre-integration (half-resolution) velocity.
