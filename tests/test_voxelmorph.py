@@ -413,6 +413,36 @@ def test_perf_training_child_reports_a_step() -> None:
     r = res["results"]["16x16x16"]["ours"]
     assert r["status"] == "measured", r.get("message")
     assert r["step_s"] > 0 and r["peak_mb"] >= r["base_mb"] > 0
+    # the whole step's work: every convolution's backward computes two products as large as its
+    # forward (input and weight gradients) except the first one's input gradient (the images
+    # need none), so the step counts just under three forward passes
+    assert 2.85 < r["step_gflop"] / (2 * r["fwd_gmac"]) < 3.0
+    assert r["gemm_gflops"] > 0 and r["floor_s"] == pytest.approx(r["step_gflop"] / r["gemm_gflops"])
+
+
+def test_perf_training_floor_is_ours_work_at_the_gemm_rate_over_the_peers_step() -> None:
+    """``floor_s`` = ours' step GFLOP / this machine's GEMM rate; its ratio is to each peer's
+    median step (hand-made runs, so the arithmetic is checked against known numbers)."""
+    from benchmark.perf.training import _summarise, format_perf_training
+
+    def run(step_s: float, **extra: float) -> dict:
+        return {"step_s": [step_s], "cpu_s": [step_s], "peak_mb": [100.0], "base_mb": [50.0], **extra}
+
+    raw = {"8x8x8": {
+        "ours": {"status": "measured", "runs": [run(2.0, step_gflop=300.0, gemm_gflops=150.0),
+                                                run(2.2, step_gflop=300.0, gemm_gflops=200.0)]},
+        "vxm": {"status": "measured", "runs": [run(2.5, step_gflop=90.0)]},
+        "vxm02": {"status": "measured", "runs": [run(4.0)]},
+    }}
+    res = _summarise(raw, repeats=2, final=True)
+    ours = res["results"]["8x8x8"]["ours"]
+    assert ours["gemm_gflops"] == 175.0 and ours["floor_s"] == pytest.approx(300.0 / 175.0)
+    assert res["fastest_peer"]["8x8x8"] == "vxm"
+    assert res["ratios"]["8x8x8"]["vxm"]["floor"] == pytest.approx(300.0 / 175.0 / 2.5)
+    assert res["ratios"]["8x8x8"]["vxm02"]["floor"] == pytest.approx(300.0 / 175.0 / 4.0)
+    assert "floor_s" not in res["results"]["8x8x8"]["vxm"]  # a peer's own GEMM rate is not measured
+    head = {"settings": {"threads": 2, "loss": "mse", "repeats": 2, "steps": 1}, "device": {"cpu_count": 2}}
+    assert "take 1.71 s = 0.69x vxm's step" in format_perf_training({**head, **res})
 
 
 def test_perf_training_keeps_what_it_measured_as_it_goes(tmp_path: Path) -> None:

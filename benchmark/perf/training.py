@@ -24,7 +24,11 @@ threads) and peak RSS in MB (whole process, baseline included — the RSS before
 reported as ``base_mb``). Each process also counts the multiply-adds of one forward pass of
 its network (``fwd_gmac``, torch's ``FlopCounterMode``): the networks differ (voxelmorph 0.3's
 default is a lighter U-Net than the published VoxelMorph), and a time ratio reads differently
-beside a work ratio.
+beside a work ratio. Each also counts the floating-point operations of one whole step
+(``step_gflop``, backward included), and ours measures the machine's float32 matrix-multiply
+rate after its timed steps (``gemm_gflops``, best of five 4096² products at its threads):
+``floor_s = step_gflop / gemm_gflops`` is what our step's convolutions and products alone would
+take at that rate, the bound on any implementation of the same network on this machine.
 
 Every process gets ``OMP_NUM_THREADS = MKL_NUM_THREADS = threads`` and, by default,
 ``OMP_WAIT_POLICY=PASSIVE`` (see :func:`perf_vxm_training`): on a shared machine, OpenMP's
@@ -191,9 +195,10 @@ def perf_vxm_training(
         {"time", "cpu", "peak_mb"}}}, "fastest_peer": {size: tool}}``. Per tool: ``status``
         (``"measured"``, ``"skipped"``, ``"failed"``), ``message``, ``name`` (package and
         version), ``config``, medians ``step_s``, ``cpu_s``, ``peak_mb``, ``base_mb``,
-        ``loadavg_1min`` (the machine's load when the steps began) and every run. Ratios are
-        ours (loss ``loss``) over the peer: < 1 means ours is faster / smaller. ``"complete"``:
-        True.
+        ``loadavg_1min`` (the machine's load when the steps began), ``fwd_gmac``,
+        ``step_gflop``, ours' ``gemm_gflops`` and ``floor_s`` (module docstring) and every run.
+        Ratios are ours (loss ``loss``) over the peer: < 1 means ours is faster / smaller;
+        ``"floor"`` is ours' ``floor_s`` over the peer's step. ``"complete"``: True.
     """
     from benchmark.core.timing import device_description
 
@@ -267,10 +272,13 @@ def _summarise(raw: dict[str, dict[str, dict[str, Any]]], repeats: int, final: b
             if runs:
                 r["name"] = runs[0].get("tool", t)
                 r["config"] = runs[0].get("settings", "")
-            for f in ("step_s", "cpu_s", "peak_mb", "base_mb", "loadavg_1min", "fwd_gmac"):
-                # per step lists, or one value per process (fwd_gmac)
+            for f in ("step_s", "cpu_s", "peak_mb", "base_mb", "loadavg_1min", "fwd_gmac", "step_gflop", "gemm_gflops"):
+                # per step lists, or one value per process (fwd_gmac, step_gflop, gemm_gflops)
                 r[f] = _median([v for run in runs for v in (run[f] if isinstance(run.get(f), list)
                                                             else [run[f]] if f in run else [])])
+            if np.isfinite(r["step_gflop"]) and np.isfinite(r["gemm_gflops"]):
+                # what the step's convolutions and products alone take at the matrix-multiply rate
+                r["floor_s"] = r["step_gflop"] / r["gemm_gflops"]
             if final and r["status"] == "measured" and not runs:
                 r["status"] = "failed"
             elif final and runs and len(runs) < repeats:
@@ -291,6 +299,8 @@ def _summarise(raw: dict[str, dict[str, dict[str, Any]]], repeats: int, final: b
                 "cpu": ours["cpu_s"] / res[p]["cpu_s"],
                 "peak_mb": ours["peak_mb"] / res[p]["peak_mb"],
             }
+            if "floor_s" in ours:
+                ratios[key][p]["floor"] = ours["floor_s"] / res[p]["step_s"]
     return {"results": results, "ratios": ratios, "fastest_peer": fastest, "complete": final}
 
 
@@ -328,6 +338,11 @@ def format_perf_training(res: dict[str, Any]) -> str:
                 f" {_fmt(r.get('fwd_gmac'), '6.1f'):>6s}"
                 f" {_fmt(r.get('loadavg_1min'), '5.1f'):>5s}  {r.get('config', '')[:70]}"
             )
+        ours = tools.get("ours", {})
+        if "floor_s" in ours and fastest and "floor" in ratio.get(fastest, {}):
+            lines.append(f"  ours' convolutions and products: {ours['step_gflop']:.4g} GFLOP per step; at this machine's"
+                         f" float32 matrix-multiply rate ({ours['gemm_gflops']:.0f} GFLOP/s, same process) they alone"
+                         f" take {ours['floor_s']:.2f} s = {ratio[fastest]['floor']:.2f}x {fastest}'s step")
         lines.append("  (t/peer, mem/peer: ours at this loss over that peer, < 1 = ours faster / smaller;"
                      " GMAC: multiply-adds of one forward pass, 10⁹, torch's FlopCounterMode;"
                      " load: 1-min load average when the steps began, the machine has "
@@ -404,6 +419,9 @@ def _child(size: Sequence[int], loss: str, threads: int, warmup: int, steps: int
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(batch["moving"], batch["fixed"])
     rec["fwd_gmac"] = counter.get_total_flops() / 2e9  # multiply-adds of the forward pass, 10⁹
+    with FlopCounterMode(display=False) as counter:
+        step()
+    rec["step_gflop"] = counter.get_total_flops() / 1e9  # the whole step, backward included
     for _ in range(steps):
         rec.setdefault("loadavg_1min", []).append(os.getloadavg()[0])
         base = current_rss_mb()
@@ -414,8 +432,23 @@ def _child(size: Sequence[int], loss: str, threads: int, warmup: int, steps: int
         rec["peak_mb"].append(st.peak_mem_mb)
         rec["base_mb"].append(base)
         rec["loss"].append(val)
+    rec["gemm_gflops"] = gemm_gflops()  # after the timed steps: it must not move their baseline
     with open(out, "w") as fh:
         json.dump(rec, fh)
+
+
+def gemm_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """This process's float32 matrix-multiply rate (GFLOP/s, best of ``repeats`` ``n×n``
+    products at the current torch threads): the machine's practical peak for the convolutions,
+    which oneDNN runs as blocked matrix products. Takes ~3·n²·4 bytes and a few seconds."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm the kernel and the pages
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
 
 
 def _parse_size(text: str) -> tuple[int, ...]:

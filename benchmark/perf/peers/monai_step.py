@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-from vxm_step import PeakRss, forward_gmac, rss_mb  # same folder: the script's directory is on sys.path
+from vxm_step import PeakRss, forward_gmac, rss_mb, step_gflop  # same folder: the script's directory is on sys.path
 
 
 def main() -> None:
@@ -75,6 +75,7 @@ def main() -> None:
     for _ in range(a.warmup):
         step()
     rec["fwd_gmac"] = forward_gmac(lambda: model(moving, fixed))
+    rec["step_gflop"] = step_gflop(step)
     for _ in range(a.steps):
         rec.setdefault("loadavg_1min", []).append(os.getloadavg()[0])
         base = rss_mb()

@@ -122,6 +122,16 @@ def forward_gmac(fn) -> float:
     return counter.get_total_flops() / 2e9
 
 
+def step_gflop(fn) -> float:
+    """Floating-point operations (10⁹) of one call of ``fn`` with autograd (a whole training
+    step, backward included), by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--size", required=True, help="spatial size, e.g. 96,96,96")
@@ -165,6 +175,7 @@ def main() -> None:
     for _ in range(a.warmup):
         step()
     rec["fwd_gmac"] = forward_gmac(lambda: step_loss(moving, fixed))
+    rec["step_gflop"] = step_gflop(step)
     for _ in range(a.steps):
         rec.setdefault("loadavg_1min", []).append(os.getloadavg()[0])
         base = rss_mb()
