@@ -167,8 +167,8 @@ def evaluate_files(
     Keys: ``dice``, ``dice_per_label``, ``hd95``, ``hd95_per_label``, ``tre`` (None without
     landmarks), ``fold_pct``, ``sdlogj``, ``sdlogj_l2r``, ``ndv_pct``, every registered
     deformable metric with a ``compute`` (:mod:`benchmark.core.registry`), plus ``labels``,
-    ``shape``, ``spacing_mm``, ``n_landmarks``, ``field_resampled`` (and
-    ``field_outside_pct`` when it was).
+    ``shape``, ``spacing_mm``, ``hd95_voxel`` (HD95 in voxels rather than mm),
+    ``n_landmarks``, ``field_resampled`` (and ``field_outside_pct`` when it was).
 
     The field's grid (its NIfTI affine, or the run's JSON record beside it) must be the fixed
     grid (fixed image, else fixed labels, else mask); with a run's record, the moving grid it
@@ -309,6 +309,7 @@ def evaluate_files(
         moving_affine=moving_affine,
         mask=None if mask_vol is None else mask_vol.data > 0,
         hd95_voxel=hd95_voxel,
+        moving_seg=None if mseg is None else mseg.data,
     )
     out.update(res)
     if reg_u is not None:
@@ -321,6 +322,7 @@ def evaluate_files(
     out["labels"] = label_list
     out["shape"] = list(spatial)
     out["spacing_mm"] = list(spacing)
+    out["hd95_voxel"] = bool(hd95_voxel)  # HD95's unit: voxels, else mm (the table and the JSON say so)
     out["n_landmarks"] = 0 if fpts is None else int(len(fpts))
     out["field_resampled"] = resampled
     if resampled:

@@ -49,6 +49,7 @@ import numpy as np
 from scipy import stats as _st
 
 from benchmark.core import registry
+from benchmark.core.metrics import worst_count
 
 __all__ = [
     "RANK_METRICS",
@@ -181,7 +182,7 @@ def robust_dice_samples(
     if initial in dice_by_method and init_pl and every_has_labels:
         keys = [(c, lab) for c, labs in init_pl.items() for lab, v in labs.items() if v is not None and np.isfinite(v)]
         vals = np.asarray([init_pl[c][lab] for c, lab in keys], dtype=np.float64)
-        k = max(1, int(round(fraction * len(keys)))) if keys else 0
+        k = worst_count(len(keys), fraction)
         sel = [keys[i] for i in np.argsort(vals, kind="stable")[:k]]
         out = {}
         for m in methods:
@@ -191,12 +192,12 @@ def robust_dice_samples(
     if initial in dice_by_method:
         init = {c: v for c, v in dice_by_method[initial].items() if np.isfinite(v)}
         cases = sorted(init, key=lambda c: (init[c], c))
-        sel = cases[: max(1, int(round(fraction * len(cases))))] if cases else []
+        sel = cases[: worst_count(len(cases), fraction)]
         return {m: np.asarray([dice_by_method[m].get(c, math.nan) for c in sel], dtype=np.float64) for m in methods}
     out = {}
     for m in methods:
         v = np.sort(_clean(list(dice_by_method[m].values())))
-        out[m] = v[: max(1, int(round(fraction * v.size)))] if v.size else v
+        out[m] = v[: worst_count(v.size, fraction)]
     return out
 
 

@@ -590,9 +590,19 @@ def _paired_against(cv: Mapping[str, Mapping[str, float]], ref: str, methods: li
     for m, p, pa in zip(methods, raw, stats.holm(raw)):
         d, dlo, dhi = stats.paired_difference_ci(*pairs[m])
         out[m] = {"diff": d, "diff_lo": dlo, "diff_hi": dhi, "p_raw": p, "p_holm": float(pa),
-                  "p_min": _smallest_holm_p(len(commons[m]), len(methods)),
+                  "p_min": _smallest_holm_p(_tested_pairs(*pairs[m]), len(methods)),
                   "significant": float(np.isfinite(pa) and pa < ranking.ALPHA)}
     return out
+
+
+def _tested_pairs(a: list[float], b: list[float]) -> int:
+    """How many pairs the Wilcoxon test ranks: both values finite and a non-zero difference
+    (:func:`leaderboard.stats.paired_wilcoxon` drops the rest); the finite pairs when every
+    difference is zero (identical samples: there is nothing too few about them)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    finite = np.isfinite(x) & np.isfinite(y)
+    nonzero = int(np.count_nonzero(x[finite] != y[finite]))
+    return nonzero if nonzero else int(finite.sum())
 
 
 def _smallest_holm_p(n: int, m: int) -> float:

@@ -230,7 +230,8 @@ class RegistrationSystem(BenchmarkSystem):
         if _has_labels(batch):
             labels = self._labels()
             warped = warp(batch["moving_seg"], disp, mode="nearest")
-            dices = [metrics.dice(batch["fixed_seg"][b, 0], warped[b, 0], labels) for b in range(bs)]
+            dices = [metrics.dice(batch["fixed_seg"][b, 0], warped[b, 0], labels, batch["moving_seg"][b, 0])
+                     for b in range(bs)]
             self.log("val/dice", float(np.nanmean(dices)), sync_dist=True, prog_bar=True, batch_size=bs)
 
     def _labels(self) -> list[int]:
@@ -310,6 +311,7 @@ class RegistrationSystem(BenchmarkSystem):
                 compute_hd95=self.compute_hd95,
                 compute_ndv=self.compute_ndv,
                 true_disp=None if batch.get("true_disp") is None else batch["true_disp"][b].detach().cpu(),
+                moving_seg=batch["moving_seg"][b, 0].cpu() if labelled else None,
             )
             rec: dict[str, Any] = {
                 "case_id": str(batch["case_id"][b]),

@@ -46,7 +46,7 @@ def _l2r_dice(disp_file: Path, fixed: np.ndarray, moving: np.ndarray, labels) ->
     ds = []
     for lab in labels:
         a, b = fixed == lab, warped == lab
-        if a.sum() == 0 or b.sum() == 0:
+        if a.sum() == 0 or (moving == lab).sum() == 0:  # Learn2Reg: absent from fixed or moving
             continue
         ds.append(2 * (a & b).sum() / (a.sum() + b.sum()))
     return float(np.mean(ds))
@@ -201,3 +201,24 @@ def test_evaluate_unwritable_out_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "plain_file" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_hd95_in_voxels_is_labelled_so(tmp_path):
+    """With --hd95-voxel the value is in voxels (2 here, 4 mm at 2 mm voxels) and both the JSON
+    and the table say so."""
+    from benchmark.evaluate import format_table
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    f = np.zeros((20, 20, 20), np.int16)
+    f[5:12, 5:12, 5:12] = 1
+    m = np.zeros_like(f)
+    m[7:14, 5:12, 5:12] = 1  # two voxels along axis 0
+    fs, ms = _save(tmp_path / "f.nii.gz", f, aff), _save(tmp_path / "m.nii.gz", m, aff)
+    d = tmp_path / "d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20, 3), np.float32), aff), str(d))
+    vox = evaluate_files(str(d), fixed_seg=str(fs), moving_seg=str(ms), hd95_voxel=True)
+    mm = evaluate_files(str(d), fixed_seg=str(fs), moving_seg=str(ms))
+    assert vox["hd95"] == pytest.approx(2.0) and mm["hd95"] == pytest.approx(4.0)
+    assert vox["hd95_voxel"] is True and mm["hd95_voxel"] is False
+    assert any("HD95 (vox)" in ln and "2.0000" in ln for ln in format_table(vox).splitlines())
+    assert any("HD95 (mm)" in ln and "4.0000" in ln for ln in format_table(mm).splitlines())

@@ -219,6 +219,18 @@ def test_cpu_slabs_do_not_change_results(monkeypatch):
         assert M.ndv_pct(u, mask) == pytest.approx(ndv_reference(u, mask), rel=1e-10)
 
 
+def test_single_slice_case_has_no_ndv_but_every_other_metric():
+    """A 3D field one voxel thick (a slice stored as a volume) has no interior: NDV is NaN, not
+    an error that loses the case's Dice and fold %."""
+    u = np.zeros((3, 12, 10, 1))
+    u[0] = 0.4  # a uniform shift: no folds
+    f = np.zeros((12, 10, 1), np.int64)
+    f[2:8, 3:9] = 1
+    res = M.deformable_metrics(u, f, f, [1])
+    assert math.isnan(res["ndv_pct"]) and res["dice"] == 1.0 and res["fold_pct"] == 0.0
+    assert math.isnan(M.ndv_pct(np.zeros((2, 2, 9))))  # 2D, two pixels across
+
+
 def test_ndv_zero_for_smooth_field_and_one_voxel_per_inverted_voxel():
     shape = (10, 12, 9)
     smooth = smooth_field(shape, 1.0, sigma=3.0, seed=7)
@@ -247,11 +259,12 @@ def test_nda_2d():
 # ----------------------------------------------------------------------------------------------
 # Dice
 # ----------------------------------------------------------------------------------------------
-def dice_loop(f, w, labels):
+def dice_loop(f, w, labels, m=None):
+    """Learn2Reg's rule by hand: NaN where the fixed (or the un-warped moving) map lacks the label."""
     out = []
     for lab in labels:
         a, b = f == lab, w == lab
-        if a.sum() == 0 or b.sum() == 0:
+        if a.sum() == 0 or (m is not None and (m == lab).sum() == 0):
             out.append(np.nan)
         else:
             out.append(2 * (a & b).sum() / (a.sum() + b.sum()))
@@ -265,12 +278,12 @@ def test_dice_sparse_ids_matches_loop_and_nan_for_absent():
     w = f.copy()
     flip = RNG.random(shape) < 0.3
     w[flip] = ids[RNG.integers(0, ids.size, flip.sum())]
-    w[w == 2034] = 0  # 2034 present in fixed only -> NaN (absent from the warped map)
+    w[w == 2034] = 0  # 2034 present in fixed only: erased by the warp -> 0, not left out
     labels = [2035, 1002, 5000, 17, 1003, 2034, 1002]  # unsorted, absent id, duplicate
     ref = dice_loop(f, w, labels)
     got = M.dice_per_label(f, w, labels)
     np.testing.assert_allclose(got, ref, rtol=1e-12)
-    assert np.isnan(got[2]) and np.isnan(got[5])
+    assert np.isnan(got[2]) and got[5] == 0.0
     assert not np.isnan(got[[0, 1, 3, 4]]).any()
     # tensors (int16/uint8 dtypes), float maps from nibabel and torch long all agree
     ft, wt = torch.from_numpy(f.astype(np.int16)), torch.from_numpy(w)
@@ -278,6 +291,34 @@ def test_dice_sparse_ids_matches_loop_and_nan_for_absent():
     np.testing.assert_allclose(M.dice_per_label(f.astype(np.float64), w.astype(np.float32), labels), ref)
     assert M.dice(f, w, labels) == pytest.approx(np.nanmean(ref))
     assert math.isnan(M.dice(f, w, [5000, 6000]))
+    # a label the un-warped moving map lacks has nothing to match: NaN (Learn2Reg), whatever
+    # grid the moving map is on
+    m = np.where(f == 17, 0, f)[:, ::2]
+    got_m = M.dice_per_label(f, w, labels, moving_seg=m)
+    np.testing.assert_allclose(got_m, dice_loop(f, w, labels, m), rtol=1e-12)
+    assert np.isnan(got_m[3]) and got_m[5] == 0.0
+
+
+def test_erasing_a_label_never_raises_dice_or_lowers_hd95():
+    """Label 2 erased by the warp must score worse than label 2 kept with partial overlap
+    (before, the erased label left the mean and so raised it)."""
+    f = np.zeros((10, 12, 8), np.int64)
+    f[1:5, 1:6, 1:7], f[6:9, 6:11, 1:7] = 1, 2
+    kept = f.copy()
+    kept[6:9, 6:11, 1:7] = 0
+    kept[6:9, 8:11, 1:7] = 2  # partial overlap
+    erased = np.where(f == 2, 0, f)
+    assert M.dice(f, erased, [1, 2], moving_seg=f) == pytest.approx(0.5)  # label 1 perfect, label 2 zero
+    assert M.dice(f, erased, [1, 2], moving_seg=f) < M.dice(f, kept, [1, 2], moving_seg=f)
+    sp = (1.5, 1.0, 2.5)
+    h = M.hd95_per_label(f, erased, [1, 2], spacing=sp)
+    diagonal = np.sqrt((9 * 1.5) ** 2 + 11**2 + (7 * 2.5) ** 2)  # corner voxel to corner voxel, mm
+    assert h[0] == 0.0 and h[1] == pytest.approx(diagonal)
+    assert h[1] > M.hd95_per_label(f, kept, [2], spacing=sp)[0]
+    assert M.hd95_per_label(f, erased, [2], voxel=True)[0] == pytest.approx(np.sqrt(9**2 + 11**2 + 7**2))
+    assert np.isnan(M.hd95_per_label(f, erased, [2], moving_seg=erased)[0])  # moving never had it
+    res = M.deformable_metrics(np.zeros((3, *f.shape)), f, erased, [1, 2], spacing=sp, moving_seg=f)
+    assert res["dice_per_label"] == {1: 1.0, 2: 0.0} and res["hd95"] == pytest.approx(diagonal / 2)
 
 
 def test_torch_kernels_agree_with_numpy_path():

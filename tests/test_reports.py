@@ -156,6 +156,12 @@ def test_robust_dice_uses_hardest_initial_pairs():
     # no initial row: each method's own worst 30 %
     out = ranking.robust_dice_samples({"m": dice["m"]}, {}, initial=None)
     assert out["m"].tolist() == [0.7]
+    # the same case count as the tables' "worst 30 %": ceil(0.3 · 8) = 3, not round(2.4) = 2
+    eight = {f"c{i}": v for i, v in enumerate([0.8, 0.3, 0.9, 0.1, 0.7, 0.2, 0.6, 0.5])}
+    out = ranking.robust_dice_samples({"initial": eight, "m": eight}, {}, initial="initial")
+    assert out["m"].tolist() == [0.1, 0.2, 0.3]
+    assert ranking.robust_dice_samples({"m": eight}, {}, initial=None)["m"].mean() == pytest.approx(
+        worst_fraction_mean(list(eight.values()), True))
     assert worst_fraction_mean([0.9, 0.1, 0.5, 0.3, 0.7, 0.8, 0.2, 0.6, 0.4, 1.0], True) == pytest.approx(0.2)
     assert worst_fraction_mean([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], False) == pytest.approx(9.0)
 
@@ -436,3 +442,18 @@ def test_change_from_initial_is_paired_holm_and_says_when_no_change_is_shown(tmp
     rows = {l.split("|")[1].strip(): l.split("|")[2] for l in table.splitlines()[2:]}
     assert "improves" in rows["better"] and "worsens" in rows["worse"]
     assert "no change shown" in rows["same"] and "initial" not in rows
+
+
+def test_too_few_cases_counts_only_the_pairs_the_test_ranks():
+    """10 shared case ids but only 3 finite values (TRE missing elsewhere) and one tie: the
+    test ranks 2 pairs, whose smallest two-sided p is 2/2² = 0.5, so the verdict is "too few
+    cases to test", not "not distinguishable"."""
+    from leaderboard.table import _diff_cell, _paired_against
+
+    ref = {f"c{i}": 1.0 for i in range(10)}
+    m = {f"c{i}": (2.0 + i if i < 2 else 1.0 if i == 2 else math.nan) for i in range(10)}
+    st_ = _paired_against({"best": ref, "m": m}, "best", ["m"])["m"]
+    assert st_["p_min"] == pytest.approx(0.5)
+    assert _diff_cell(st_, "tre", "", ("better", "worse", "not distinguishable")).endswith("too few cases to test")
+    same = _paired_against({"best": ref, "m": dict(ref)}, "best", ["m"])["m"]  # identical: nothing too few
+    assert same["p_min"] == pytest.approx(2.0 ** -9)

@@ -48,6 +48,7 @@ __all__ = [
     "tre_centroids",
     "tre_centroids_warped",
     "aggregate",
+    "worst_count",
     "worst_fraction_mean",
     "DeformableCase",
     "deformable_metrics",
@@ -139,7 +140,15 @@ def _codes_numpy(seg: np.ndarray, sorted_labels: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Dice
 # ----------------------------------------------------------------------------------------------
-def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence[int]) -> np.ndarray:
+def _absent_from(seg: ArrayLike | None, sorted_labels: np.ndarray) -> np.ndarray:
+    """``(L,)`` bool: which of ``sorted_labels`` ``seg`` does not hold (all False for None)."""
+    if seg is None:
+        return np.zeros(sorted_labels.size, dtype=bool)
+    return ~np.isin(sorted_labels, np.unique(_labels_to_numpy(seg)))
+
+
+def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence[int],
+                   moving_seg: ArrayLike | None = None) -> np.ndarray:
     """Dice overlap of every label in ``labels``, in one pass over the volume.
 
     Ids are mapped to their rank in the sorted label list by ``searchsorted`` (ids not in the
@@ -152,12 +161,15 @@ def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence
         fixed_seg: ``(*spatial)`` integer label map of the fixed image (array or CPU/CUDA tensor).
         warped_seg: ``(*spatial)`` moving label map warped onto the fixed grid.
         labels: label ids to score, any order (duplicates allowed).
+        moving_seg: the un-warped moving label map (any grid: only which labels it holds is
+            read), when the caller has it.
 
     Returns:
-        ``(L,)`` float64 in the order of ``labels``: ``2|F∩W| / (|F|+|W|)``; NaN where the label is
-        absent from the fixed **or** the warped segmentation. (Learn2Reg's script tests the
-        un-warped moving segmentation instead; a label that vanishes under the warp is NaN
-        here, 0 there.)
+        ``(L,)`` float64 in the order of ``labels``: ``2|F∩W| / (|F|+|W|)``; NaN where the label
+        is absent from the fixed segmentation or from ``moving_seg`` (there is nothing to
+        match), as in Learn2Reg's script. A label that the warp erased (in both inputs, not in
+        the warped map) scores 0: left out of the mean, erasing a structure would raise a
+        method's Dice.
     """
     lab = _label_list(labels)
     f = _labels_to_torch(fixed_seg)
@@ -187,7 +199,7 @@ def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence
         inter = torch.bincount(i_f[same], minlength=nb)[1::2].cpu().numpy().astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         d = 2.0 * inter / (nf + nw)
-    d[(nf == 0) | (nw == 0)] = np.nan
+    d[(nf == 0) | _absent_from(moving_seg, uniq)] = np.nan
     return d[inverse]
 
 
@@ -197,9 +209,10 @@ def _nanmean(values: np.ndarray) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
-def dice(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence[int]) -> float:
+def dice(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence[int],
+         moving_seg: ArrayLike | None = None) -> float:
     """Mean Dice over ``labels`` ignoring NaN (absent) labels; NaN if every label is absent."""
-    return _nanmean(dice_per_label(fixed_seg, warped_seg, labels))
+    return _nanmean(dice_per_label(fixed_seg, warped_seg, labels, moving_seg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +228,7 @@ def hd95_per_label(
     labels: Sequence[int],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     voxel: bool = False,
+    moving_seg: ArrayLike | None = None,
 ) -> np.ndarray:
     """95th-percentile Hausdorff distance of every label, in mm (or voxels with ``voxel=True``).
 
@@ -236,9 +250,14 @@ def hd95_per_label(
         labels: ids to score.
         spacing: voxel size in mm per array axis (ignored when ``voxel``).
         voxel: report in voxels (spacing 1).
+        moving_seg: the un-warped moving label map (any grid; only which labels it holds is read).
 
     Returns:
-        ``(L,)`` float64 in the order of ``labels``; NaN where the label is absent from either map.
+        ``(L,)`` float64 in the order of ``labels``; NaN where the label is absent from the
+        fixed map or from ``moving_seg`` (as :func:`dice_per_label`). A label the warp erased
+        gets the grid's diagonal, ``√Σ((n_i − 1)·s_i)²``, the largest distance two voxels of
+        the grid can have: no surface is at least as far as any surface, and a finite penalty
+        keeps means and confidence intervals defined (Learn2Reg's script gives ∞).
     """
     lab = _label_list(labels)
     f = _labels_to_numpy(fixed_seg)
@@ -257,9 +276,14 @@ def hd95_per_label(
     boxes_w = ndi.find_objects(cw, max_label=uniq.size)
     structure = ndi.generate_binary_structure(nd, 1)
     out = np.full(uniq.size, np.nan)
+    skip = _absent_from(moving_seg, uniq)
+    diagonal = float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(f.shape, sp))))
     for k in range(uniq.size):
         bf, bw = boxes_f[k], boxes_w[k]
-        if bf is None or bw is None:
+        if bf is None or skip[k]:
+            continue
+        if bw is None:  # erased by the warp
+            out[k] = diagonal
             continue
         # Crop to the union bounding box plus one voxel. Exact: (1) every voxel of either mask
         # keeps all its face neighbours inside the crop (or the crop edge is the image edge,
@@ -286,9 +310,10 @@ def hd95(
     labels: Sequence[int],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     voxel: bool = False,
+    moving_seg: ArrayLike | None = None,
 ) -> float:
     """Mean of :func:`hd95_per_label` ignoring NaN labels (NaN if all are absent)."""
-    return _nanmean(hd95_per_label(fixed_seg, warped_seg, labels, spacing, voxel))
+    return _nanmean(hd95_per_label(fixed_seg, warped_seg, labels, spacing, voxel, moving_seg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,14 +620,16 @@ def ndv_pct(disp: ArrayLike, mask: ArrayLike | None = None) -> float:
         mask: optional ``(*spatial)`` mask on the full grid.
 
     Returns:
-        NDV (or NDA) as a percentage of the (interior) mask volume; NaN if that is empty.
+        NDV (or NDA) as a percentage of the (interior) mask volume; NaN if that is empty (also
+        on a grid with fewer than 3 voxels along an axis, a single slice say, which has no
+        interior: the other metrics of such a case are still defined).
     """
     u_t = _disp_tensor(disp)
     nd = u_t.shape[0]
     shape = tuple(u_t.shape[1:])
-    if any(n < 3 for n in shape):
-        raise ValueError(f"NDV needs at least 3 voxels along every axis, got {shape}")
     m = _mask_tensor(mask, shape, u_t.device)
+    if any(n < 3 for n in shape):
+        return float("nan")
     interior = tuple(slice(1, -1) for _ in range(nd))
     mi = None if m is None else _kernel_array(m[interior])
     count = float(np.prod([n - 2 for n in shape])) if mi is None else float(mi.sum())
@@ -830,6 +857,12 @@ def endpoint_error(
     return float(vals.mean()), float(np.quantile(vals.cpu().numpy(), 0.9))
 
 
+def worst_count(n: int, fraction: float = 0.3) -> int:
+    """How many of ``n`` values "the worst ``fraction``" covers: ``max(1, ceil(fraction · n))``
+    (0 for ``n == 0``); the one rule of the suite's robustness values and the ranking's DSC30."""
+    return max(1, math.ceil(fraction * n - 1e-9)) if n > 0 else 0
+
+
 def worst_fraction_mean(values: Iterable[float | None], higher_is_better: bool, fraction: float = 0.3) -> float:
     """Mean of the worst ``fraction`` of the finite values: the one definition of Learn2Reg's
     robustness value in the suite (``aggregate``, the leaderboard and ``evaluate`` use it).
@@ -842,7 +875,7 @@ def worst_fraction_mean(values: Iterable[float | None], higher_is_better: bool, 
     v = np.sort(v[np.isfinite(v)])
     if v.size == 0:
         return math.nan
-    k = max(1, math.ceil(fraction * v.size - 1e-9))
+    k = worst_count(v.size, fraction)
     return float((v[:k] if higher_is_better else v[-k:]).mean())
 
 
@@ -917,6 +950,7 @@ def deformable_metrics(
     compute_hd95: bool = True,
     compute_ndv: bool = True,
     true_disp: ArrayLike | None = None,
+    moving_seg: ArrayLike | None = None,
 ) -> dict:
     """All per-case deformable metrics: the one engine behind ``regbench evaluate`` and every test step.
 
@@ -934,6 +968,8 @@ def deformable_metrics(
         true_disp: the true field on the same grid, when the data knows it: gives
             ``epe_mm`` / ``epe_p90_mm`` (:func:`endpoint_error` through ``moving_affine``) over
             ``mask``, else over the fixed foreground ``fixed_seg > 0``, else everywhere.
+        moving_seg: the un-warped moving label map (any grid): labels it lacks are NaN in
+            Dice and HD95 rather than scored as erased (:func:`dice_per_label`).
 
     Returns:
         ``{"dice", "dice_per_label", "hd95", "hd95_per_label", "tre", "fold_pct", "sdlogj",
@@ -962,9 +998,9 @@ def deformable_metrics(
             ids = np.unique(_labels_to_numpy(fixed_seg))
             labels = [int(i) for i in ids if i != 0]
         lab = [int(i) for i in labels]
-        d = dice_per_label(fixed_seg, warped_seg, lab) if lab else np.zeros(0)
+        d = dice_per_label(fixed_seg, warped_seg, lab, moving_seg) if lab else np.zeros(0)
         if compute_hd95 and lab:
-            h = hd95_per_label(fixed_seg, warped_seg, lab, spacing, voxel=hd95_voxel)
+            h = hd95_per_label(fixed_seg, warped_seg, lab, spacing, voxel=hd95_voxel, moving_seg=moving_seg)
         else:
             h = np.full(len(lab), np.nan)
         out["dice"] = _nanmean(d)
