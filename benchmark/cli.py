@@ -257,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
 
     set_verbosity(level, lightning=cmd in _USES_LIGHTNING and not ("-h" in argv or "--help" in argv))
     if cmd in LIGHTNING_COMMANDS and argv and argv[0] == cmd:
-        return _lightning_cli(argv)
+        try:
+            return _lightning_cli(argv)
+        except Exception as exc:
+            rc = _one_line_error(cmd, exc, debug)
+            if rc is None:
+                raise
+            return rc
     parser = build_parser(only=cmd)
     args = parser.parse_args(argv)
     args.debug, args.verbose = debug, level
@@ -269,18 +275,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.json}", file=sys.stderr)  # data check writes its JSON without saying so
         return rc
     except Exception as exc:
-        from benchmark.core.io import DataError
-
-        if debug:
+        rc = _one_line_error(args.command, exc, debug)
+        if rc is None:
             raise
-        if isinstance(exc, DataError):
-            print(f"regbench {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        if isinstance(exc, OSError) and getattr(exc, "filename", None):
-            # an output path that cannot be written (read-only folder, a folder given as a file…)
-            print(f"regbench {args.command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
-        raise
+        return rc
+
+
+def _one_line_error(command: str, exc: Exception, debug: bool) -> int | None:
+    """Print a bad input (:class:`DataError`) or an unwritable output path as one line and
+    return exit code 2; None (the caller re-raises: a traceback) for anything else, or for
+    everything under ``--debug``."""
+    from benchmark.core.io import DataError
+
+    if debug:
+        return None
+    if isinstance(exc, DataError):
+        print(f"regbench {command}: error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError) and getattr(exc, "filename", None):
+        # an output path that cannot be written (read-only folder, a folder given as a file…)
+        print(f"regbench {command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return None
 
 
 if __name__ == "__main__":

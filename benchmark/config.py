@@ -115,7 +115,7 @@ TRAINER_RANGES: dict[str, Key] = {
     "val_check_interval": Key(Optional[Union[Fraction, PositiveInt]], None, "", "a step count >= 1 or a fraction in (0, 1]"),
 }
 #: Dataset arguments that count things: null or an integer >= 1 (``num_workers``: >= 0).
-COUNT_ARG = re.compile(r"^(n_\w+|\w*_pairs|\w*_pairs_per_epoch|batch_size)$")
+COUNT_ARG = re.compile(r"^(n_\w+|max_\w+|\w*_pairs|\w*_pairs_per_epoch|batch_size)$")
 COUNT = Key(Optional[PositiveInt], None, "", "an integer >= 1 (or null)")
 WORKERS = Key(NonNegativeInt, 0, "", "an integer >= 0")
 #: The keys of a dataset / method block (methods also take ``variants``, see :mod:`benchmark.variants`).
@@ -292,8 +292,8 @@ def check_init_args(cls: type, init_args: Any, where: str, counts: bool = False)
 
 
 def check_dataset_counts(init_args: dict[str, Any], where: str) -> None:
-    """A data module's count arguments: ``n_*``, ``*_pairs``, ``batch_size`` ≥ 1 or null,
-    ``num_workers`` ≥ 0."""
+    """A data module's count arguments: ``n_*``, ``max_*``, ``*_pairs``, ``batch_size`` ≥ 1 or
+    null, ``num_workers`` ≥ 0."""
     for key, v in init_args.items():
         if COUNT_ARG.match(key):
             _check_value(v, COUNT, f"{where}.init_args.{key}")

@@ -95,11 +95,12 @@ def data_module_class(dataset: str) -> type:
     """The data module class of a short name (:data:`DATASETS`) or a class path."""
     path = DATASETS.get(dataset, dataset)
     if "." not in path:
-        raise ValueError(f"unknown dataset kind {dataset!r}; use {', '.join(DATASETS)} or a data module's class path")
+        raise DataError(None, f"--dataset {dataset!r}: unknown dataset kind",
+                        f"use {', '.join(DATASETS)} or a data module's class path")
     try:
         return import_object(path)
     except ClassPathError as exc:
-        raise ValueError(f"--dataset {dataset!r}: {exc}") from None
+        raise DataError(None, f"--dataset {dataset!r}: {exc}") from None
 
 
 def check_dataset(dataset: str, root: str | Path, resample_labels: bool = False, headers_only: bool = False,

@@ -164,6 +164,10 @@ class MindBoggle101DataModule(RealPairDataModule):
         if overlap:
             raise ValueError(f"cohorts {sorted(overlap)} are in both the train and the test split")
         self.val_pairs, self.test_pairs = val_pairs, test_pairs
+        if max_subjects is not None and (isinstance(max_subjects, bool) or int(max_subjects) != max_subjects
+                                         or max_subjects < 1):
+            # a slice [: -1] or [: 0] would silently drop subjects from every split
+            raise ValueError(f"max_subjects must be an integer >= 1 or None, got {max_subjects!r}")
         self.max_subjects = max_subjects
         self._label_ids: list[int] | None = None
         self.save_hyperparameters()
@@ -179,7 +183,8 @@ class MindBoggle101DataModule(RealPairDataModule):
             report.problems.extend(problems)
             report.summary["subjects"] = len(subs)
             report.summary["cohorts"] = dict(Counter(s.group for s in subs))
-            grid = check_subjects(subs, report, resample_labels, STRAY_LABELS, headers_only, self.loader.landmark_units)
+            grid = check_subjects(subs, report, resample_labels, STRAY_LABELS, headers_only, self.loader.landmark_units,
+                                  self.loader.preprocess.canonical)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:

@@ -67,6 +67,7 @@ def _hashes(cfg) -> dict[tuple[str, str, int], str]:
     ("methods.vm.init_args.lambda_=abc", "methods.vm.init_args.lambda_: expected a number, got 'abc'"),
     ("methods.vm.init_args.int_steps=1.5", "methods.vm.init_args.int_steps: expected an integer, got 1.5"),
     ("datasets.synth.init_args.size=big", "datasets.synth.init_args.size: expected an integer or a list of integers, got 'big'"),
+    ("datasets.synth.init_args.n_test=0", "datasets.synth.init_args.n_test: expected an integer >= 1 (or null), got 0"),
     ("methods.vm.variants.v.init_args.int_steps='7'", "methods.vm.variants.v.init_args.int_steps: expected an integer, got '7'"),
 ])
 def test_bad_typed_value_names_the_file_and_the_key(tmp_path, override, message):
@@ -236,13 +237,42 @@ def test_perf_defaults_are_the_targets_own():
 
 
 # ----------------------------------------------------------------------------- 4. help
-def test_top_level_and_run_help_without_torch_and_fast():
-    import time
-
-    t0 = time.perf_counter()
+def test_top_level_and_run_help_without_torch():
+    # what keeps the help fast is that it imports no torch (checked by _help); its time is
+    # not asserted here (shared machines: timings belong to the perf harness)
     top = _help(["--help"])
-    assert time.perf_counter() - t0 < 10  # a fresh interpreter included; the help itself is ~0.1 s
     for name in ("run", "fit", "test", "validate", "perf", "sweep", "evaluate"):
         assert f"    {name}" in top, name
     assert "--print_config" in _help(["run", "--help"])
     assert "--print_config" in _help(["sweep", "--help"])
+
+
+def test_a_max_count_of_a_data_module_is_checked_like_the_other_counts():
+    """MindBoggle's ``max_subjects: -1`` sliced every split with [: -1] and silently dropped a
+    subject from each; ``max_*`` counts are now checked as ``n_*`` ones (config and class)."""
+    from benchmark.config import check_init_args
+    from datamodules.mindboggle import MindBoggle101DataModule
+
+    for bad in (-1, 0):
+        with pytest.raises(ConfigError, match=rf"datasets.mb.init_args.max_subjects: expected an integer >= 1 \(or null\), got {bad}"):
+            check_init_args(MindBoggle101DataModule, {"root": "x", "max_subjects": bad}, "datasets.mb", counts=True)
+        with pytest.raises(ValueError, match="max_subjects must be an integer >= 1"):
+            MindBoggle101DataModule(root="x", max_subjects=bad)
+    check_init_args(MindBoggle101DataModule, {"root": "x", "max_subjects": 3}, "datasets.mb", counts=True)
+
+
+def test_lightning_commands_and_data_check_report_bad_input_in_one_line(tmp_path):
+    """``regbench fit`` on a missing dataset folder and ``data check`` with an unknown dataset
+    kind: one line naming the problem, exit code 2, no traceback (they printed tracebacks)."""
+    res = _regbench(["fit", "--model", "systems.VoxelMorph", "--data", "datamodules.nifti_pairs.NiftiPairsDataModule",
+                     "--data.root", str(tmp_path / "absent"), "--data.num_workers", "0", "--trainer.max_steps", "1",
+                     "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"], tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert lines[-1] == f"regbench fit: error: {tmp_path / 'absent'}: dataset folder not found " \
+                        "(check the path (the suite never downloads data))", res.stderr[-2000:]
+    res = _regbench(["data", "check", "--dataset", "foo", str(tmp_path)], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [
+        "regbench data: error: --dataset 'foo': unknown dataset kind (use mindboggle, lumir, nifti, spine or a data "
+        "module's class path)"]
