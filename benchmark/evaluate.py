@@ -246,11 +246,7 @@ def evaluate_files(
             # fixed frame and carried to the fixed voxels (a fixed and a moving grid of opposite
             # handedness would otherwise fold every voxel). Without a run record (moving frame =
             # fixed frame) this is the physical map written in fixed voxels.
-            k = np.linalg.inv(ref.affine) @ f_aff @ np.linalg.inv(fm) @ mref.affine
-            vox = np.indices(ref.shape, dtype=np.float32)
-            reg_u = (np.einsum("de,e...->d...", k[:3, :3].astype(np.float32), vox + u)
-                     + k[:3, 3].astype(np.float32)[:, None, None, None] - vox).astype(np.float32)
-            del vox
+            reg_u = _frame_field(u, np.linalg.inv(ref.affine) @ f_aff @ np.linalg.inv(fm) @ mref.affine)
             if outside_pct > 0:
                 warnings.warn(f"{disp}: {outside_pct:.2f}% of the fixed grid {ref.path} lies outside the field's grid; "
                               "the field's edge values are used there", UserWarning, stacklevel=2)
@@ -258,6 +254,14 @@ def evaluate_files(
             u = read_displacement(disp, shape=ref.shape)
     else:
         u = read_displacement(disp, shape=ref.shape if ref is not None else f_shape)
+    if not resampled and ref is not None and mvol is not None:
+        # The same rule on the images' own grids: a moving image on another grid than the fixed
+        # one (and no run record saying the field's frame is that grid) gets its regularity
+        # from the physical map; a moving grid of opposite handedness would fold every voxel.
+        fa = f_aff if f_aff is not None else ref.affine
+        k = np.linalg.inv(ref.affine) @ fa @ np.linalg.inv(fm_aff if fm_aff is not None else fa) @ mvol.affine
+        if not np.allclose(k, np.eye(4), atol=1e-6):
+            reg_u = _frame_field(u, k)
     spatial = tuple(u.shape[1:])
     if ref is not None:
         affine = ref.affine
@@ -328,6 +332,16 @@ def evaluate_files(
     if resampled:
         out["field_outside_pct"] = outside_pct
     return out
+
+
+def _frame_field(u: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``(3, *S)`` displacement, in fixed voxels, of the map ``i ↦ k·(i + u(i))``: the moving
+    point ``i + u`` (voxels of a moving frame) carried to fixed voxels by the ``(4, 4)`` affine
+    ``k`` (moving frame → fixed voxels)."""
+    vox = np.indices(u.shape[1:], dtype=np.float32)
+    out = (np.einsum("de,e...->d...", k[:3, :3].astype(np.float32), vox + u)
+           + k[:3, 3].astype(np.float32)[:, None, None, None] - vox)
+    return out.astype(np.float32)
 
 
 def _fmt(v) -> str:

@@ -39,8 +39,12 @@ class DataCheck:
 
 
 def check_subjects(subjects: list[Any], report: DataCheck, resample_labels: bool, stray: tuple[int, ...] = (),
-                    headers_only: bool = False, landmark_units: str = "voxel") -> dict[str, tuple[int, ...]]:
-    """Read every subject; fill shape/spacing/orientation/label statistics; return id → shape of the readable ones."""
+                    headers_only: bool = False, landmark_units: str = "voxel",
+                    canonical: bool = True) -> dict[str, tuple[int, ...]]:
+    """Read every subject; fill shape/spacing/orientation/label statistics; return id → shape of the readable ones.
+
+    ``canonical``: the data module reorients every image to RAS on load; without it, mixed
+    orientations are a problem (pairs would be matched voxel for voxel across flipped axes)."""
     shapes: Counter = Counter()
     spacings: Counter = Counter()
     orients: Counter = Counter()
@@ -99,8 +103,11 @@ def check_subjects(subjects: list[Any], report: DataCheck, resample_labels: bool
     report.summary["shapes"] = dict(shapes)
     report.summary["spacings_mm"] = dict(spacings)
     report.summary["orientations"] = dict(orients)
-    if len(orients) > 1:
+    if len(orients) > 1 and canonical:
         report.notes.append(f"{report.root}: mixed orientations {dict(orients)} (reoriented to RAS on load)")
+    elif len(orients) > 1:
+        report.problems.append(f"{report.root}: mixed orientations {dict(orients)} with `canonical: false`: pairs across "
+                               "them would be matched voxel for voxel (set `canonical: true` to reorient to RAS on load)")
     if len(spacings) > 1:
         report.notes.append(f"{report.root}: mixed spacings {dict(spacings)} (set `spacing` to resample)")
     if not headers_only:

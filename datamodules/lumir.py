@@ -192,7 +192,8 @@ class LUMIRDataModule(RealPairDataModule):
                     report.problems.append(str(exc))
                     subs.append(SubjectFiles(p.name, p))
             report.summary["subjects"] = len(subs)
-            grid = check_subjects(subs, report, resample_labels, (), headers_only, self.loader.landmark_units)
+            grid = check_subjects(subs, report, resample_labels, (), headers_only, self.loader.landmark_units,
+                                  self.loader.preprocess.canonical)
             by_path = {s.image: s for s in subs}
             check_pairs(report, "test", [(by_path[f], by_path[m]) for f, m in val if f in by_path and m in by_path],
                         grid, self.preprocess_config.shape)

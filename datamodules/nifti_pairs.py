@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.core.io import DataError
+from benchmark.core.io import DataError, open_text_table
 from datamodules.base import CheckLine
 from datamodules.check import DataCheck, check_pairs, check_subjects
 from datamodules.real_base import RealPairDataModule, SubjectFiles, all_ordered_pairs, is_nifti, nifti_stem, seeded_subset
@@ -133,8 +133,8 @@ def read_pairs_csv(path: str | Path, known_ids: set[str]) -> list[tuple[str, str
     p = Path(path)
     if not p.is_file():
         raise DataError(p, "pairs CSV not found")
-    with open(p, newline="") as fh:
-        reader = csv.DictReader(fh)
+    with open_text_table(p) as table:
+        reader = csv.DictReader(table)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "fixed" not in cols or "moving" not in cols:
             raise DataError(p, f"needs a header with columns 'fixed' and 'moving' (optionally 'split'); got {cols}")
@@ -215,7 +215,8 @@ class NiftiPairsDataModule(RealPairDataModule):
                 for s in subs:
                     if s.seg is None:
                         report.problems.append(f"{s.image}: no label file (the other images have one)")
-            grid = check_subjects(subs, report, resample_labels, (), headers_only, self.loader.landmark_units)
+            grid = check_subjects(subs, report, resample_labels, (), headers_only, self.loader.landmark_units,
+                                  self.loader.preprocess.canonical)
             try:
                 self.check_inputs()
             except DataError as exc:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.core import metrics
-from benchmark.core.io import DataError, Volume, load_landmarks, load_segmentation, load_volume
+from benchmark.core.io import DataError, Volume, load_landmarks, load_segmentation, load_volume, orientation_codes
 from datamodules.base import PairDataModule, RandomPairSampler
 from datamodules.batch import collate_pairs
 from datamodules.cache import ArrayCache
@@ -270,6 +270,12 @@ class _PairBase(Dataset):
                 "after preprocessing",
                 "set a common `shape` (and `spacing`) in the data module's preprocessing options",
             )
+        fo, mo = orientation_codes(np.asarray(f["affine"])), orientation_codes(np.asarray(m["affine"]))
+        if fo != mo:
+            # arrays are paired voxel for voxel: across flipped or permuted axes that pairs
+            # one side of the head with the other
+            raise DataError(ms.image, f"is stored in orientation {mo}, the fixed {fs.image.name} in {fo}; the networks "
+                                      "pair arrays voxel for voxel", "set `canonical: true` (reorient both to RAS on load)")
         sample: dict[str, Any] = {
             "fixed": torch.from_numpy(f["image"]).unsqueeze(0),
             "moving": torch.from_numpy(m["image"]).unsqueeze(0),

@@ -324,6 +324,28 @@ def test_lumir_without_and_with_labels(tmp_path):
     np.testing.assert_allclose(b2["fixed_landmarks"][0].numpy() @ a[:3, :3].T + a[:3, 3], WORLD_POINTS, atol=0.51)
 
 
+def test_lumir_pair_across_orientations_is_refused_without_canonical(tmp_path):
+    """LUMIR keeps the stored grid (``canonical: false``); a moving image stored x-flipped (the
+    same anatomy, matching affine) was paired voxel for voxel with the fixed one and the data
+    check called it "reoriented to RAS on load". Now: a clear error and a check problem;
+    with ``canonical: true`` the pair is the unflipped content (nibabel's own reorientation)."""
+    root = build_lumir(tmp_path / "lu", n_train=2, n_val=3)
+    path = root / "imagesVal" / "LUMIRMRI_3455_0000.nii.gz"  # the moving image of the first test pair
+    img = nib.load(str(path))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = img.shape[0] - 1
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine @ flip), str(path))
+    with pytest.raises(DataError, match=r"LUMIRMRI_3455_0000.nii.gz: is stored in orientation LAS, the fixed "
+                                        r"LUMIRMRI_3456_0000.nii.gz in RAS.*canonical: true"):
+        LUMIRDataModule(str(root), **_dm_kwargs(tmp_path)).pair_dataset("test")[0]
+    assert any("mixed orientations" in p and "canonical: false" in p for p in check_dataset("lumir", root).problems)
+    with pytest.warns(UserWarning, match="preprocessed grid"):
+        dm = LUMIRDataModule(str(root), canonical=True, **_dm_kwargs(tmp_path))
+    moving = dm.pair_dataset("test")[0]["moving"][0].numpy()
+    want = np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj) / 255.0
+    np.testing.assert_allclose(moving, want, atol=1e-6)
+
+
 def test_lumir_json_problems(tmp_path):
     root = build_lumir(tmp_path / "lu", n_train=2, n_val=2, with_validation=False)
     with pytest.raises(DataError, match="LUMIR_dataset.json.*validation"):

@@ -222,3 +222,76 @@ def test_hd95_in_voxels_is_labelled_so(tmp_path):
     assert vox["hd95_voxel"] is True and mm["hd95_voxel"] is False
     assert any("HD95 (vox)" in ln and "2.0000" in ln for ln in format_table(vox).splitlines())
     assert any("HD95 (mm)" in ln and "4.0000" in ln for ln in format_table(mm).splitlines())
+
+
+def test_landmarks_with_a_byte_order_mark_keep_their_first_point(tmp_path):
+    """A spreadsheet's UTF-8 BOM made the first point look like a header and dropped it
+    silently; a file that is not UTF-8 text is one clear error naming it."""
+    from benchmark.core.io import read_landmarks_csv
+
+    rows = "8,9,10\n1,2,3\n4,5,6\n"
+    plain, bom, head = tmp_path / "p.csv", tmp_path / "b.csv", tmp_path / "h.csv"
+    plain.write_text(rows, encoding="utf-8")
+    bom.write_text(rows, encoding="utf-8-sig")
+    head.write_text("x,y,z\n" + rows, encoding="utf-8-sig")
+    want = np.array([[8, 9, 10], [1, 2, 3], [4, 5, 6]], dtype=np.float64)
+    for p in (plain, bom, head):
+        np.testing.assert_array_equal(read_landmarks_csv(p), want)
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\x8a\xff\x00\x01,2,3\n")
+    with pytest.raises(DataError, match=r"bin.csv: is not UTF-8 text"):
+        read_landmarks_csv(binary)
+
+
+def test_scalar_voxels_and_a_valid_affine_are_required_of_images_and_label_maps(tmp_path):
+    """RGB and complex NIfTIs crashed or lost their imaginary part silently; a label map's
+    singular or NaN affine crashed in the resampling or gave all-NaN Dice."""
+    from benchmark.core.io import load_segmentation, load_volume
+
+    seg = np.zeros((6, 6, 6), np.int16)
+    seg[1:4, 1:4, 1:4] = 1
+    rgb_t = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), rgb_t), np.eye(4)), str(rgb))
+    cplx = _save(tmp_path / "c.nii.gz", np.ones((6, 6, 6), np.complex64))
+    for path, loader in ((rgb, load_volume), (rgb, load_segmentation), (cplx, load_volume)):
+        with pytest.raises(DataError, match=r"has voxel type .*expected one real number per voxel"):
+            loader(path)
+    for name, offset, row in (("s.nii", 312, [0.0, 0.0, 0.0, 0.0]), ("n.nii", 280, [np.nan, 0.0, 0.0, 0.0])):
+        # nibabel will not write such an affine, but a file's header can hold one: patch the
+        # sform row (srow_z at byte 312, srow_x at 280 of the NIfTI-1 header) after writing
+        img = nib.Nifti1Image(seg, np.eye(4))
+        img.header.set_qform(None, code=0)
+        nib.save(img, str(tmp_path / name))
+        raw = bytearray((tmp_path / name).read_bytes())
+        raw[offset:offset + 16] = np.asarray(row, "<f4").tobytes()
+        (tmp_path / name).write_bytes(bytes(raw))
+    for p in (tmp_path / "s.nii", tmp_path / "n.nii"):
+        with pytest.raises(DataError, match=rf"{p.name}: has a singular or non-finite affine"):
+            load_segmentation(p)
+    assert load_segmentation(_save(tmp_path / "ok.nii.gz", seg)).data.sum() == 27
+
+
+def test_identity_onto_a_moving_grid_of_opposite_handedness_does_not_fold(tmp_path):
+    """The moving image stored x-flipped (LAS; same anatomy) and the exact physical identity
+    written as voxel displacements i ↦ flip(i): Dice 1, and no folds (fold % and NDV read the
+    voxel-frame map, whose determinant is -1 everywhere, as 100 % before)."""
+    shape = (12, 10, 8)
+    fixed = np.zeros(shape, np.int16)
+    fixed[2:7, 3:8, 2:6], fixed[7:11, 1:5, 1:7] = 1, 2
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = shape[0] - 1  # moving voxel -> fixed voxel (and back)
+    aff_f = np.diag([1.5, 1.0, 2.0, 1.0])
+    aff_m = aff_f @ flip
+    fs = _save(tmp_path / "f.nii.gz", fixed, aff_f)
+    ms = _save(tmp_path / "m.nii.gz", fixed[::-1].copy(), aff_m)
+    fi = _save(tmp_path / "fi.nii.gz", fixed.astype(np.float32), aff_f)
+    mi = _save(tmp_path / "mi.nii.gz", fixed[::-1].astype(np.float32).copy(), aff_m)
+    i0 = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    u = np.zeros((*shape, 3), np.float32)
+    u[..., 0] = (shape[0] - 1 - 2 * i0) * np.ones(shape, np.float32)  # moving voxel x = n-1-i
+    d = tmp_path / "d.nii.gz"
+    nib.save(nib.Nifti1Image(u, aff_f), str(d))
+    res = evaluate_files(str(d), fixed_image=str(fi), moving_image=str(mi), fixed_seg=str(fs), moving_seg=str(ms))
+    assert res["dice"] == 1.0 and res["hd95"] == 0.0
+    assert res["fold_pct"] == 0.0 and res["ndv_pct"] == 0.0 and res["sdlogj"] == pytest.approx(0.0, abs=1e-6)

@@ -123,6 +123,19 @@ def _read_data(p: Path, img: Any) -> np.ndarray:
                         "copy the file again from its source") from exc
 
 
+def _check_numeric(p: Path, data: np.ndarray, what: str) -> None:
+    """Refuse voxel types that are not one real number per voxel (RGB records, complex)."""
+    if data.dtype.fields is not None or not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
+                                             or data.dtype == np.bool_):
+        raise DataError(p, f"has voxel type {data.dtype}, expected one real number per voxel for {what}",
+                        "convert it to a scalar (grey-level or label) volume")
+
+
+def _check_affine(p: Path, affine: np.ndarray) -> None:
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(p, "has a singular or non-finite affine")
+
+
 def load_volume(path: str | os.PathLike, dtype: Any = np.float32, ndim: int = 3) -> Volume:
     """Read an image volume and check it.
 
@@ -132,7 +145,8 @@ def load_volume(path: str | os.PathLike, dtype: Any = np.float32, ndim: int = 3)
         ndim: required number of spatial axes (a trailing singleton 4th axis is dropped).
 
     Raises:
-        DataError: missing or unreadable file, wrong dimensionality, NaN/Inf, bad affine.
+        DataError: missing or unreadable file, wrong dimensionality, non-numeric voxels
+            (RGB, complex), NaN/Inf, bad affine.
     """
     p = _check_exists(path)
     img = _read_nifti(p)
@@ -141,13 +155,13 @@ def load_volume(path: str | os.PathLike, dtype: Any = np.float32, ndim: int = 3)
         data = data[..., 0]
     if data.ndim != ndim:
         raise DataError(p, f"has shape {data.shape}, expected a {ndim}D volume")
+    _check_numeric(p, data, "an image")
     data = np.asarray(data, dtype=dtype)
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         n = int((~np.isfinite(data)).sum())
         raise DataError(p, f"contains {n} NaN/Inf values", "clean or mask the image before registration")
     affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise DataError(p, "has a singular or non-finite affine")
+    _check_affine(p, affine)
     return Volume(data, affine, str(p))
 
 
@@ -192,7 +206,8 @@ def load_segmentation(
             Arrays on different grids are never paired voxel for voxel.
 
     Raises:
-        DataError: unreadable file, non-integer values, empty label map, grid mismatch.
+        DataError: unreadable file, non-numeric voxels, singular or non-finite affine,
+            non-integer values, empty label map, grid mismatch.
     """
     p = _check_exists(path)
     img = _read_nifti(p)
@@ -201,6 +216,8 @@ def load_segmentation(
         raw = raw[..., 0]
     if raw.ndim != 3:
         raise DataError(p, f"has shape {raw.shape}, expected a 3D label map")
+    _check_numeric(p, raw, "a label map")
+    _check_affine(p, np.asarray(img.affine, dtype=np.float64))
     if np.issubdtype(raw.dtype, np.floating):
         if not np.isfinite(raw).all():
             raise DataError(p, "label map contains NaN/Inf")
@@ -297,17 +314,34 @@ def write_displacement(path: str | os.PathLike, disp: np.ndarray, affine: np.nda
     return p
 
 
+@contextmanager
+def open_text_table(path: Path) -> Iterator[Iterator[str]]:
+    """The lines of a user's CSV, read as UTF-8 with or without a byte-order mark; a file
+    that is not UTF-8 text (a binary file, another encoding) is a :class:`DataError`
+    naming it rather than a ``UnicodeDecodeError`` traceback."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        def lines() -> Iterator[str]:
+            try:
+                yield from fh
+            except UnicodeDecodeError as exc:
+                raise DataError(path, f"is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                                "save it as a UTF-8 CSV") from None
+        yield lines()
+
+
 def read_landmarks_csv(path: str | os.PathLike, ndim: int = 3) -> np.ndarray:
     """Read landmarks: one point per row, ``x,y,z`` voxel indices of their own image.
 
-    A header row is skipped when it is not numeric. Returns ``(N, ndim)`` float64.
+    A header row is skipped when it is not numeric. Read as UTF-8 with an optional byte-order
+    mark (spreadsheets write one; read as text it would make the first point look like a
+    header and drop it). Returns ``(N, ndim)`` float64.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(p, "landmark file not found", "check the path")
     rows: list[list[float]] = []
-    with open(p, newline="") as fh:
-        for i, row in enumerate(csv.reader(fh)):
+    with open_text_table(p) as table:
+        for i, row in enumerate(csv.reader(table)):
             row = [c.strip() for c in row if c.strip() != ""]
             if not row:
                 continue
