@@ -243,7 +243,9 @@ def describe(tp: Any) -> str:
     if origin in (list, tuple, set, frozenset) or (origin is not None and getattr(origin, "__name__", "") in ("Sequence", "Iterable")):
         items = {a for a in args if a is not Ellipsis}
         plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
-        return "a list" + (f" of {plural[next(iter(items))]}" if len(items) == 1 and next(iter(items)) in plural else "")
+        # tuple[int, int, int] takes exactly three: say so, or "got [16, 16]" reads as valid
+        count = f"{len(args)} " if origin is tuple and args and Ellipsis not in args else ""
+        return "a list" + (f" of {count}{plural[next(iter(items))]}" if len(items) == 1 and next(iter(items)) in plural else "")
     if origin is dict:
         return "a mapping"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Any: "any value"}

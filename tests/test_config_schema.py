@@ -66,7 +66,7 @@ def _hashes(cfg) -> dict[tuple[str, str, int], str]:
     ("wandb=3", "wandb: expected a mapping, got 3"),
     ("methods.vm.init_args.lambda_=abc", "methods.vm.init_args.lambda_: expected a number, got 'abc'"),
     ("methods.vm.init_args.int_steps=1.5", "methods.vm.init_args.int_steps: expected an integer, got 1.5"),
-    ("datasets.synth.init_args.size=big", "datasets.synth.init_args.size: expected an integer or a list of integers, got 'big'"),
+    ("datasets.synth.init_args.size=big", "datasets.synth.init_args.size: expected an integer or a list of 3 integers, got 'big'"),
     ("datasets.synth.init_args.n_test=0", "datasets.synth.init_args.n_test: expected an integer >= 1 (or null), got 0"),
     ("methods.vm.variants.v.init_args.int_steps='7'", "methods.vm.variants.v.init_args.int_steps: expected an integer, got '7'"),
 ])
@@ -276,3 +276,15 @@ def test_lightning_commands_and_data_check_report_bad_input_in_one_line(tmp_path
     assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [
         "regbench data: error: --dataset 'foo': unknown dataset kind (use mindboggle, lumir, nifti, spine or a data "
         "module's class path)"]
+
+
+def test_a_fixed_length_list_says_its_length():
+    """``shape: [16, 16]`` got "expected ... a list of integers, got [16, 16]", which reads as
+    valid; a fixed-length tuple now says how many."""
+    from typing import Optional, Sequence, Union
+
+    from benchmark.config import describe
+
+    assert describe(tuple[int, int, int]) == "a list of 3 integers"
+    assert describe(tuple[int, ...]) == "a list of integers" and describe(Sequence[float]) == "a list of numbers"
+    assert describe(Optional[Union[int, tuple[int, int, int]]]) == "an integer or a list of 3 integers or null"
