@@ -10,6 +10,16 @@ with Lightning (learned methods), validates, and returns the validation metrics 
 * ``objectives="dice+folds"``: maximise ``val/dice``, minimise ``val/fold_pct``; NSGA-II; the
   Pareto front is reported (Optuna does not prune multi-objective trials).
 
+Trial setup: everything that defines a trial's objective besides the searched parameters
+(:func:`trial_setup`: dataset block, method class and non-searched arguments, budget,
+trainer settings, first seed, objectives) is hashed into a fingerprint that the study keeps
+from its creation. Resuming or joining it with another setup is refused in one line naming
+what changed: its trials would not compare with the new ones, and ``best.yaml`` would pair
+an old trial's parameters with the new setup. The setup is compared by content, not by the
+config's path (another machine may hold the same config elsewhere); placement and display
+settings (accelerator, progress bar, logging, loader workers, cache folder) are left out. A
+study from before fingerprints adopts the current setup, with a notice.
+
 Storage: SQLite in the output folder by default; any Optuna URL (``postgresql://…`` for
 many machines, ``journal:/shared/disk/study.log`` for a journal file). Several workers on one
 study: ``workers=N`` starts N local processes; the same command on other machines with the
@@ -29,6 +39,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -38,15 +49,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from benchmark.core.io import atomic_write_text, plain
-from sweeps.space import assemble, space_of, suggest
+from sweeps.space import assemble, space_of, split_name, suggest
 
 __all__ = ["SweepSpec", "PruningCallback", "run_sweep", "run_worker", "open_study", "storage_url", "make_storage", "write_reports",
-           "best_config", "OBJECTIVES", "resolve_spec"]
+           "best_config", "OBJECTIVES", "resolve_spec", "trial_setup", "setup_fingerprint"]
 
 OBJECTIVES = {"dice": ["maximize"], "dice+folds": ["maximize", "minimize"]}
 _PRUNED_AT = "pruned_at_step"
@@ -237,16 +248,18 @@ def _sampler(res: _Resolved, seed: int):
     return sampler
 
 
-def open_study(res: _Resolved, worker: int = 0):
+def open_study(res: _Resolved, worker: int = 0, log: Callable[[str], None] | None = None):
     """Create or load the study, with the sampler and pruner of this worker.
 
     The sampler's seed is ``seed + worker`` for a new study and also depends on the number
     of trials already in it: a resumed study continues with a fresh random stream instead
     of replaying the first invocation's (which repeated completed parameter sets). Storage
-    problems (driver, connection, permissions) raise :class:`StorageError` (one line).
+    problems (driver, connection, permissions) raise :class:`StorageError` (one line). A
+    study made with another trial setup (see :func:`trial_setup`) raises ``ValueError``
+    naming what changed; ``log`` (default: stderr) gets the notice of an adopted old study.
     """
     try:
-        return _open_study(res, worker)
+        return _open_study(res, worker, log)
     except StorageError:
         raise
     except Exception as exc:
@@ -259,7 +272,96 @@ def open_study(res: _Resolved, worker: int = 0):
         raise
 
 
-def _open_study(res: _Resolved, worker: int = 0):
+# Settings that say where or how visibly a trial runs, not what it computes: left out of the
+# fingerprint, so that a study can be joined from a machine with other devices or folders.
+_TRAINER_PLACEMENT = frozenset({"accelerator", "enable_progress_bar", "log_every_n_steps", "enable_model_summary",
+                                "logger", "default_root_dir", "enable_checkpointing", "profiler"})
+_DATA_PLACEMENT = frozenset({"num_workers", "pin_memory", "persistent_workers", "cache_dir", "use_cache", "cache_hash",
+                             "export_fields"})
+_SETUP_VERSION = 1
+
+
+def trial_setup(res: _Resolved) -> dict[str, Any]:
+    """What defines a trial's objective besides the searched parameters (JSON-able): the
+    dataset block, the method's class and non-searched arguments, the budget, the trainer
+    settings (placement and display settings left out), the seed every trial starts from
+    and the objectives. :func:`setup_fingerprint` hashes it."""
+    from benchmark.runner import effective_budget
+
+    budget = effective_budget(res.cfg, res.method)[0]
+    trainer = {**res.cfg.trainer, **res.method.trainer}  # as written: the budget beside it sets its limits
+    searched = {split_name(n)[0] for n in res.space}
+    data_args = res.dataset.raw.get("init_args") or {}
+    setup = {
+        "version": _SETUP_VERSION,
+        "dataset": {"name": res.dataset.name, "class_path": res.dataset.raw.get("class_path"),
+                    "init_args": {k: v for k, v in data_args.items() if k not in _DATA_PLACEMENT}},
+        "method": {"name": res.spec.method, "class_path": res.method.raw.get("class_path"),
+                   "init_args": {k: v for k, v in res.method.init_args.items() if k not in searched}},
+        "budget": budget,
+        "trainer": {k: v for k, v in trainer.items() if k not in _TRAINER_PLACEMENT},
+        "seed": res.cfg.seeds[0],
+        "objectives": res.spec.objectives,
+    }
+    return json.loads(json.dumps(plain(setup), sort_keys=True, default=str))
+
+
+def setup_fingerprint(setup: dict[str, Any]) -> str:
+    """SHA-256 (first 16 hex) of the canonical JSON of a :func:`trial_setup`."""
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _setup_changes(old: Any, new: dict[str, Any], limit: int = 4) -> str:
+    """``budget.max_steps 2 -> 4, …``: the leaves of two setups that differ (or why unknown)."""
+    if not isinstance(old, dict):
+        return "the stored setup is not readable"
+    a, b = _flat(old), _flat(new)
+
+    def shown(flat: dict[str, Any], k: str) -> str:
+        return json.dumps(flat[k]) if k in flat else "(unset)"
+
+    diffs = [f"{k} {shown(a, k)} -> {shown(b, k)}" for k in sorted(set(a) | set(b))
+             if k not in a or k not in b or a[k] != b[k]]
+    if not diffs:
+        return "the fingerprint's definition changed"
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+def _check_setup(study, res: _Resolved, attrs: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Record the trial setup's fingerprint on a new study; refuse a study made with another
+    setup (one line naming what changed); adopt a study from before fingerprints (notice).
+    ``attrs``: the study's user attributes as opened."""
+    setup = trial_setup(res)
+    fp = setup_fingerprint(setup)
+    stored = attrs.get("setup_fingerprint")
+    if stored is None:
+        if "method" in attrs:  # made before fingerprints: its trials are taken to be of this setup
+            log(f"[sweep] notice: study {res.study_name!r} predates trial-setup fingerprints; its "
+                f"{len(study.get_trials(deepcopy=False))} trial(s) are taken to use the setup of "
+                f"{Path(res.cfg.path).resolve()}, "
+                "which is now recorded (a later change is refused)")
+        study.set_user_attr("setup", setup)
+        study.set_user_attr("setup_fingerprint", fp)
+        return
+    if stored != fp:
+        where = attrs.get("config")
+        raise ValueError(f"study {res.study_name!r} was made with another trial setup"
+                         + (f" (config {where})" if where else "") + f": {_setup_changes(attrs.get('setup'), setup)}; "
+                         "its trials would not compare with new ones: choose another --study-name "
+                         "(or another --output for the default SQLite storage)")
+
+
+def _open_study(res: _Resolved, worker: int = 0, log: Callable[[str], None] | None = None):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -287,6 +389,7 @@ def _open_study(res: _Resolved, worker: int = 0):
     elif attrs.get("method") != res.spec.method or attrs.get("dataset") != res.dataset.name:
         raise ValueError(f"study {res.study_name!r} belongs to method {attrs.get('method')!r} on "
                          f"{attrs.get('dataset')!r}; choose another --study-name")
+    _check_setup(study, res, attrs, log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     return study
 
 
@@ -481,7 +584,7 @@ def run_sweep(spec: SweepSpec, log=print) -> dict[str, Any]:
     """
     res = resolve_spec(spec)
     res.output.mkdir(parents=True, exist_ok=True)
-    study = open_study(res)  # created once, before the workers race for it
+    study = open_study(res, log=log)  # created once, before the workers race for it
     done = _finished(study)
     log(f"[sweep] study {res.study_name!r} on {storage_url(res.storage)}: {done} finished trial(s)"
         + (f", {spec.n_trials} wanted" if spec.n_trials is not None else ""))
