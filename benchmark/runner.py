@@ -34,8 +34,14 @@ resolved config (defaults of its own keys filled in) and exits.
 Per experiment the runner fits (learned methods; checkpoints kept under ``ckpt/``), tests,
 and writes ``cases.csv`` and ``run.json`` (see :mod:`benchmark.core.results`). Finished cases
 are logged per rank as they complete, so a killed run resumes where it stopped: a finished
-experiment with the same config hash is skipped, a half-tested one computes only its
-missing cases, an interrupted fit continues from ``ckpt/last.ckpt``.
+experiment with the same config hash (and a ``cases.csv`` that passes
+:func:`benchmark.core.results.check_cases_csv`) is skipped, a half-tested one (or one whose
+``cases.csv`` is damaged: its whole rows are kept) computes only its missing cases, an
+interrupted fit continues from ``ckpt/last.ckpt``. ``partial/`` and ``ckpt/`` are reused only
+when a readable ``run.json`` of the same config hash vouches for them; a folder whose
+``run.json`` is missing or unreadable is moved aside (``.seed<k>.unverified-<UTC time>``, never
+deleted) and the experiment starts afresh. A redo swap cut by a crash is finished (or undone)
+on the next start (:func:`_recover_swap`).
 
 Under DDP (``trainer: {devices: N, strategy: ddp}``, or launched by torchrun / SLURM) every
 rank runs this same loop; the test cases are split over ranks without padding, so each
@@ -87,9 +93,12 @@ from benchmark.reliability import (
     one_line_error,
 )
 from benchmark.core.results import (
+    PartialCaseLog,
+    check_cases_csv,
     experiment_dir,
     read_partial_records,
     read_run_json,
+    read_whole_case_rows,
     records_complete,
     write_cases_csv,
 )
@@ -602,6 +611,199 @@ def _median(values: list[float]) -> float | None:
     return float(vals[n // 2]) if n % 2 else float(0.5 * (vals[n // 2 - 1] + vals[n // 2]))
 
 
+# --------------------------------------------------------------------------------------
+# what a start may reuse: run.json vouches, damaged results, cut swaps
+
+#: What an experiment folder holds that a later start could reuse or mistake for its own.
+_STATE = ("run.json", "cases.csv", "partial", "ckpt", "panel.npz", "fields")
+
+
+def _holds_state(d: Path) -> bool:
+    return any((d / name).exists() for name in _STATE)
+
+
+def _holds_other_result(final_dir: Path, prev: dict[str, Any] | None, chash: str) -> bool:
+    """Whether ``seed<k>`` holds a complete result of another config (``prev``: its run.json),
+    which a redo recomputes in a staging folder and swaps out only when the new one is complete."""
+    return bool(prev and prev.get("status") == "complete" and prev.get("config_hash") != chash
+                and (final_dir / "cases.csv").exists())
+
+
+def _read_or_set_aside(d: Path, final_dir: Path, log) -> dict[str, Any] | None:
+    """``run.json`` of ``d``; an unreadable one moves ``d`` aside (:func:`_set_aside`) and reads
+    as absent, so that nothing it cannot vouch for is reused.
+
+    Aside rather than a stop (:class:`DataError`): the runner writes ``run.json`` atomically,
+    so the damage came from outside; a stop would halt an unattended grid over state that can
+    be recomputed, and the folder moved aside keeps every computed byte for inspection."""
+    try:
+        return read_run_json(d)
+    except DataError as exc:
+        _set_aside(d, final_dir, str(exc), log)
+        return None
+
+
+def _prepare_folder(final_dir: Path, chash: str, log) -> None:
+    """Rank 0, before an experiment starts: make its folder state one that :func:`_locate` may
+    trust (the only writes before the ranks meet).
+
+    A redo swap cut by a crash is finished or undone (:func:`_recover_swap`). In the folder
+    this run works in (``seed<k>``, or the redo staging folder), state no ``run.json`` vouches
+    for (missing, unreadable, or without a config hash) is moved aside; a half-done run of
+    another config hash is discarded (records, checkpoints, ``cases.csv``, panel, fields); a
+    complete run of this config whose ``cases.csv`` is damaged gets its whole rows put back
+    into ``partial/`` (the rest is recomputed); a complete redo whose swap never ran is swapped in.
+    """
+    _recover_swap(final_dir, chash, log)
+    d, replaces = final_dir, None
+    prev = _read_or_set_aside(d, final_dir, log)
+    if _holds_other_result(final_dir, prev, chash):
+        d, replaces = final_dir.parent / f".{final_dir.name}.redo-{chash}", str(prev.get("config_hash"))
+        prev = _read_or_set_aside(d, final_dir, log)
+    if prev is None:
+        if _holds_state(d):
+            _set_aside(d, final_dir, "results without a run.json", log)
+    elif prev.get("config_hash") is None:
+        _set_aside(d, final_dir, "its run.json records no config hash", log)
+    elif prev.get("config_hash") != chash:
+        # Nothing of another config belongs to this one: its records and checkpoint would be
+        # resumed, its panel and fields shown under this config's label.
+        gone = _discard_other_config(d)
+        if gone:
+            log(f"[discard] {d}: a half-done run of config hash {prev.get('config_hash')} (now {chash}); "
+                f"removed its {', '.join(gone)}")
+    elif prev.get("status") == "complete":
+        problems = _result_problems(d, chash, prev)
+        if problems:  # a damaged cases.csv is no result: keep its whole rows, recompute the rest
+            kept = _salvage_cases(d)
+            log(f"[resume] {problems[0]}; kept {kept} whole case row(s), recomputing the missing cases")
+        elif replaces:  # a finished redo whose swap never ran
+            _swap_in(d, final_dir, replaces, chash, log)
+
+
+def _locate(final_dir: Path, chash: str) -> tuple[Path, dict[str, Any] | None, str | None]:
+    """``(folder this run works in, its run.json, config hash of the result it replaces)``, read
+    after :func:`_prepare_folder`: the redo staging folder when ``seed<k>`` holds a complete
+    result of another config, else ``seed<k>``."""
+    def read(d: Path) -> dict[str, Any] | None:
+        try:
+            return read_run_json(d)
+        except DataError:  # set aside by rank 0; nothing to reuse
+            return None
+
+    prev = read(final_dir)
+    if _holds_other_result(final_dir, prev, chash):
+        staging = final_dir.parent / f".{final_dir.name}.redo-{chash}"
+        return staging, read(staging), str(prev.get("config_hash"))
+    return final_dir, prev, None
+
+
+def _set_aside(d: Path, final_dir: Path, why: str, log) -> Path | None:
+    """Move folder ``d`` to ``.<seed folder>.unverified-<UTC time>`` beside ``final_dir`` (kept for
+    inspection, never reused, never cleaned) and say so in one line."""
+    if not d.exists():
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = final_dir.parent / f".{final_dir.name}.unverified-{stamp}"
+    n = 1
+    while aside.exists():
+        aside, n = final_dir.parent / f".{final_dir.name}.unverified-{stamp}-{n}", n + 1
+    with critical():
+        os.replace(d, aside)
+    log(f"[unverified] {d}: {why}; moved to {aside.name} (kept, not reused), starting afresh")
+    return aside
+
+
+def _discard_other_config(d: Path) -> list[str]:
+    """Remove what a half-done run of another config left in ``d`` (its case records,
+    checkpoints, ``cases.csv``, panel and exported fields; its ``run.json`` is rewritten);
+    returns the names removed."""
+    gone = [name for name in ("partial", "ckpt", "fields", "cases.csv", "panel.npz") if (d / name).exists()]
+    for name in gone:
+        if (d / name).is_dir():
+            shutil.rmtree(d / name, ignore_errors=True)
+        else:
+            (d / name).unlink(missing_ok=True)
+    return gone
+
+
+def _result_problems(d: Path, chash: str, run: dict[str, Any] | None = None) -> list[str]:
+    """Why ``d`` is not a complete, whole result of config ``chash`` (empty: it is): its
+    ``run.json`` (``run``, else read) says ``complete`` with that hash, and its ``cases.csv``
+    passes :func:`check_cases_csv` against the ``cases_total`` recorded there."""
+    if run is None:
+        try:
+            run = read_run_json(d)
+        except DataError as exc:
+            return [str(exc)]
+    if not run or run.get("status") != "complete" or run.get("config_hash") != chash:
+        return [f"{d}: no complete run.json of config hash {chash}"]
+    total = run.get("cases_total")
+    return check_cases_csv(d / "cases.csv", expected_rows=total if _is_int(total) else None)
+
+
+def _salvage_cases(d: Path) -> int:
+    """Put the whole rows of ``d/cases.csv`` (:func:`read_whole_case_rows`) that ``partial/`` lacks
+    into ``partial/``, so a resumed test skips them; returns how many cases are kept there."""
+    have = {str(r.get("case_id")) for r in read_partial_records(d)}
+    rows = [r for r in read_whole_case_rows(d / "cases.csv") if str(r["case_id"]) not in have]
+    if rows:
+        with critical():
+            PartialCaseLog(d, 0).extend(rows)
+    return len(have) + len({str(r["case_id"]) for r in rows})
+
+
+def _swap_in(new: Path, final_dir: Path, replaces: str, chash: str, log) -> None:
+    """Swap a complete redo (``new``) in for the result at ``final_dir``, then drop the old one
+    and the unfinished redos of other configs. A crash between the two renames is repaired by
+    :func:`_recover_swap` on the next start."""
+    old = final_dir.parent / f".{final_dir.name}.old-{replaces}"
+    with critical():
+        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(new, final_dir, old)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in final_dir.parent.glob(f".{final_dir.name}.redo-*"):  # unfinished redos of other configs
+        shutil.rmtree(stale, ignore_errors=True)
+    log(f"[redo] {final_dir}: replaced (config hash {replaces} -> {chash})")
+
+
+def _recover_swap(final_dir: Path, chash: str, log) -> None:
+    """Repair a redo swap cut by a crash (rank 0, before anything reads the folder).
+
+    The swap renames the result to ``.seed<k>.old-<hash>``, then the complete redo
+    ``.seed<k>.redo-<hash>`` to ``seed<k>``, then removes the backup. With ``seed<k>`` missing,
+    a complete redo of the current config is renamed into place (the swap finished), else the
+    newest backup is put back (the swap undone; the redo, if any, resumes or is redone as
+    usual). A backup is removed only when provably redundant: the result in place is complete,
+    whole and records that it replaced exactly that config hash. Other dot folders are left.
+    """
+    parent = final_dir.parent
+    if not parent.is_dir():
+        return
+    if not final_dir.exists():
+        redo = parent / f".{final_dir.name}.redo-{chash}"
+        backups = sorted(parent.glob(f".{final_dir.name}.old-*"), key=lambda p: p.stat().st_ctime)
+        if redo.is_dir() and not _result_problems(redo, chash):
+            with critical():
+                os.replace(redo, final_dir)
+            log(f"[recover] {final_dir}: a crash had cut the swap of a complete redo (config hash {chash}); finished it")
+        elif backups:
+            with critical():
+                os.replace(backups[-1], final_dir)
+            log(f"[recover] {final_dir}: a crash had cut a redo's swap; restored the previous result from {backups[-1].name}")
+        else:
+            return
+    try:
+        run = read_run_json(final_dir) or {}
+    except DataError:
+        return
+    replaced = run.get("replaces_config_hash")
+    backup = parent / f".{final_dir.name}.old-{replaced}"
+    if replaced and backup.exists() and not _result_problems(final_dir, str(run.get("config_hash")), run):
+        shutil.rmtree(backup, ignore_errors=True)
+        log(f"[recover] {final_dir}: removed {backup.name}, the backup of a swap that had finished")
+
+
 def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     import lightning as L
     import torch
@@ -610,29 +812,21 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     from systems.base import DivergenceError
 
     final_dir = experiment_dir(cfg.output, exp.dataset.name, exp.method_name, exp.seed)
-    exp_dir = final_dir
     budget, overridden = effective_budget(cfg, exp.method)
     resolved, trainer_kwargs = experiment_config(cfg, exp)
     chash = config_hash(resolved)
-    prev = read_run_json(final_dir)
-    replaces: str | None = None  # config hash of a complete result that this run recomputes aside
-    if prev and prev.get("status") == "complete" and (final_dir / "cases.csv").exists():
-        if prev.get("config_hash") == chash:
-            log(f"[skip] {final_dir} is complete")
-            return "complete"
+    if is_rank_zero():  # repairs and set-asides; every rank then reads the same folder state
+        _prepare_folder(final_dir, chash, log)
+    _barrier()
+    exp_dir, prev, replaces = _locate(final_dir, chash)
+    if replaces:
         # Never delete a complete result before its replacement is complete: recompute in a
         # staging folder next to it and swap when done (a half-done redo resumes there).
-        replaces = str(prev.get("config_hash"))
-        exp_dir = final_dir.parent / f".{final_dir.name}.redo-{chash}"
         log(f"[redo] {final_dir}: config changed (hash {replaces} -> {chash}); recomputing in {exp_dir.name}, "
             "the previous result stays in place until the new one is complete")
-        prev = read_run_json(exp_dir)
-    elif prev and prev.get("config_hash") not in (None, chash):
-        # A half-done run of another config: its partial records do not belong to this one.
-        if is_rank_zero():
-            shutil.rmtree(exp_dir / "partial", ignore_errors=True)
-            shutil.rmtree(exp_dir / "ckpt", ignore_errors=True)
-        _barrier()
+    if prev and prev.get("status") == "complete" and not _result_problems(exp_dir, chash, prev):
+        log(f"[skip] {final_dir} is complete")
+        return "complete"
     same = bool(prev and prev.get("config_hash") == chash)
 
     L.seed_everything(exp.seed, workers=True, verbose=False)
@@ -776,14 +970,7 @@ def _run_experiment_locked(cfg: GridConfig, exp: Experiment, log=print) -> str:
     if run["status"] == "complete" and is_rank_zero():
         shutil.rmtree(exp_dir / "partial", ignore_errors=True)
         if replaces:  # the new result is complete: swap it in, then drop the old one
-            with critical():
-                old = final_dir.parent / f".{final_dir.name}.old-{replaces}"
-                shutil.rmtree(old, ignore_errors=True)
-                replace_folder(exp_dir, final_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-            for stale in final_dir.parent.glob(f".{final_dir.name}.redo-*"):  # unfinished redos of other configs
-                shutil.rmtree(stale, ignore_errors=True)
-            log(f"[redo] {final_dir}: replaced (config hash {replaces} -> {chash})")
+            _swap_in(exp_dir, final_dir, replaces, chash, log)
     _barrier()
     return run["status"]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -148,10 +147,17 @@ def paired_effect(variant: dict[str, float], full: dict[str, float], n_boot: int
 def variant_origins(root: str | Path) -> dict[tuple[str, str], tuple[str, str]]:
     """``(dataset, method folder) -> (full method, variant name)`` from every ``run.json``."""
     out: dict[tuple[str, str], tuple[str, str]] = {}
+    from benchmark.core.io import DataError
+    from benchmark.core.results import read_run_json
+
     for run in sorted(Path(root).glob("*/*/seed*/run.json")):
         try:
-            m = (json.loads(run.read_text()).get("config") or {}).get("method") or {}
-        except (OSError, json.JSONDecodeError):
+            rec = read_run_json(run.parent) or {}
+        except (OSError, DataError):
+            continue  # the leaderboard names it (leaderboard.cli.unreadable_runs)
+        config = rec.get("config")
+        m = (config.get("method") if isinstance(config, dict) else None) or {}
+        if not isinstance(m, dict):
             continue
         if m.get("variant_of"):
             out[(run.parent.parent.parent.name, run.parent.parent.name)] = (str(m["variant_of"]), str(m.get("variant") or ""))

@@ -28,15 +28,36 @@ def parse_rank_metrics(items: list[str] | None) -> dict[str, list[str]] | None:
 
 def check_results_folder(root: Path) -> list[str]:
     """Problems of every ``<dataset>/<method>/seed<k>/cases.csv`` under ``root`` (truncated
-    rows, non-numeric metric cells, fewer rows than the experiment's ``run.json`` records)."""
+    rows, non-numeric metric cells, fewer rows than the experiment's ``run.json`` records).
+    An experiment whose ``run.json`` is unreadable is not checked: it is left out of the
+    ranking (:func:`unreadable_runs`)."""
+    from benchmark.core.io import DataError
     from benchmark.core.results import check_cases_csv, read_run_json
 
     problems: list[str] = []
     for cases in sorted(Path(root).glob("*/*/seed*/cases.csv")):
-        run = read_run_json(cases.parent) or {}
+        try:
+            run = read_run_json(cases.parent) or {}
+        except DataError:
+            continue
         total = run.get("cases_total") if run.get("status") == "complete" else None
         problems += check_cases_csv(cases, expected_rows=total if isinstance(total, int) else None)
     return problems
+
+
+def unreadable_runs(root: Path) -> list[str]:
+    """One line per experiment under ``root`` whose ``run.json`` exists but cannot be read
+    (truncated, not UTF-8, not a JSON object): which experiment is left out, and why."""
+    from benchmark.core.io import DataError
+    from benchmark.core.results import read_run_json
+
+    out: list[str] = []
+    for run in sorted(Path(root).glob("*/*/seed*/run.json")):
+        try:
+            read_run_json(run.parent)
+        except DataError as exc:
+            out.append(f"left out {run.parent.relative_to(root)}: {exc} (`regbench run` moves it aside and recomputes it)")
+    return out
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -58,6 +79,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         print(f"regbench leaderboard: {problems[0]}{more}; fix or re-run that experiment (`regbench run` recomputes "
               "missing cases) before ranking", file=sys.stderr)
         return 2
+    for line in unreadable_runs(root):
+        print(f"regbench leaderboard: {line}", file=sys.stderr)
     md = write_leaderboard(root, formats, rank_metrics=parse_rank_metrics(args.rank_metrics), view=args.view)
     if not args.quiet:
         print(md.read_text())

@@ -45,7 +45,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from benchmark.core import registry
-from benchmark.core.results import experiment_dir, read_cases_csv
+from benchmark.core.io import DataError
+from benchmark.core.results import experiment_dir, read_cases_csv, read_run_json
 from leaderboard import ranking, stats
 
 __all__ = [
@@ -90,10 +91,7 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     skipped: list[dict[str, Any]] = []
     for cases in sorted(root.glob("*/*/seed*/cases.csv")):
         exp = cases.parent
-        try:
-            status = json.loads((exp / "run.json").read_text()).get("status")
-        except (OSError, json.JSONDecodeError):
-            status = "no run.json"
+        status = _run_status(exp)
         if status != "complete":
             skipped.append({"experiment": str(exp.relative_to(root)), "status": status})
             continue
@@ -106,12 +104,19 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
             rows.append(r)
     for run in sorted(root.glob("*/*/seed*/run.json")):
         if not (run.parent / "cases.csv").exists():
-            try:
-                status = json.loads(run.read_text()).get("status")
-            except (OSError, json.JSONDecodeError):
-                status = "unreadable run.json"
-            skipped.append({"experiment": str(run.parent.relative_to(root)), "status": status})
+            skipped.append({"experiment": str(run.parent.relative_to(root)), "status": _run_status(run.parent)})
     return rows, skipped
+
+
+def _run_status(exp: Path) -> Any:
+    """The ``status`` an experiment's ``run.json`` records; ``"no run.json"`` when there is
+    none, why it is unreadable or corrupt (:func:`read_run_json`) when it cannot be read or is
+    not a JSON object."""
+    try:
+        run = read_run_json(exp)
+    except DataError as exc:
+        return exc.problem
+    return "no run.json" if run is None else run.get("status")
 
 
 def _seed_from_dir(name: str) -> int:
@@ -653,8 +658,8 @@ def initial_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
 
 def _run_json(exp: Path) -> dict[str, Any]:
     try:
-        return json.loads((exp / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_run_json(exp) or {}
+    except DataError:
         return {}
 
 

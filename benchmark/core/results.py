@@ -8,6 +8,11 @@ Layout::
         partial/           per-rank JSON-lines of finished cases while the test runs
                            (merged into cases.csv at the end; what a resumed run keeps)
 
+A ``partial/`` or ``ckpt/`` is reused only when a readable ``run.json`` of the same config hash
+vouches for it, and a ``complete`` experiment is skipped only when its ``cases.csv`` passes
+:func:`check_cases_csv` (else its whole rows are kept, :func:`read_whole_case_rows`, and the
+rest is recomputed); see ``docs/reliability.md``.
+
 A case row carries every metric under the same name as ``regbench evaluate``'s JSON; the
 metric columns of each task come from the metric registry (:mod:`benchmark.core.registry`).
 """
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from benchmark.core import registry
-from benchmark.core.io import atomic_write_text, plain
+from benchmark.core.io import DataError, atomic_write_text, plain
 
 __all__ = [
     "ID_COLUMNS",
@@ -38,6 +43,7 @@ __all__ = [
     "read_partial_records",
     "write_cases_csv",
     "read_cases_csv",
+    "read_whole_case_rows",
     "check_cases_csv",
     "read_run_json",
 ]
@@ -92,16 +98,21 @@ class PartialCaseLog:
         the torn fragment stays a line of its own (skipped by :func:`read_partial_records`)
         and this record is not glued onto it.
         """
-        line = json.dumps(plain(record), allow_nan=True)
+        self.extend([record])
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append several records, one line each (as :meth:`append`), with one fsync."""
+        lines = b"".join(json.dumps(plain(r), allow_nan=True).encode() + b"\n" for r in records)
+        if not lines:
+            return
         with open(self.path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
-            lead = b""
             if fh.tell() > 0:
                 fh.seek(-1, os.SEEK_END)
                 if fh.read(1) != b"\n":
-                    lead = b"\n"
+                    lines = b"\n" + lines
             fh.seek(0, os.SEEK_END)
-            fh.write(lead + line.encode() + b"\n")
+            fh.write(lines)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -159,26 +170,74 @@ def write_cases_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]], 
     return atomic_write_text(path, buf.getvalue())
 
 
+_ID_TEXT = ("dataset", "method", "case_id", "fixed_id", "moving_id")
+
+
+def _parse_cell(key: str, v: str | None) -> Any:
+    """One ``cases.csv`` cell as :func:`read_cases_csv` returns it: a missing cell (``None``,
+    a row cut short) or an empty one is missing (``NaN``; ``None`` for ids and the seed)."""
+    if key in _ID_TEXT:
+        return v
+    if key == "seed":
+        try:
+            return int(v) if v not in (None, "") else None
+        except ValueError:
+            return None
+    if v is None or v == "":
+        return math.nan
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def read_cases_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a ``cases.csv``; numeric cells as float (empty → NaN), ids as str, seed int."""
+    """Rows of a ``cases.csv``; numeric cells as float (empty or missing → NaN), ids as str, seed
+    int. A row cut short (a truncated file) gets NaN for its missing cells and cells beyond the
+    header are dropped: :func:`check_cases_csv` is what refuses such a file."""
     rows = []
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for k, v in r.items():
-                if k in ("dataset", "method", "case_id", "fixed_id", "moving_id"):
-                    row[k] = v
-                elif k == "seed":
-                    row[k] = int(v) if v != "" else None
-                elif v == "":
-                    row[k] = math.nan
-                else:
-                    try:
-                        row[k] = float(v)
-                    except ValueError:
-                        row[k] = v
-            rows.append(row)
+            rows.append({k: _parse_cell(k, v) for k, v in r.items() if k is not None})
     return rows
+
+
+def read_whole_case_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a (possibly damaged) ``cases.csv`` that are whole, as case records.
+
+    What a resumed run keeps of a ``cases.csv`` that :func:`check_cases_csv` refuses, so that
+    only the other cases are recomputed. A row is dropped when it has another number of cells
+    than the header, a metric cell that is not a number, no ``case_id``, or when it is the last
+    line of a file that does not end with a newline (a cut inside its last cell can leave a
+    shorter number that still parses). JSON cells (``{…}``, ``[…]``) are decoded back.
+    Unreadable or undecodable file: no rows.
+    """
+    try:
+        text = Path(path).read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return []
+    header, body = rows[0], rows[1:]
+    if body and not text.endswith("\n"):
+        body = body[:-1]
+    numeric = {k for task in registry.TASKS for k in registry.metric_columns(task)}
+    out: list[dict[str, Any]] = []
+    for cells in body:
+        if len(cells) != len(header):
+            continue
+        rec = {k: _parse_cell(k, v) for k, v in zip(header, cells)}
+        if not rec.get("case_id") or any(k in numeric and isinstance(rec[k], str) for k in header):
+            continue
+        for k, v in rec.items():
+            if isinstance(v, str) and k not in _ID_TEXT and v[:1] in ("{", "["):
+                try:
+                    rec[k] = json.loads(v)
+                except ValueError:
+                    pass
+        out.append(rec)
+    return out
 
 
 def check_cases_csv(path: str | os.PathLike, expected_rows: int | None = None) -> list[str]:
@@ -222,13 +281,29 @@ def check_cases_csv(path: str | os.PathLike, expected_rows: int | None = None) -
 
 
 def read_run_json(exp_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """``run.json`` of an experiment, or None when absent or unreadable."""
+    """``run.json`` of an experiment; None when there is none.
+
+    Raises:
+        DataError: naming the file, when it exists but cannot be read or is not a JSON
+            object (truncated, not UTF-8, a bare string or list): an unreadable ``run.json``
+            vouches for nothing, and must not pass for a missing one.
+    """
     p = Path(exp_dir) / "run.json"
     try:
-        with open(p) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError):
+        raw = p.read_bytes()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise DataError(p, f"unreadable run.json ({exc.strerror or exc})") from None
+    try:
+        run = json.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise DataError(p, "corrupt run.json: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(p, f"corrupt run.json: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(run, dict):
+        raise DataError(p, f"corrupt run.json: a JSON {type(run).__name__}, not an object")
+    return run
 
 
 def records_complete(records: Iterable[dict[str, Any]], case_ids: Iterable[str]) -> bool:
