@@ -73,6 +73,12 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"regbench leaderboard: {root}: not a folder (give the results folder of `regbench run`)", file=sys.stderr)
         return 2
+    if not any(root.glob("*/*/seed*/run.json")) and not any(root.glob("*/*/seed*/cases.csv")):
+        # e.g. a dataset folder inside the results folder: an empty leaderboard written there
+        # would look like a result
+        print(f"regbench leaderboard: {root}: no experiments (<dataset>/<method>/seed<k>/) in this folder; give the "
+              "results folder of `regbench run`", file=sys.stderr)
+        return 2
     problems = check_results_folder(root)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""

@@ -352,6 +352,13 @@ def test_cli_leaderboard_formats(tmp_path, capsys):
     assert rep.datasets[0].rank_metrics == ["dice", "hd95"]
     args = p.parse_args(["leaderboard", str(root), "--format", "pdf"])
     assert args.func(args) == 2
+    # a folder with no experiments (a dataset folder inside the results, say): exit 2, and no
+    # empty leaderboard written there
+    inner = next(d for d in root.iterdir() if d.is_dir())
+    capsys.readouterr()
+    args = p.parse_args(["leaderboard", str(inner), "--format", "md"])
+    assert args.func(args) == 2 and not (inner / "leaderboard.md").exists()
+    assert "no experiments" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- wandb
