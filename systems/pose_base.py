@@ -107,11 +107,9 @@ class PoseSystem(BenchmarkSystem):
         return c.expand(n, 3) if c.shape[0] == 1 else c
 
     # ---- Lightning hooks ----------------------------------------------------------------
-    def _register_grad_ok(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``register`` with autograd usable (pose optimisation needs it even in eval loops)."""
-        with torch.inference_mode(False), torch.enable_grad():
-            clean = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            return self.register(clean).detach()
+    def _needs_autograd(self) -> bool:
+        """Pose registration follows a pose gradient in every method (learned ones included)."""
+        return True
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pose = self._register_grad_ok(batch)
