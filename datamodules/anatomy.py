@@ -9,7 +9,9 @@ taken from ``nilearn`` (its spec), not its code, so importing this module is che
 Label map (derived here, at 1 mm, before any resampling)
     ``brain`` = T1 > 0 (the template is skull-stripped). Tissue per voxel = argmax of
     (CSF, GM, WM) with CSF = ``1 − GM − WM`` (clipped). World coordinates (mm, MNI) split
-    the hemispheres at ``x = 0`` (RAS: ``x > 0`` is the subject's right) and mark three
+    the hemispheres at ``x = 0`` (RAS: ``x ≥ 0`` is the subject's right; the midline plane of
+    the 1 mm template, one voxel thick, goes right, so the 1 mm right labels are slightly larger;
+    no centre of the 4 or 5 mm grids lies on it) and mark three
     regions by simple geometric rules; ``depth`` is the distance (mm) to the outside of
     the brain mask:
 
@@ -17,14 +19,14 @@ Label map (derived here, at 1 mm, before any resampling)
     id    name                rule
     ====  ==================  ==========================================================
     1     cortex_left         GM, ``x < 0``, not deep GM, not posterior fossa
-    2     cortex_right        GM, ``x > 0``, idem
+    2     cortex_right        GM, ``x ≥ 0``, idem
     3     white_matter_left   WM, ``x < 0``, not posterior fossa
-    4     white_matter_right  WM, ``x > 0``, idem
+    4     white_matter_right  WM, ``x ≥ 0``, idem
     5     deep_gm_left        GM with depth > 18 mm inside the central box
                               ``|x| < 30, −35 < y < 25, −15 < z < 20`` (thalamus, basal ganglia)
-    6     deep_gm_right       idem, ``x > 0``
+    6     deep_gm_right       idem, ``x ≥ 0``
     7     ventricle_left      CSF with depth > 12 mm inside ``|x| < 30, −45 < y < 30, −5 < z < 35``
-    8     ventricle_right     idem, ``x > 0``
+    8     ventricle_right     idem, ``x ≥ 0``
     9     csf_external        every other CSF voxel of the brain mask (sulci, cisterns)
     10    posterior_fossa     brain voxels with ``z < −20`` and ``y < −35`` (cerebellum), or
                               ``|x| < 12, −45 < y < −12, z < −12`` (brainstem); any tissue
