@@ -12,7 +12,7 @@ both have (a case's value is its mean over the seeds both ran to the end without
   folder gives the same CI);
 * paired two-sided Wilcoxon signed-rank test (:func:`leaderboard.stats.paired_wilcoxon`),
   Holm-corrected across the variants of that method (:func:`leaderboard.stats.holm`),
-  separately per metric; ``*`` marks adjusted p < 0.05.
+  separately per metric; ``*`` marks adjusted p < 0.05 with the CI excluding 0.
 
 Metrics: Dice (higher is better) and ``epe_mm`` (end-point error against the known true
 displacement, lower is better) when the cases carry them.
@@ -92,7 +92,11 @@ class AblationRow:
 
     @property
     def significant(self) -> bool:
-        return bool(np.isfinite(self.p_holm) and self.p_holm < ALPHA)
+        """Holm-adjusted p < 0.05 and the CI wholly on the side of ``diff`` (the leaderboard's
+        rule: the signed-rank test alone can disagree with the mean's sign)."""
+        lo, hi = self.ci
+        side = (self.diff > 0 and lo > 0) or (self.diff < 0 and hi < 0)
+        return bool(np.isfinite(self.p_holm) and self.p_holm < ALPHA and side)
 
 
 @dataclasses.dataclass
@@ -233,7 +237,7 @@ def ablation_cells(t: AblationTable, star: str) -> tuple[list[str], list[list[st
 ABLATION_NOTE = ("Ablations: each variant against the full method on the same cases and seeds (a case's value is "
                  "its mean over the seeds both ran without diverging; seeds: how many). Δ = mean paired difference variant − full with a percentile bootstrap 95 % CI over "
                  "cases; p: paired two-sided Wilcoxon signed-rank, Holm-corrected across the variants of the method "
-                 "(per metric); * = adjusted p < 0.05. Dice: higher is better; EPE (mm): lower is better.")
+                 "(per metric); * = adjusted p < 0.05 with the CI excluding 0. Dice: higher is better; EPE (mm): lower is better.")
 
 
 def verdict(t: AblationTable) -> str:

@@ -60,13 +60,14 @@ def _dataset_tables(ds: DatasetReport) -> str:
     head, rows = summary_cells(ds, "tex")
     kind = "2D/3D registration" if ds.kind == "pose" else "deformable registration"
     what = ("mTRE percentiles and success rates (mTRE $<$ 10 mm, $<$ 2 mm) over all cases, other columns means over cases"
-            if ds.kind == "pose" else "Mean $\\pm$ std over all cases of all seeds")
+            if ds.kind == "pose" else "Mean [95\\,\\% bootstrap CI] over all cases of all seeds")
     parts = [
         "\\begin{table}[t]",
         "\\centering",
         "\\small",
         f"\\caption{{{escape(ds.name)} ({kind}). {what}; best in bold; "
-        f"$^{{*}}$ significantly different from the best (paired Wilcoxon signed-rank, Holm-corrected $p<0.05$); "
+        f"$^{{*}}$ significantly different from the best (paired Wilcoxon signed-rank, Holm-corrected $p<0.05$, "
+        f"and the 95\\,\\% CI of the paired difference excludes 0); "
         f"\\texttt{{{escape(INITIAL)}}}: before registration."
         + "".join(f" Diverged: {escape(n)}." for n in diverged_notes(ds)) + "}",
         f"\\label{{tab:leaderboard-{_label(ds.name)}}}",

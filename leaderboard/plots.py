@@ -198,7 +198,8 @@ def label_heatmap(ds: DatasetReport) -> bytes | None:
                 if np.isfinite(v):
                     r, g, b, _ = cmap((v - lo) / (hi - lo))
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                    ax.text(j, i, f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.2f}", ha="center", va="center",
+                    text = f"{v:.2f}"  # 0.997 rounds to "1.00": drop a leading zero only where there is one
+                    ax.text(j, i, text[1:] if text.startswith("0.") else text, ha="center", va="center",
                             fontsize=fs, color="white" if dark else "black")
     ax.set_xlabel("label")
     ax.set_title(f"{ds.name}: Dice per label (mean over cases; scale {lo:.2f}–{hi:.2f})", fontsize=10)

@@ -518,8 +518,10 @@ def summary_cells(ds: DatasetReport, style: str = "md") -> tuple[list[str], list
     head += ["rank score", "rank score (with runtime)"]
     for ms, cells in zip(ds.methods, rows):
         cells += [fmt(ms.ranks.get("rank_score"), 3), fmt(ms.ranks.get("rank_score_rt"), 3)]
+    partial = _surviving_seeds(ds)  # never marked best on a subset of its seeds, as in the metric columns
     for col, key in ((len(head) - 2, "rank_score"), (len(head) - 1, "rank_score_rt")):
-        b = column_best(ds, {m.method: m.ranks.get(key, math.nan) for m in ds.methods}, True)
+        whole = {m.method: m.ranks.get(key, math.nan) for m in ds.methods if m.method not in partial}
+        b = column_best(ds, whole or {m.method: m.ranks.get(key, math.nan) for m in ds.methods}, True)
         bv = ds.method(b).ranks.get(key) if b else None
         for ms, cells in zip(ds.methods, rows):
             if b and ms.method != INITIAL and ms.ranks.get(key) == bv:
@@ -564,11 +566,13 @@ def seed_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
 
 def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     """Each ranked method against the best one, per metric: the mean paired difference over
-    cases with its 95 % bootstrap CI, the Holm-corrected Wilcoxon p, and the verdict the test
-    supports ("better" / "worse" / "not distinguishable"), so a gap inside the noise says so."""
+    cases with its 95 % bootstrap CI, the Holm-corrected Wilcoxon p, the number of paired cases
+    and the verdict ("better" / "worse" when the test and the CI agree, "test and CI disagree",
+    "not distinguishable"), so a gap inside the noise says so."""
     keys = [k for k in registry.paired_metrics(ds.kind) if k in ds.metrics and k in ds.best]
     head = ["method"] + [f"{registry.metric(k).title}: Δ vs {ds.best[k]} [95 % CI], p (Holm)" for k in keys]
     rows = []
+    partial = _surviving_seeds(ds)
     for ms in ds.methods:
         if ms.method == INITIAL or all(ms.method == ds.best[k] for k in keys):
             continue
@@ -578,9 +582,16 @@ def paired_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
             if ms.method == ds.best[k]:
                 cells.append("best")
                 continue
-            cells.append(_diff_cell(st, k, "", ("better", "worse", "not distinguishable")))
+            cells.append(_diff_cell(st, k, "", ("better", "worse", "not distinguishable")) + partial.get(ms.method, ""))
         rows.append(cells)
     return head, rows
+
+
+def _surviving_seeds(ds: DatasetReport) -> dict[str, str]:
+    """``method -> " (on k of n seeds)"`` for the methods some of whose seeds diverged: their
+    comparisons use the seeds that survived, and a cell must say so."""
+    gone = {d.method: len(d.seeds) for d in ds.diverged}
+    return {ms.method: f" (on {ms.n_seeds} of {ms.n_seeds + gone[ms.method]} seeds)" for ms in ds.methods if ms.method in gone}
 
 
 def _paired_against(cv: Mapping[str, Mapping[str, float]], ref: str, methods: list[str]) -> dict[str, dict[str, float]]:
@@ -594,9 +605,15 @@ def _paired_against(cv: Mapping[str, Mapping[str, float]], ref: str, methods: li
     out = {}
     for m, p, pa in zip(methods, raw, stats.holm(raw)):
         d, dlo, dhi = stats.paired_difference_ci(*pairs[m])
+        test = bool(np.isfinite(pa) and pa < ranking.ALPHA)
+        # a claim needs both: the corrected test and an interval wholly on the side of the mean
+        # (the Wilcoxon test ranks differences, so one large case can flip the mean's sign)
+        ci_side = bool((d > 0 and dlo > 0) or (d < 0 and dhi < 0))
+        x, y = np.asarray(pairs[m][0], dtype=np.float64), np.asarray(pairs[m][1], dtype=np.float64)
         out[m] = {"diff": d, "diff_lo": dlo, "diff_hi": dhi, "p_raw": p, "p_holm": float(pa),
                   "p_min": _smallest_holm_p(_tested_pairs(*pairs[m]), len(methods)),
-                  "significant": float(np.isfinite(pa) and pa < ranking.ALPHA)}
+                  "n_pairs": float(np.count_nonzero(np.isfinite(x) & np.isfinite(y))),
+                  "significant": float(test and ci_side), "disagree": float(test and not ci_side)}
     return out
 
 
@@ -619,19 +636,26 @@ def _smallest_holm_p(n: int, m: int) -> float:
 
 
 def _diff_cell(st: Mapping[str, float], key: str, prefix: str, words: tuple[str, str, str]) -> str:
-    """``Δ [lo, hi], p=…: verdict`` from the stats ``{prefix}diff``, ``…_lo``, ``…_hi``,
-    ``{prefix}p_holm``, ``{prefix}significant``; ``words`` = (in the metric's good direction,
-    in the bad one, not significant)."""
+    """``Δ [lo, hi], p=…, n=…: verdict`` from the stats ``{prefix}diff``, ``…_lo``, ``…_hi``,
+    ``{prefix}p_holm``, ``{prefix}n_pairs``, ``{prefix}significant`` (test and CI agree),
+    ``{prefix}disagree`` (the test alone); ``words`` = (in the metric's good direction, in the
+    bad one, not significant). "no data" when no case has both values."""
     d = digits(key)
     diff = st.get(prefix + "diff", math.nan)
+    n = st.get(prefix + "n_pairs")
+    if n is not None and n == 0:
+        return "no data"
     if st.get(prefix + "significant"):
         verdict = words[0] if (diff > 0) == registry.metric(key).higher_is_better else words[1]
+    elif st.get(prefix + "disagree"):
+        verdict = "test and CI disagree"
     elif st.get(prefix + "p_min", 0.0) >= ranking.ALPHA:
         verdict = "too few cases to test"
     else:
         verdict = words[2]
+    cases = "" if n is None else f", n={int(n)}"
     return (f"{fmt(diff, d)} [{fmt(st.get(prefix + 'diff_lo'), d)}, {fmt(st.get(prefix + 'diff_hi'), d)}], "
-            f"p={fmt(st.get(prefix + 'p_holm'), 3)}: {verdict}")
+            f"p={fmt(st.get(prefix + 'p_holm'), 3)}{cases}: {verdict}")
 
 
 def initial_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
@@ -642,6 +666,7 @@ def initial_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
     keys = [k for k in registry.paired_metrics(ds.kind) if k in ds.metrics]
     head = ["method"] + [f"{registry.metric(k).title}: Δ vs initial [95 % CI], p (Holm)" for k in keys]
     rows = []
+    partial = _surviving_seeds(ds)
     for ms in ds.methods:
         if ms.method == INITIAL or not any("init_diff" in ms.stats[k] for k in keys):
             continue
@@ -651,7 +676,7 @@ def initial_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
             if "init_diff" not in st:
                 cells.append("")
                 continue
-            cells.append(_diff_cell(st, k, "init_", ("improves", "worsens", "no change shown")))
+            cells.append(_diff_cell(st, k, "init_", ("improves", "worsens", "no change shown")) + partial.get(ms.method, ""))
         rows.append(cells)
     return head, rows
 
@@ -701,7 +726,7 @@ def budget_cells(ds: DatasetReport) -> tuple[list[str], list[list[str]]]:
 FOOTNOTE = ("Mean [95 % confidence interval] over all cases of all seeds (bootstrap over cases, seeds resampled as a "
             "level of their own; std, median and per-seed values in the CSV and the tables below). **Bold**: best (ranked methods; `initial` = no registration / "
             "starting pose, not ranked). `*`: differs from the best (paired Wilcoxon signed-rank on cases paired by "
-            "case_id, Holm-corrected p < 0.05). Rank score: Learn2Reg scheme (pairwise Wilcoxon rank-sum, p < 0.05, "
+            "case_id, Holm-corrected p < 0.05, and the 95 % CI of the paired difference excludes 0). Rank score: Learn2Reg scheme (pairwise Wilcoxon rank-sum, p < 0.05, "
             "scores in [0.1, 1], geometric mean over metrics). TRE, HD95 in mm; runtime is the registration call alone.")
 
 

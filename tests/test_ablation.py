@@ -278,6 +278,14 @@ def test_diverged_runs_are_found_listed_and_left_out_of_every_statistic(tmp_path
     assert ds.best["dice"] != "m-a"  # survivors' statistics are never the reference
     cells = {r[0]: r for r in summary_cells(ds)[1]}
     assert cells["m-a"][2] == "1 (+1 diverged)" and cells["m-c"][2] == "2"
+    # its comparisons say they stand on the surviving seed, and its rank score is never bold
+    from leaderboard.table import initial_cells, paired_cells
+
+    paired = {r[0]: r for r in paired_cells(ds)[1]}
+    assert all(c.endswith(" (on 1 of 2 seeds)") for c in paired["m-a"][1:] if c != "best")
+    assert not any(c.endswith("seeds)") for r in paired.values() if r[0] != "m-a" for c in r[1:])
+    assert all(c.endswith(" (on 1 of 2 seeds)") for r in initial_cells(ds)[1] if r[0] == "m-a" for c in r[1:] if c)
+    assert "**" not in cells["m-a"][-1] and "**" not in cells["m-a"][-2]
     # ablation: m-a against m on seed 0 alone (the seed both finished); m-b has no cases and no verdict of "no effect"
     t = ablation_tables(build_report(root))[0]
     a, b, c = t.rows["dice"]

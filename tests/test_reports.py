@@ -464,3 +464,50 @@ def test_too_few_cases_counts_only_the_pairs_the_test_ranks():
     assert _diff_cell(st_, "tre", "", ("better", "worse", "not distinguishable")).endswith("too few cases to test")
     same = _paired_against({"best": ref, "m": dict(ref)}, "best", ["m"])["m"]  # identical: nothing too few
     assert same["p_min"] == pytest.approx(2.0 ** -9)
+
+
+def test_a_verdict_needs_the_test_and_the_interval_to_agree():
+    """B is higher on 11 of 12 cases by 0.01 and lower on one by 0.5: the signed-rank test is
+    significant (for B), the mean difference is negative and its CI spans 0. That is no claim
+    either way (the cell said "worse"). No finite pair: "no data" (it said "too few cases")."""
+    from scipy.stats import wilcoxon
+
+    from leaderboard.table import _diff_cell, _paired_against
+
+    a = {f"c{i}": 0.70 + 0.01 * i for i in range(12)}
+    b = {c: v + (0.01 if i else -0.5) for i, (c, v) in enumerate(a.items())}
+    assert wilcoxon(list(b.values()), list(a.values())).pvalue < 0.05  # the independent test
+    st_ = _paired_against({"A": a, "B": b}, "A", ["B"])["B"]
+    assert st_["diff"] < 0 < st_["diff_hi"] and st_["significant"] == 0.0 and st_["disagree"] == 1.0
+    cell = _diff_cell(st_, "dice", "", ("better", "worse", "not distinguishable"))
+    assert cell.endswith(", n=12: test and CI disagree"), cell
+    clear = _paired_against({"A": a, "B": {c: v + 0.01 for c, v in a.items()}}, "A", ["B"])["B"]
+    assert _diff_cell(clear, "dice", "", ("better", "worse", "not distinguishable")).endswith("n=12: better")
+    assert _diff_cell(clear, "hd95", "", ("better", "worse", "not distinguishable")).endswith("n=12: worse")
+    none = _paired_against({"A": a, "B": {c: math.nan for c in a}}, "A", ["B"])["B"]
+    assert _diff_cell(none, "hd95", "", ("better", "worse", "not distinguishable")) == "no data"
+
+
+def test_label_heatmap_writes_one_for_a_dice_that_rounds_to_one(monkeypatch):
+    """0.997 printed as ".00" (the leading digit of "1.00" was dropped as if it were a 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from leaderboard import plots
+
+    texts: list[str] = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: (texts.append(s), real(self, x, y, s, *a, **k))[1])
+
+    class Method:
+        method = "A"
+
+    class DS:
+        name = "d"
+        per_label = {"A": {"1": 0.997, "2": 0.62}}
+        methods = [Method()]
+
+    assert plots.label_heatmap(DS()) is not None
+    assert "1.00" in texts and ".62" in texts and ".00" not in texts
