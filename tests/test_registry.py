@@ -241,7 +241,7 @@ def test_data_check_runs_any_data_module(tmp_path, capsys) -> None:
     assert "b.txt: empty" in capsys.readouterr().out
     (tmp_path / "b.txt").write_text("y")
     assert main(["data", "check", "--dataset", path, str(tmp_path)]) == 0
-    with pytest.raises(ValueError, match="unknown dataset kind 'nope'"):
+    with pytest.raises(ValueError, match="--dataset 'nope': unknown dataset kind"):
         check_dataset("nope", tmp_path)
 
 
