@@ -467,10 +467,15 @@ class SpineDRRDataModule(RegistrationDataModule):
                 continue
             if not (isinstance(e, dict) and all(k in e for k in ("label", "X", "Y", "Z"))):
                 raise DataError(path, f"entry {e!r} lacks label/X/Y/Z")
-            vox = np.array([e["X"], e["Y"], e["Z"]], float) / spacing
+            try:
+                vox = np.array([e["X"], e["Y"], e["Z"]], float) / spacing
+            except (TypeError, ValueError):
+                raise DataError(path, f"entry {e!r}: X/Y/Z are not numbers") from None
+            if not np.isfinite(vox).all():
+                continue  # VerSe files hold NaN centroids for vertebrae they did not locate; kept, they made the isocentre NaN
             rows.append(vox @ affine[:3, :3].T + affine[:3, 3])
         if not rows:
-            raise DataError(path, "no centroids")
+            raise DataError(path, "no centroids (with finite X/Y/Z)")
         return np.array(rows)
 
     def _prepare(self, cid: str, hu: np.ndarray, affine: np.ndarray, landmarks: np.ndarray) -> SpineCT:

@@ -26,6 +26,11 @@ def test_so3_exp_log_match_scipy(rng: np.random.Generator) -> None:
     # angle pi: w and -w are the same rotation
     np.testing.assert_allclose(Rotation.from_rotvec(back).as_matrix(), Rotation.from_rotvec(w).as_matrix(), atol=1e-7)
     np.testing.assert_allclose(back[:-2], w[:-2], atol=1e-7)
+    # just inside the near-pi branch (1e-3 from pi) the axis was off by ~sin(theta)/2: 1e-3 rad
+    n = np.array([0.3, 0.5, -0.8]) / np.linalg.norm([0.3, 0.5, -0.8])
+    near = np.stack([n * (np.pi - e) for e in (2e-3, 1.1e-3, 9e-4, 5e-4, 1e-4)])
+    got = se3.so3_log(se3.so3_exp(torch.from_numpy(near))).numpy()
+    np.testing.assert_allclose(got, Rotation.from_rotvec(near).as_rotvec(), atol=1e-9)
 
 
 def test_compose_invert_and_matrix(rng: np.random.Generator) -> None:

@@ -101,6 +101,9 @@ def test_folder_labels_on_another_grid_and_verse_json(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(ct.hu, ct.affine), str(tmp_path / "b.nii.gz"))
     vox = np.array([[3.0, 4.0, 5.0], [10.0, 11.0, 12.0]])
     ctd = [{"direction": ["L", "A", "S"]}] + [{"label": 20 + i, "X": v[0] * 6, "Y": v[1] * 6, "Z": v[2] * 6} for i, v in enumerate(vox)]
+    # VerSe writes NaN for a vertebra it did not locate (its own reader skips them); kept, one
+    # made the isocentre, the reference placement and every metric of the CT NaN
+    ctd.append({"label": 24, "X": float("nan"), "Y": float("nan"), "Z": float("nan")})
     (tmp_path / "b_ctd.json").write_text(json.dumps(ctd))
     dm = SpineDRRDataModule(root=str(tmp_path), test_ids=["b"], poses_per_ct=1, height=16, width=16, pixel_mm=16.0, n_samples=16)
     dm.check_inputs()
@@ -112,6 +115,7 @@ def test_folder_labels_on_another_grid_and_verse_json(tmp_path: Path) -> None:
     np.testing.assert_allclose(a.landmarks.numpy(), expect, atol=1e-3)
     b = cts["test"][0]
     np.testing.assert_allclose(b.landmarks.numpy(), vox @ ct.affine[:3, :3].T + ct.affine[:3, 3], atol=1e-4)
+    assert bool(torch.isfinite(b.base).all())
     bad = SpineDRRDataModule(root=str(tmp_path / "missing"))
     with pytest.raises(Exception, match="not found"):
         bad.check_inputs()

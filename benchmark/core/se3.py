@@ -88,7 +88,9 @@ def so3_exp(w: torch.Tensor) -> torch.Tensor:
 def so3_log(r: torch.Tensor) -> torch.Tensor:
     """Rotation matrix ``(..., 3, 3)`` → rotation vector ``(..., 3)`` with angle in ``[0, π]``.
 
-    Stable near 0 (series) and near π (from the symmetric part ``(R + I)/2 = n nᵀ``).
+    Stable near 0 (series) and near π: there ``n nᵀ = (S − cos θ·I) / (1 − cos θ)`` with
+    ``S = (R + Rᵀ)/2`` the symmetric part (``(R + I)/2`` still holds ``sin θ/2 · [n]×``, which
+    put the axis off by ~sin θ/2 just inside the branch), column normalised.
     """
     cos = ((r[..., 0, 0] + r[..., 1, 1] + r[..., 2, 2] - 1) / 2).clamp(-1.0, 1.0)
     theta = torch.acos(cos)
@@ -99,12 +101,14 @@ def so3_log(r: torch.Tensor) -> torch.Tensor:
     factor = torch.where(small, 1 + theta**2 / 6 + 7 * theta**4 / 360, theta / safe_sin)
     w = v * factor[..., None]
     if bool(near_pi.any()):
-        # n from the largest diagonal entry of (R + I)/2 = n nᵀ, sign from the antisymmetric part.
-        s = (r + torch.eye(3, dtype=r.dtype, device=r.device)) / 2
+        # n from the column of n nᵀ with the largest diagonal entry, sign from the antisymmetric part.
+        eye = torch.eye(3, dtype=r.dtype, device=r.device)
+        one_minus_cos = torch.where(near_pi, 1 - cos, torch.ones_like(cos))
+        s = ((r + r.transpose(-1, -2)) / 2 - cos[..., None, None] * eye) / one_minus_cos[..., None, None]
         diag = torch.diagonal(s, dim1=-2, dim2=-1)
         i = diag.argmax(-1, keepdim=True)
         col = torch.gather(s, -1, i[..., None, :].expand(*s.shape[:-1], 1)).squeeze(-1)
-        n = col / torch.sqrt(torch.gather(diag, -1, i).clamp_min(1e-12))
+        n = col / col.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         sign = torch.where((n * v).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(r.dtype)
         w_pi = n * sign * theta[..., None]
         w = torch.where(near_pi[..., None], w_pi, w)
