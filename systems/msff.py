@@ -11,7 +11,7 @@ available. The known structure:
   one set of weights for both images) giving multi-scale high-level features of each image;
 * a **5-scale pyramid decoder**: at the coarsest scale a fusion block over the features of
   both images predicts the initial field; at each finer scale the field is upsampled
-  (:func:`benchmark.core.spatial.resize_field`), the moving image's encoder and auxiliary
+  (:func:`upsample_pooled_field`, in the max-pooled grids' layout), the moving image's encoder and auxiliary
   features are warped by it (:func:`benchmark.core.spatial.warp`), a **multi-scale feature
   fusion block** (global channel attention + local spatial attention) fuses the encoder
   features and the auxiliary features of both images with the current field, and a flow
@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmark.core.losses import LocalNCC, diffusion
-from benchmark.core.spatial import compose, integrate_velocity, resize_field, warp
+from benchmark.core.spatial import compose, integrate_velocity, warp
 from systems.base import RegistrationSystem
 from systems.speed import NATIVE_CONV_LIMIT, conv3d_float32_if_unsafe, conv3d_k3
 from systems.voxelmorph import up_conv_weight
@@ -275,6 +275,26 @@ class FusionBlock(nn.Module):
         return h * s, {"channel": w, "spatial": s}
 
 
+def upsample_pooled_field(field: torch.Tensor) -> torch.Tensor:
+    """A field on a 2×-max-pooled grid, carried to the grid it was pooled from.
+
+    MSFF's scales come from ``max_pool3d(x, 2)`` of sizes divisible by 16: coarse voxel ``j``
+    covers fine voxels ``2j, 2j + 1`` and sits at fine position ``2j + 0.5``. In that layout a
+    displacement of ``d`` coarse voxels is exactly ``2d`` fine voxels, and trilinear
+    interpolation with ``align_corners=False`` puts every coarse sample where it belongs.
+    (:func:`benchmark.core.spatial.resize_field` assumes grids that share their corner voxels
+    and scales by ``(n − 1)/(m − 1)``: 3.0 from 2 to 4 voxels, 2.11 from 10 to 20, where 2 is
+    right; MSFF used it until this was found.)
+
+    Args:
+        field: ``(B, 3, X, Y, Z)`` voxels of the coarse grid.
+
+    Returns:
+        ``(B, 3, 2X, 2Y, 2Z)`` voxels of the fine grid.
+    """
+    return 2.0 * F.interpolate(field, scale_factor=2, mode="trilinear", align_corners=False)
+
+
 class MSFFNet(nn.Module):
     """The MSFF network: shared encoder, shared auxiliary decoder, pyramid decoder of fusion blocks.
 
@@ -354,7 +374,7 @@ class MSFFNet(nn.Module):
 
     @staticmethod
     def refine(field: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pyramid step: ``(compose(up, residual), up)`` with ``up = resize_field(field, residual's grid)``.
+        """One pyramid step: ``(compose(up, residual), up)`` with ``up = upsample_pooled_field(field)``.
 
         The residual is estimated between the moving features warped by ``up`` and the fixed
         features, so it acts first: ``warp(warp(I, up), residual) ≈ warp(I, result)``, and
@@ -364,7 +384,9 @@ class MSFFNet(nn.Module):
             field: ``(B, 3, *S_coarse)`` voxels of the coarse grid.
             residual: ``(B, 3, *S_fine)`` voxels of the fine grid.
         """
-        up = resize_field(field, residual.shape[2:])
+        up = upsample_pooled_field(field)
+        if up.shape[2:] != residual.shape[2:]:
+            raise ValueError(f"the residual's grid {tuple(residual.shape[2:])} is not twice the field's {tuple(field.shape[2:])}")
         return compose(up, residual), up
 
     def _residual(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +424,7 @@ class MSFFNet(nn.Module):
                 residual, vel = self._residual(k, h)
                 field = residual
             else:
-                up = resize_field(field, enc_f[k].shape[2:])
+                up = upsample_pooled_field(field)
                 parts = [enc_f[k], warp(enc_m[k], up)]
                 if self.aux is not None:
                     parts += [aux_f[k], warp(aux_m[k], up)]
@@ -475,7 +497,7 @@ class MSFF(RegistrationSystem):
       initial field;
     * composition: ``field_k = compose(up(field_{k+1}), residual_k)`` (residual first, since
       it is estimated after warping by the upsampled field); fields upsampled trilinearly
-      with magnitudes rescaled (:func:`benchmark.core.spatial.resize_field`);
+      in the pooled grids' layout, magnitudes doubled (:func:`upsample_pooled_field`);
     * loss: ``-local NCC (9³)`` of the full-resolution warped moving image +
       ``lambda_ · diffusion`` of the final displacement (no per-scale deep supervision);
       ``lambda_ = 1`` by default;

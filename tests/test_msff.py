@@ -84,12 +84,14 @@ def test_every_fusion_block_of_the_pyramid(channel_pool: str) -> None:
 
 
 def _scipy_refine(coarse: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """Brute force: trilinear upsampling on corner-aligned grids (magnitudes rescaled), then
-    ``residual(x) + up(x + residual(x))`` with the field extended by its border values."""
-    cs, fs = coarse.shape[1:], residual.shape[1:]
+    """Brute force: trilinear upsampling in the layout of 2× max-pooling (coarse voxel ``j``
+    at fine position ``2j + 0.5``, so fine ``x`` reads coarse ``(x − 0.5)/2``, edge values
+    beyond; magnitudes doubled), then ``residual(x) + up(x + residual(x))`` with the field
+    extended by its border values."""
+    fs = residual.shape[1:]
     x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fs], indexing="ij"))
-    at = np.stack([x[d] * (cs[d] - 1) / (fs[d] - 1) for d in range(3)])
-    up = np.stack([ndi.map_coordinates(coarse[d], at, order=1) * (fs[d] - 1) / (cs[d] - 1) for d in range(3)])
+    at = (x - 0.5) / 2
+    up = np.stack([2.0 * ndi.map_coordinates(coarse[d], at, order=1, mode="nearest") for d in range(3)])
     pos = x + residual
     return residual + np.stack([ndi.map_coordinates(up[d], pos, order=1, mode="nearest") for d in range(3)])
 
@@ -102,6 +104,34 @@ def test_refine_matches_brute_force_composition() -> None:
     np.testing.assert_allclose(got[0].numpy(), want, atol=1e-9)
     wrong = compose(residual, up)  # the other order must not pass
     assert np.abs(wrong[0].numpy() - want).max() > 0.05
+
+
+def test_upsampled_field_realigns_the_pooled_features() -> None:
+    """The geometry of MSFF's pyramid (its scales are 2× max-poolings): a smooth image shifted
+    by exactly 8 voxels is aligned at 1/8 resolution by a field of -1 voxel; carried up one
+    scale it must be -2 voxels and align the 1/4-resolution images. The corner-aligned resize used
+    before gave 2.14 here (3.0 from 2 to 4 voxels) and left them misaligned."""
+    import torch.nn.functional as F
+
+    from systems.msff import upsample_pooled_field
+
+    x = torch.arange(96, dtype=torch.float64)
+    profile = torch.sin(x / 9.0) + 0.5 * torch.cos(x / 5.0)
+    fixed = profile[:64].reshape(1, 1, 64, 1, 1).expand(1, 1, 64, 16, 16).contiguous()
+    # moving(x) = profile(x + 8): fixed(x) = moving(x + u) for the pull field u = -8 voxels
+    moving = profile[8:72].reshape(1, 1, 64, 1, 1).expand(1, 1, 64, 16, 16).contiguous()
+    pf = [fixed, F.max_pool3d(fixed, 2), F.max_pool3d(fixed, 4), F.max_pool3d(fixed, 8)]
+    pm = [moving, F.max_pool3d(moving, 2), F.max_pool3d(moving, 4), F.max_pool3d(moving, 8)]
+    u3 = torch.zeros(1, 3, *pf[3].shape[2:], dtype=torch.float64)
+    u3[:, 0] = -1.0
+    inner3 = (slice(None), slice(None), slice(1, -2))
+    assert float((warp(pm[3], u3) - pf[3])[inner3].abs().max()) < 1e-12  # the coarse field is exact
+    u2 = upsample_pooled_field(u3)
+    torch.testing.assert_close(u2[:, 0], torch.full_like(u2[:, 0], -2.0))
+    inner2 = (slice(None), slice(None), slice(2, -4))
+    assert float((warp(pm[2], u2) - pf[2])[inner2].abs().max()) < 1e-12
+    u0 = upsample_pooled_field(upsample_pooled_field(u2))
+    torch.testing.assert_close(u0[:, 0], torch.full_like(u0[:, 0], -8.0))
 
 
 def test_composed_field_equals_sequential_warping() -> None:
