@@ -18,7 +18,7 @@ translation (mm, C-arm axes; ``z`` is depth).
 
 Rendering (the ProST / Siddon-free idea): for each detector pixel, ``n_samples`` points
 equally spaced on the source→pixel segment between the ray's entry into and exit from the
-CT's voxel box ``[0, N−1]³`` (slab test), read by trilinear ``grid_sample``
+support of the CT's interpolant, ``[−1, N]³`` in voxels (slab test), read by trilinear ``grid_sample``
 (``align_corners=True``, zeros outside), summed and multiplied by the step length (mm), so
 the pixel value is the line integral ``∫ μ ds`` (dimensionless when ``μ`` is per mm). It is
 differentiable w.r.t. the transform (hence the pose) and the volume, ray bounds included
@@ -189,7 +189,13 @@ def attenuation_centroid(volume: torch.Tensor, affine: torch.Tensor, base: torch
 
 
 def _ray_bounds(src_v: torch.Tensor, pix_v: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slab test of rays ``src + λ (pix − src)`` against the box ``[0, N−1]`` per axis.
+    """Slab test of rays ``src + λ (pix − src)`` against the box ``[−1, N]`` per axis.
+
+    ``[−1, N]`` is where the zero-padded trilinear interpolant of the volume is non-zero: its
+    integral along an axis through ``N`` voxels of value μ is ``N·μ``, as the "slices"
+    renderer and the exact voxel-box (Siddon) integral give. Clipping at the first and last
+    voxel centres (``[0, N−1]``, until this was found) lost half a voxel of tissue at each end
+    of every ray that leaves the CT through tissue (3 % of a 32-voxel ray).
 
     Args:
         src_v: ``(B, 1, 3)`` source in voxel coordinates; pix_v: ``(B, P, 3)``.
@@ -198,10 +204,10 @@ def _ray_bounds(src_v: torch.Tensor, pix_v: torch.Tensor, shape: tuple[int, int,
         ``(near, far)`` each ``(B, P)`` in ``λ`` (``near ≥ far`` where the ray misses).
     """
     d = pix_v - src_v
-    hi = torch.tensor([n - 1 for n in shape], dtype=d.dtype, device=d.device)
+    hi = torch.tensor([float(n) for n in shape], dtype=d.dtype, device=d.device)
     tiny = 1e-12
     d_safe = torch.where(d.abs() < tiny, torch.full_like(d, tiny), d)
-    t0 = (0 - src_v) / d_safe
+    t0 = (-1.0 - src_v) / d_safe
     t1 = (hi - src_v) / d_safe
     near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
     far = torch.maximum(t0, t1).amin(-1).clamp_max(1.0)
