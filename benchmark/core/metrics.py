@@ -144,7 +144,11 @@ def _absent_from(seg: ArrayLike | None, sorted_labels: np.ndarray) -> np.ndarray
     """``(L,)`` bool: which of ``sorted_labels`` ``seg`` does not hold (all False for None)."""
     if seg is None:
         return np.zeros(sorted_labels.size, dtype=bool)
-    return ~np.isin(sorted_labels, np.unique(_labels_to_numpy(seg)))
+    if isinstance(seg, torch.Tensor):  # the ids it holds, found where it lives (no GPU -> CPU copy of the map)
+        held = torch.unique(seg).to(torch.int64).cpu().numpy()
+    else:
+        held = np.unique(_labels_to_numpy(seg))
+    return ~np.isin(sorted_labels, held)
 
 
 def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence[int],
@@ -256,8 +260,9 @@ def hd95_per_label(
         ``(L,)`` float64 in the order of ``labels``; NaN where the label is absent from the
         fixed map or from ``moving_seg`` (as :func:`dice_per_label`). A label the warp erased
         gets the grid's diagonal, ``√Σ((n_i − 1)·s_i)²``, the largest distance two voxels of
-        the grid can have: no surface is at least as far as any surface, and a finite penalty
-        keeps means and confidence intervals defined (Learn2Reg's script gives ∞).
+        the grid can have, so erasing a label never scores better than keeping any part of it,
+        and a finite penalty keeps means and confidence intervals defined (Learn2Reg's script
+        gives ∞).
     """
     lab = _label_list(labels)
     f = _labels_to_numpy(fixed_seg)
