@@ -1079,8 +1079,17 @@ def run_grid(config: str | os.PathLike, output: str | None = None, methods: list
     if statuses:
         log(f"[results] {len(statuses)} experiment folder(s) under {cfg.output}/ (cases.csv, run.json, panel.npz each)")
     if leaderboard and is_rank_zero():
+        from leaderboard.cli import check_results_folder
         from leaderboard.write import write_leaderboard
 
+        # this run's experiments were checked before they were skipped or resumed; others in
+        # the folder (outside --methods, another config's) are checked as `regbench leaderboard` does
+        problems = check_results_folder(cfg.output)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            log(f"[leaderboard] not written: {problems[0]}{more}; re-run that experiment, then `regbench leaderboard "
+                f"{cfg.output}`")
+            return statuses
         md = write_leaderboard(cfg.output)
         log(f"[leaderboard] wrote {md}, {md.with_suffix('.csv')}, {md.with_suffix('.html')}")
         if "wandb" in cfg.loggers:

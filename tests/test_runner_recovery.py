@@ -202,3 +202,23 @@ def test_leaderboard_names_an_experiment_with_a_malformed_run_json(finished, tmp
         f"regbench leaderboard: {said}"], err
     md = (out / "leaderboard.md").read_text()
     assert f"{EXP}: corrupt run.json" in md and "no run.json" not in md, md
+
+
+def test_the_runs_leaderboard_is_not_written_over_a_damaged_experiment(finished, tmp_path):  # noqa: F811
+    """An experiment outside this run (another method's folder) with a cut cases.csv: the
+    run's own leaderboard would have ranked it (`regbench leaderboard` refuses it); it is not
+    written, and one line says which file and what to do."""
+    cfg, out = _copy(finished, tmp_path)
+    other = out / "synth" / "other" / "seed0"
+    shutil.copytree(out / EXP, other)
+    lines = (other / "cases.csv").read_text().splitlines(keepends=True)
+    (other / "cases.csv").write_text("".join(lines[:3]))
+    logs: list[str] = []
+    statuses = run_grid(cfg, output=str(out), log=logs.append, leaderboard=True)
+    assert statuses[str(out / EXP)] == "complete"
+    assert not (out / "leaderboard.md").exists()
+    line = next(m for m in logs if m.startswith("[leaderboard]"))
+    assert line.startswith("[leaderboard] not written: ") and str(other / "cases.csv") in line
+    (other / "cases.csv").write_text("".join(lines))  # repaired: the same run writes it
+    run_grid(cfg, output=str(out), log=logs.append, leaderboard=True)
+    assert (out / "leaderboard.md").exists()
