@@ -292,6 +292,13 @@ def _one_line_error(command: str, exc: Exception, debug: bool) -> int | None:
     if isinstance(exc, DataError):
         print(f"regbench {command}: error: {exc}", file=sys.stderr)
         return 2
+    if "Original Traceback" in str(exc) and "DataError: " in str(exc):
+        # a DataError raised in a DataLoader worker reaches here re-wrapped (torch cannot
+        # rebuild it); its original line is kept
+        from benchmark.reliability import one_line_error
+
+        print(f"regbench {command}: error: {one_line_error(exc).removeprefix('DataError: ')}", file=sys.stderr)
+        return 2
     if isinstance(exc, OSError) and getattr(exc, "filename", None):
         # an output path that cannot be written (read-only folder, a folder given as a file…)
         print(f"regbench {command}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)

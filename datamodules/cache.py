@@ -24,7 +24,7 @@ Race-free writes (several processes, DDP ranks or nodes on a shared file system)
     folder exists and is not empty, and its temporary folder is removed. Both wrote the same
     arrays, so nothing is lost. Hash notes are single files written the same way.
 
-Integrity (the cache is derived data: a damaged entry is dropped and recomputed, never served)
+Integrity (the cache is derived data: a damaged entry that is detected is dropped and recomputed)
     ``meta.json`` records, per array, the ``.npy`` file's byte size, the dtype, the shape
     and a CRC-32 (:func:`zlib.crc32`) of the raw array bytes.
 

@@ -17,8 +17,9 @@ from its creation. Resuming or joining it with another setup is refused in one l
 what changed: its trials would not compare with the new ones, and ``best.yaml`` would pair
 an old trial's parameters with the new setup. The setup is compared by content, not by the
 config's path (another machine may hold the same config elsewhere); placement and display
-settings (accelerator, progress bar, logging, loader workers, cache folder) are left out. A
-study from before fingerprints adopts the current setup, with a notice.
+settings (accelerator, progress bar, logging, loader workers, cache folder, the data's root
+folder, which each node may mount elsewhere) are left out. A study from before fingerprints
+adopts the current setup, with a notice.
 
 Storage: SQLite in the output folder by default; any Optuna URL (``postgresql://…`` for
 many machines, ``journal:/shared/disk/study.log`` for a journal file). Several workers on one
@@ -277,7 +278,7 @@ def open_study(res: _Resolved, worker: int = 0, log: Callable[[str], None] | Non
 _TRAINER_PLACEMENT = frozenset({"accelerator", "enable_progress_bar", "log_every_n_steps", "enable_model_summary",
                                 "logger", "default_root_dir", "enable_checkpointing", "profiler"})
 _DATA_PLACEMENT = frozenset({"num_workers", "pin_memory", "persistent_workers", "cache_dir", "use_cache", "cache_hash",
-                             "export_fields"})
+                             "export_fields", "root"})  # root: nodes mount the same data at their own paths
 _SETUP_VERSION = 1
 
 

@@ -288,3 +288,19 @@ def test_a_fixed_length_list_says_its_length():
     assert describe(tuple[int, int, int]) == "a list of 3 integers"
     assert describe(tuple[int, ...]) == "a list of integers" and describe(Sequence[float]) == "a list of numbers"
     assert describe(Optional[Union[int, tuple[int, int, int]]]) == "an integer or a list of 3 integers or null"
+
+
+def test_a_data_error_from_a_dataloader_worker_is_one_line_too(capsys):
+    """torch re-raises a worker's exception as a RuntimeError carrying the worker's traceback
+    (it cannot rebuild a DataError); fit/test/validate printed that traceback."""
+    from benchmark.cli import _one_line_error
+
+    worker = RuntimeError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise DataError(p, "y")\n'
+        "benchmark.core.io.DataError: /data/b.nii.gz: is stored in orientation LAS, the fixed a.nii.gz in RAS\n")
+    assert _one_line_error("fit", worker, debug=False) == 2
+    assert capsys.readouterr().err == ("regbench fit: error: /data/b.nii.gz: is stored in orientation LAS, the fixed "
+                                       "a.nii.gz in RAS\n")
+    assert _one_line_error("fit", RuntimeError("a plain bug"), debug=False) is None  # bugs keep their traceback
+    assert _one_line_error("fit", worker, debug=True) is None

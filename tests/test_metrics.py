@@ -297,6 +297,9 @@ def test_dice_sparse_ids_matches_loop_and_nan_for_absent():
     got_m = M.dice_per_label(f, w, labels, moving_seg=m)
     np.testing.assert_allclose(got_m, dice_loop(f, w, labels, m), rtol=1e-12)
     assert np.isnan(got_m[3]) and got_m[5] == 0.0
+    # a float label tensor (resampled maps) is read as its rounded ids, as the maps themselves are
+    mt = torch.from_numpy(m.astype(np.float32)) - 1e-3 * torch.from_numpy((m > 0).astype(np.float32))
+    np.testing.assert_allclose(M.dice_per_label(f, w, labels, moving_seg=mt), got_m, rtol=1e-12)
 
 
 def test_erasing_a_label_never_raises_dice_or_lowers_hd95():

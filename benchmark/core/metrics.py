@@ -145,7 +145,7 @@ def _absent_from(seg: ArrayLike | None, sorted_labels: np.ndarray) -> np.ndarray
     if seg is None:
         return np.zeros(sorted_labels.size, dtype=bool)
     if isinstance(seg, torch.Tensor):  # the ids it holds, found where it lives (no GPU -> CPU copy of the map)
-        held = torch.unique(seg).to(torch.int64).cpu().numpy()
+        held = torch.unique(seg.round() if seg.is_floating_point() else seg).to(torch.int64).cpu().numpy()
     else:
         held = np.unique(_labels_to_numpy(seg))
     return ~np.isin(sorted_labels, held)
@@ -166,7 +166,8 @@ def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence
         warped_seg: ``(*spatial)`` moving label map warped onto the fixed grid.
         labels: label ids to score, any order (duplicates allowed).
         moving_seg: the un-warped moving label map (any grid: only which labels it holds is
-            read), when the caller has it.
+            read). Pass it whenever you have it: without it, a label the moving scan never
+            had is indistinguishable from one the warp erased and scores 0.
 
     Returns:
         ``(L,)`` float64 in the order of ``labels``: ``2|F∩W| / (|F|+|W|)``; NaN where the label

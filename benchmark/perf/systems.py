@@ -222,11 +222,11 @@ def registration_metrics(
         u = u.unsqueeze(0)
     seg = torch.from_numpy(np.ascontiguousarray(moving_seg)).long()[None, None]
     warped = warp(seg, u, mode="nearest")[0, 0]
-    d = M.dice_per_label(torch.from_numpy(np.ascontiguousarray(fixed_seg)).long(), warped, labels)
+    d = M.dice_per_label(torch.from_numpy(np.ascontiguousarray(fixed_seg)).long(), warped, labels, moving_seg)
     det = M.jacobian_determinant(u[0])
     return {
         "dice": {str(k): float(v) for k, v in zip(labels, d)},
-        "dice_mean": M.dice(fixed_seg, warped, labels),
+        "dice_mean": M.dice(fixed_seg, warped, labels, moving_seg),
         "fold_pct": M.fold_pct(det),
         "sdlogj": M.sdlogj(det),
     }
