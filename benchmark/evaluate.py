@@ -338,10 +338,11 @@ def _frame_field(u: np.ndarray, k: np.ndarray) -> np.ndarray:
     """``(3, *S)`` displacement, in fixed voxels, of the map ``i ↦ k·(i + u(i))``: the moving
     point ``i + u`` (voxels of a moving frame) carried to fixed voxels by the ``(4, 4)`` affine
     ``k`` (moving frame → fixed voxels)."""
-    vox = np.indices(u.shape[1:], dtype=np.float32)
-    out = (np.einsum("de,e...->d...", k[:3, :3].astype(np.float32), vox + u)
-           + k[:3, 3].astype(np.float32)[:, None, None, None] - vox)
-    return out.astype(np.float32)
+    from benchmark.core.spatial import affine_to_disp
+
+    # k·(i + u) − i = (A·i + t − i) + A·u: the affine's own field plus the carried displacement
+    carried = np.einsum("de,e...->d...", k[:3, :3].astype(np.float32), u)
+    return (affine_to_disp(k, u.shape[1:])[0].numpy() + carried).astype(np.float32)
 
 
 def _fmt(v) -> str:

@@ -68,7 +68,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from benchmark.core.io import atomic_path, atomic_write_bytes
+from benchmark.core.io import atomic_path, atomic_write_bytes, atomic_write_json
 
 __all__ = ["ArrayCache", "file_digest", "default_cache_dir", "CACHE_FORMAT"]
 
@@ -282,7 +282,7 @@ class ArrayCache:
     def _mark_verified(self, d: Path, sigs: dict[str, list[int]]) -> None:
         _verified[str(d)] = sigs
         try:
-            atomic_write_bytes(d / _VERIFIED, json.dumps({"files": sigs}).encode())
+            atomic_write_json(d / _VERIFIED, {"files": sigs})
         except OSError:
             pass  # a read-only cache: checked again by the next process
 
@@ -290,7 +290,7 @@ class ArrayCache:
         """Add the integrity records of an entry written before them (as its files are now)."""
         meta = {**meta, "integrity": {n: _record(a, sigs[n][0]) for n, a in arrays.items()}}
         try:
-            atomic_write_bytes(d / "meta.json", json.dumps(meta, default=str).encode())
+            atomic_write_json(d / "meta.json", meta)
         except OSError:
             _verified[str(d)] = sigs  # a read-only cache: adopted again by the next process
             return

@@ -94,9 +94,7 @@ class AblationRow:
     def significant(self) -> bool:
         """Holm-adjusted p < 0.05 and the CI wholly on the side of ``diff`` (the leaderboard's
         rule: the signed-rank test alone can disagree with the mean's sign)."""
-        lo, hi = self.ci
-        side = (self.diff > 0 and lo > 0) or (self.diff < 0 and hi < 0)
-        return bool(np.isfinite(self.p_holm) and self.p_holm < ALPHA and side)
+        return bool(np.isfinite(self.p_holm) and self.p_holm < ALPHA and stats.ci_on_one_side(self.diff, *self.ci))
 
 
 @dataclasses.dataclass

@@ -174,3 +174,13 @@ def paired_difference_ci(a: Sequence[float], b: Sequence[float], level: float = 
     y = np.asarray(b, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     return bootstrap_mean_ci((x - y)[keep], level=level, n_boot=n_boot, seed=seed)
+
+
+def ci_on_one_side(diff: float, lo: float, hi: float) -> bool:
+    """The interval ``[lo, hi]`` of a mean difference lies wholly on the side of ``diff``.
+
+    The suite's rule for a claim ("better", "worse", ``*``): the Holm-corrected paired test
+    *and* this. The signed-rank test ranks differences, so one large case can pull the mean
+    the other way; neither alone makes the claim."""
+    return bool((diff > 0 and lo > 0) or (diff < 0 and hi < 0))
+

@@ -601,18 +601,18 @@ def _paired_against(cv: Mapping[str, Mapping[str, float]], ref: str, methods: li
     (``p_holm``, ``significant``), and the smallest Holm p those cases allow (``p_min``)."""
     commons = {m: sorted(set(cv[ref]) & set(cv[m])) for m in methods}
     pairs = {m: ([cv[m][c] for c in commons[m]], [cv[ref][c] for c in commons[m]]) for m in methods}
-    raw = [stats.paired_wilcoxon(*pairs[m])[0] for m in methods]
+    tests = [stats.paired_wilcoxon(*pairs[m]) for m in methods]  # (p, finite pairs)
+    raw = [p for p, _ in tests]
     out = {}
-    for m, p, pa in zip(methods, raw, stats.holm(raw)):
+    for m, p, pa, (_, n_finite) in zip(methods, raw, stats.holm(raw), tests):
         d, dlo, dhi = stats.paired_difference_ci(*pairs[m])
         test = bool(np.isfinite(pa) and pa < ranking.ALPHA)
         # a claim needs both: the corrected test and an interval wholly on the side of the mean
         # (the Wilcoxon test ranks differences, so one large case can flip the mean's sign)
-        ci_side = bool((d > 0 and dlo > 0) or (d < 0 and dhi < 0))
-        x, y = np.asarray(pairs[m][0], dtype=np.float64), np.asarray(pairs[m][1], dtype=np.float64)
+        ci_side = stats.ci_on_one_side(d, dlo, dhi)
         out[m] = {"diff": d, "diff_lo": dlo, "diff_hi": dhi, "p_raw": p, "p_holm": float(pa),
                   "p_min": _smallest_holm_p(_tested_pairs(*pairs[m]), len(methods)),
-                  "n_pairs": float(np.count_nonzero(np.isfinite(x) & np.isfinite(y))),
+                  "n_pairs": float(n_finite),
                   "significant": float(test and ci_side), "disagree": float(test and not ci_side)}
     return out
 

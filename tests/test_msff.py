@@ -132,6 +132,15 @@ def test_upsampled_field_realigns_the_pooled_features() -> None:
     assert float((warp(pm[2], u2) - pf[2])[inner2].abs().max()) < 1e-12
     u0 = upsample_pooled_field(upsample_pooled_field(u2))
     torch.testing.assert_close(u0[:, 0], torch.full_like(u0[:, 0], -8.0))
+    # where the samples sit, not only the factor (a constant field cannot tell): a coarse ramp
+    # u(j) = a·j is, at fine voxel x (coarse position (x − 0.5)/2), the fine displacement
+    # 2·a·(x − 0.5)/2 = a·(x − 0.5) away from the edge voxels; corner-aligned sampling differs
+    a = 0.3
+    ramp = torch.zeros(1, 3, 8, 6, 5, dtype=torch.float64)
+    ramp[:, 0] = a * torch.arange(8, dtype=torch.float64)[:, None, None]
+    fine = upsample_pooled_field(ramp)[0, 0, 1:-1, 0, 0]
+    x = torch.arange(1, 15, dtype=torch.float64)
+    torch.testing.assert_close(fine, a * (x - 0.5))
 
 
 def test_composed_field_equals_sequential_warping() -> None:

@@ -141,14 +141,18 @@ def _codes_numpy(seg: np.ndarray, sorted_labels: np.ndarray) -> np.ndarray:
 # Dice
 # ----------------------------------------------------------------------------------------------
 def _absent_from(seg: ArrayLike | None, sorted_labels: np.ndarray) -> np.ndarray:
-    """``(L,)`` bool: which of ``sorted_labels`` ``seg`` does not hold (all False for None)."""
+    """``(L,)`` bool: which of ``sorted_labels`` ``seg`` does not hold (all False for None).
+
+    One pass where the map lives, as :func:`dice_per_label` counts (rank by ``searchsorted``
+    against ``[l, l+1)`` intervals, then ``bincount``): no sort of the whole map, which
+    ``unique`` would do."""
     if seg is None:
         return np.zeros(sorted_labels.size, dtype=bool)
-    if isinstance(seg, torch.Tensor):  # the ids it holds, found where it lives (no GPU -> CPU copy of the map)
-        held = torch.unique(seg.round() if seg.is_floating_point() else seg).to(torch.int64).cpu().numpy()
-    else:
-        held = np.unique(_labels_to_numpy(seg))
-    return ~np.isin(sorted_labels, held)
+    t = _labels_to_torch(seg)
+    bounds = torch.as_tensor(np.stack([sorted_labels, sorted_labels + 1], axis=1).ravel(), device=t.device)
+    ranks = torch.searchsorted(bounds, t.reshape(-1), right=True)
+    counts = torch.bincount(ranks, minlength=2 * sorted_labels.size + 1)[1::2]
+    return (counts == 0).cpu().numpy()
 
 
 def dice_per_label(fixed_seg: ArrayLike, warped_seg: ArrayLike, labels: Sequence[int],
